@@ -1,0 +1,337 @@
+"""The ASGI application: routing, authentication, and handing requests to a relay.
+
+``create_app`` returns a Quart-Trio app whose ``asgi_app`` is wrapped by :class:`Dispatcher`.
+Relayed requests (``<name>/…`` and ``proxy/…``) are served by the dispatcher itself, straight
+from the ASGI messages, because Quart's request machinery costs more per request than the
+whole relay (see the benchmarks); trioproxy's own pages and API are ordinary Quart routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from quart_trio import QuartTrio
+
+from .auth import Identity, TokenAuth, strip_token_from_query
+from .config import ServerProcess
+from .errors import send_error, send_redirect
+from .relay.headers import Headers, forwarded_headers, replace_headers, requote_path, strip_hop_by_hop
+from .relay.http import BackendError, ConnectionPool, RelayTarget, relay_http
+from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
+from .routing import Route, resolve
+from .supervisor import Backend, ServerUnavailable, Supervisors
+from .templating import TemplateError, call_with_asked_args, expand_dict
+
+log = logging.getLogger("trioproxy.app")
+
+
+@dataclass
+class Settings:
+    """How the app behaves; the CLI fills it from the configuration."""
+
+    base_url: str = "/"
+    auth: Any = field(default_factory=lambda: TokenAuth(None))
+    host_allowlist: list[str] | Callable[..., bool] = field(
+        default_factory=lambda: ["localhost", "127.0.0.1"]
+    )
+    non_service_rewrite_response: list[Callable[..., Any]] = field(default_factory=list)
+    root_server: str | None = None  # standalone mode: this server owns the base URL's root
+    strip_token_query: bool = False  # jupyter-server-proxy forwards ?token=; we do by default too
+    websocket_max_message_size: int = 16 * 1024 * 1024
+    allow_origin: str = ""
+    allow_origin_pat: str = ""
+
+
+class Dispatcher:
+    """The outermost ASGI callable: decides each request's route and relays it."""
+
+    def __init__(self, ui: Callable[..., Any], settings: Settings, supervisors: Supervisors):
+        self.ui = ui
+        self.settings = settings
+        self.supervisors = supervisors
+        self.pool = ConnectionPool()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.ui(scope, receive, send)
+            return
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        route = resolve(raw_path, self.settings.base_url, self.supervisors, self.settings.root_server)
+        if route.kind == "app":
+            await self.ui(scope, receive, send)
+            return
+        identity = await self.settings.auth.authenticate(scope)
+        if identity is None:
+            await self._refuse(scope, receive, send)
+            return
+        if kind == "websocket":
+            await self._websocket(scope, receive, send, route, identity)
+            return
+        if route.kind == "add-slash":
+            await self._add_slash(scope, send, raw_path)
+        elif route.kind == "not-found":
+            await send_error(send, scope["headers"], 404, f"Not found: {route.reason}.")
+        else:
+            await self._http(scope, receive, send, route, identity)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        headers: Headers = scope["headers"]
+        accept = next((v for n, v in headers if n == b"accept"), b"")
+        if scope["method"] == "GET" and b"text/html" in accept:
+            query = scope.get("query_string", b"")
+            here = scope.get("root_path", "") + scope["path"] + (
+                "?" + query.decode("latin-1") if query else ""
+            )
+            await send_redirect(send, self.settings.auth.login_url(here))
+            return
+        await send_error(send, headers, 403, "Authentication required: a valid token is needed.")
+
+    async def _add_slash(self, scope: dict[str, Any], send: Any, raw_path: bytes) -> None:
+        query = scope.get("query_string", b"")
+        location = raw_path.decode("latin-1") + "/" + ("?" + query.decode("latin-1") if query else "")
+        await send_redirect(send, location)
+
+    # -- targets ----------------------------------------------------------------------------
+
+    def _allowed_host(self, host: str) -> bool:
+        allowlist = self.settings.host_allowlist
+        if callable(allowlist):
+            try:
+                return bool(allowlist(self, host))
+            except Exception:
+                log.exception("host_allowlist callable failed for %r; refusing", host)
+                return False
+        return host in allowlist
+
+    async def _backend_for(self, route: Route) -> tuple[Backend, ServerProcess | None]:
+        if route.kind == "proxy":
+            if route.host.startswith("["):
+                return Backend(host=route.host[1:-1], port=route.port), None
+            return Backend(host=route.host, port=route.port), None
+        supervisor = self.supervisors[route.name]
+        if supervisor.process.update_last_activity:
+            supervisor.touch()
+        return await supervisor.ensure_ready(), supervisor.process
+
+    def _upstream_path(self, route: Route, process: ServerProcess | None, raw_path: bytes) -> bytes:
+        path = raw_path if route.absolute or (process is not None and process.absolute_url) else route.upstream_path
+        if process is not None and process.mappath:
+            decoded = unquote(path.decode("latin-1"))
+            mapping = process.mappath
+            if callable(mapping):
+                mapped = call_with_asked_args(mapping, {"path": decoded})
+            else:
+                mapped = mapping.get(decoded, decoded)
+            if mapped != decoded:
+                path = str(mapped).encode("utf-8")
+        return requote_path(path)
+
+    def _request_headers(
+        self, scope: dict[str, Any], route: Route, process: ServerProcess | None, absolute: bool
+    ) -> Headers:
+        headers = self.settings.auth.strip_credentials(strip_hop_by_hop(scope["headers"]))
+        client = scope.get("client")
+        headers = headers + forwarded_headers(
+            scope["headers"],
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            context_path=None if absolute else route.context_path,
+        )
+        if process is not None and process.request_headers_override:
+            supervisor = self.supervisors[route.name]
+            overrides = expand_dict(process.request_headers_override, supervisor.template_variables())
+            for name, value in overrides.items():
+                if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                    raise TemplateError(f"header {name!r} would contain a line break")
+            headers = replace_headers(
+                headers, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in overrides.items()]
+            )
+        return headers
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    async def _http(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: Route, identity: Identity
+    ) -> None:
+        headers_in: Headers = scope["headers"]
+        server_name = route.name if route.kind == "server" else f"proxy {route.host}:{route.port}"
+        if route.kind == "proxy" and not self._allowed_host(route.host):
+            await send_error(send, headers_in, 403, f"Host {route.host!r} is not allowed.")
+            return
+        if route.kind == "server" and self.supervisors[route.name].process.raw_socket_proxy:
+            await send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
+            return
+        try:
+            backend, process = await self._backend_for(route)
+        except ServerUnavailable as exc:
+            await send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
+            return
+        absolute = route.absolute or (process is not None and process.absolute_url)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        try:
+            path = self._upstream_path(route, process, raw_path)
+            headers = self._request_headers(scope, route, process, absolute)
+        except Exception as exc:
+            log.error("%s: cannot build the request: %s", server_name, exc)
+            await send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
+            return
+        query: bytes = scope.get("query_string", b"")
+        if query and self.settings.strip_token_query:
+            query = strip_token_from_query(query)
+        target_bytes = path + (b"?" + query if query else b"")
+        rewrites = self._rewrites(route, process, headers_in)
+        target = RelayTarget(
+            server=server_name,
+            backend=backend,
+            target=target_bytes,
+            headers=headers,
+            context_path=None if absolute else route.context_path,
+            rewrites=rewrites,
+            rewrite_context=self._rewrite_context(scope, route, backend, path) if rewrites or not absolute else None,
+        )
+        if identity.set_cookie is not None:
+            send = _with_header(send, (b"set-cookie", identity.set_cookie))
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await relay_http(scope, receive, tracking_send, target, self.pool)
+        except BackendError as exc:
+            if started:
+                return
+            log.warning("%s: %s", server_name, exc)
+            await send_error(send, headers_in, 502, f"{server_name}: {exc}", server=server_name)
+        except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
+            log.error("%s: relay failed: %s: %s", server_name, type(exc).__name__, exc)
+            if not started:
+                await send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
+
+    def _rewrites(self, route: Route, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
+        accept = next((v for n, v in headers if n == b"accept"), b"")
+        if accept.strip() == b"text/event-stream":
+            return []  # as jupyter-server-proxy: event streams are never buffered
+        if process is not None:
+            return process.rewrite_response_chain
+        return list(self.settings.non_service_rewrite_response)
+
+    def _rewrite_context(self, scope: dict[str, Any], route: Route, backend: Backend, path: bytes) -> RewriteContext:
+        headers = HeaderMap.from_raw(scope["headers"])
+        query = scope.get("query_string", b"").decode("latin-1")
+        client = scope.get("client")
+        request = RelayedRequest(
+            method=scope["method"],
+            uri=scope["path"] + ("?" + query if query else ""),
+            path=scope["path"],
+            query=query,
+            headers=headers,
+            host=headers.get("host", "") or "",
+            remote_ip=client[0] if client else None,
+            protocol=scope.get("scheme", "http"),
+        )
+        return RewriteContext(
+            request=request,
+            host=backend.host if not backend.unix_socket else "localhost",
+            port=backend.port or None,
+            path=unquote(path.decode("latin-1")),
+            host_header=headers.get("host"),
+        )
+
+    # -- WebSocket --------------------------------------------------------------------------
+
+    async def _websocket(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: Route, identity: Identity
+    ) -> None:
+        from .relay.websocket import WebSocketTarget, relay_websocket
+
+        if route.kind not in ("server", "proxy"):
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if not self._origin_allowed(scope):
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            log.warning("refused a cross-origin WebSocket to %s", scope["path"])
+            return
+        if route.kind == "proxy" and not self._allowed_host(route.host):
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        try:
+            backend, process = await self._backend_for(route)
+        except ServerUnavailable as exc:
+            await receive()
+            await send({"type": "websocket.close", "code": 1011, "reason": str(exc)[:120]})
+            return
+        absolute = route.absolute or (process is not None and process.absolute_url)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = self._upstream_path(route, process, raw_path)
+        query: bytes = scope.get("query_string", b"")
+        if query and self.settings.strip_token_query:
+            query = strip_token_from_query(query)
+        headers = self._request_headers(scope, route, process, absolute)
+        supervisor = self.supervisors.get(route.name) if route.kind == "server" else None
+        target = WebSocketTarget(
+            server=route.name or f"{route.host}:{route.port}",
+            backend=backend,
+            target=path + (b"?" + query if query else b""),
+            headers=[(n, v) for n, v in headers if n not in _WS_HANDSHAKE_HEADERS],
+            subprotocols=list(scope.get("subprotocols") or []),
+            raw_socket=bool(process is not None and process.raw_socket_proxy),
+            max_message_size=self.settings.websocket_max_message_size,
+            on_activity=supervisor.touch if supervisor is not None and supervisor.process.update_last_activity else None,
+        )
+        await relay_websocket(scope, receive, send, target)
+
+    def _origin_allowed(self, scope: dict[str, Any]) -> bool:
+        from .origin import origin_allowed
+
+        return origin_allowed(scope, self.settings.allow_origin, self.settings.allow_origin_pat)
+
+
+_WS_HANDSHAKE_HEADERS = frozenset(
+    {
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+        b"content-length",
+    }
+)
+
+
+def _with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return wrapped
+
+
+def create_app(settings: Settings, supervisors: Supervisors) -> QuartTrio:
+    """The trioproxy ASGI app: Quart for its own pages and API, the dispatcher in front."""
+    from .api import make_blueprint
+
+    app = QuartTrio("trioproxy")
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.register_blueprint(make_blueprint(settings, supervisors), url_prefix=settings.base_url.rstrip("/") or None)
+    dispatcher = Dispatcher(app.asgi_app, settings, supervisors)
+    app.asgi_app = dispatcher  # type: ignore[method-assign]
+    app.extensions["trioproxy"] = dispatcher
+    return app
+

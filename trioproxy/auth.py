@@ -1,0 +1,151 @@
+"""Who may use trioproxy: Jupyter-style token authentication.
+
+A request is let in when it carries the token (``?token=``, ``Authorization: token …`` or
+``Bearer …``) or the signed cookie a browser gets after presenting the token once. The cookie
+is an HMAC under a secret made at start-up, so restarting trioproxy ends every session, and it
+never contains the token itself. Tokens are compared in constant time.
+
+An authenticator has three jobs: decide (:meth:`TokenAuth.authenticate`), say how a browser
+may log in (:meth:`login_url`), and take its own credentials out of what is relayed
+(:meth:`strip_credentials`), so backends never see trioproxy's token or cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+from .relay.headers import Headers
+
+
+@dataclass
+class Identity:
+    """Who a request is from; ``set_cookie`` is a Set-Cookie header value to add, if any."""
+
+    name: str
+    set_cookie: bytes | None = None
+    via: str = "token"
+
+
+def generate_token() -> str:
+    return secrets.token_hex(24)  # 192 bits
+
+
+def _cookie_header(headers: Headers) -> str:
+    return "; ".join(v.decode("latin-1") for n, v in headers if n == b"cookie")
+
+
+def parse_cookies(headers: Headers) -> dict[str, str]:
+    jar = SimpleCookie()
+    try:
+        jar.load(_cookie_header(headers))
+    except CookieError:
+        return {}
+    return {name: morsel.value for name, morsel in jar.items()}
+
+
+def remove_cookie(headers: Headers, cookie_name: str) -> Headers:
+    """Headers with one cookie taken out of every Cookie header (the others kept as sent)."""
+    out: Headers = []
+    prefix = cookie_name.encode("latin-1") + b"="
+    for name, value in headers:
+        if name != b"cookie":
+            out.append((name, value))
+            continue
+        kept = [part for part in value.split(b";") if not part.strip().startswith(prefix)]
+        if any(part.strip() for part in kept):
+            out.append((name, b";".join(kept).strip()))
+    return out
+
+
+def query_token(query_string: bytes) -> str | None:
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "token":
+            return value
+    return None
+
+
+def strip_token_from_query(query_string: bytes) -> bytes:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return urlencode([(k, v) for k, v in pairs if k != "token"]).encode("latin-1")
+
+
+def authorization_token(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credential = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() in ("token", "bearer") and credential.strip():
+                return credential.strip()
+    return None
+
+
+@dataclass
+class TokenAuth:
+    """Token authentication; ``token=None`` lets everyone in (``--no-auth``)."""
+
+    token: str | None
+    base_url: str = "/"
+    secure_cookie: bool = False
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+    @property
+    def cookie_name(self) -> str:
+        # Distinct per token, so two trioproxies on one host (cookies ignore ports) with
+        # different tokens do not overwrite each other's sessions.
+        digest = hashlib.sha256((self.token or "").encode()).hexdigest()[:10]
+        return f"trioproxy-{digest}"
+
+    def _cookie_value(self) -> str:
+        return hmac.new(self.secret, b"trioproxy-session-v1", hashlib.sha256).hexdigest()
+
+    def _matches(self, candidate: str | None) -> bool:
+        if candidate is None or self.token is None:
+            return False
+        return hmac.compare_digest(candidate.encode("utf-8"), self.token.encode("utf-8"))
+
+    def make_cookie(self) -> bytes:
+        attributes = [
+            f"{self.cookie_name}={self._cookie_value()}",
+            f"Path={self.base_url}",
+            "HttpOnly",
+            "SameSite=Lax",
+        ]
+        if self.secure_cookie:
+            attributes.append("Secure")
+        return "; ".join(attributes).encode("latin-1")
+
+    async def authenticate(self, scope: dict[str, Any]) -> Identity | None:
+        if self.token is None:
+            return Identity("anonymous", via="none")
+        headers: Headers = scope["headers"]
+        if self._matches(authorization_token(headers)):
+            return Identity("token-holder", via="header")
+        cookie = parse_cookies(headers).get(self.cookie_name)
+        if cookie is not None and hmac.compare_digest(cookie, self._cookie_value()):
+            return Identity("token-holder", via="cookie")
+        if self._matches(query_token(scope.get("query_string", b""))):
+            return Identity("token-holder", set_cookie=self.make_cookie(), via="query")
+        return None
+
+    def check_token(self, candidate: str) -> bool:
+        return self._matches(candidate)
+
+    def login_url(self, next_url: str) -> str:
+        return f"{self.base_url}login?next={quote(next_url, safe='/')}"
+
+    def strip_credentials(self, headers: Headers) -> Headers:
+        """Take trioproxy's cookie, and an Authorization header carrying its token, out."""
+        headers = remove_cookie(headers, self.cookie_name)
+        token = authorization_token(headers)
+        if token is not None and self._matches(token):
+            headers = [(n, v) for n, v in headers if n != b"authorization"]
+        return headers

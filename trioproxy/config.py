@@ -1,0 +1,308 @@
+"""Configuration, compatible with jupyter-server-proxy.
+
+``c.ServerProxy.servers = {name: {...}}`` takes the same options with the same meaning as
+jupyter-server-proxy's ``ServerProcess``; trioproxy's own options (restart policy, readiness,
+stopping, idling) sit beside them. Servers registered by installed packages under the
+``jupyter_serverproxy_servers`` entry point group are added to those from the config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import pathlib
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from traitlets import (
+    Bool,
+    Callable as CallableTrait,
+    Dict,
+    Enum,
+    Float,
+    Instance,
+    Int,
+    List,
+    TraitError,
+    Tuple,
+    Unicode,
+    Union,
+    default,
+    validate,
+)
+from traitlets.config import Configurable
+
+log = logging.getLogger("trioproxy.config")
+
+ENTRY_POINT_GROUP = "jupyter_serverproxy_servers"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line naming what is wrong."""
+
+
+class LauncherEntry(Configurable):
+    """How a server appears in a launcher (JupyterLab's, or trioproxy's own page)."""
+
+    enabled = Bool(True, help="Show this server in the launcher.").tag(config=True)
+    icon_path = Union(
+        [Unicode(), Instance(pathlib.Path)],
+        default_value="",
+        help="Path of an SVG or PNG icon for the launcher.",
+    ).tag(config=True)
+    title = Unicode(help="Title shown in the launcher; the server's name by default.").tag(
+        config=True
+    )
+    path_info = Unicode(help="Path the launcher opens, relative to the base URL; '<name>/' by default.").tag(
+        config=True
+    )
+    category = Unicode("Notebook", help="Launcher section the entry goes in.").tag(config=True)
+
+    @validate("icon_path")
+    def _validate_icon_path(self, proposal: Any) -> str:
+        return str(proposal["value"])
+
+
+class ServerProcess(Configurable):
+    """One server: how to start it and how to relay to it."""
+
+    name = Unicode(help="Name of the server; its URL is <base_url><name>/.").tag(config=True)
+
+    # jupyter-server-proxy's options
+    command = Union(
+        [List(Unicode()), CallableTrait()],
+        default_value=[],
+        help="Command (list, or a callable returning one) to start the server. {port}, "
+        "{unix_socket} and {base_url} are substituted. Empty: the server is already running.",
+    ).tag(config=True)
+    environment = Union(
+        [Dict(Unicode()), CallableTrait()],
+        default_value={},
+        help="Environment variables (dict, or callable returning one) added to trioproxy's own.",
+    ).tag(config=True)
+    timeout = Float(5.0, help="Seconds to wait for the server to become ready.").tag(config=True)
+    absolute_url = Bool(
+        False, help="Pass the full path (with the proxy prefix) to the server instead of stripping it."
+    ).tag(config=True)
+    port = Int(0, help="Port the server listens on; 0 picks a free one.").tag(config=True)
+    unix_socket = Union(
+        [Bool(False), Unicode()],
+        default_value=None,
+        allow_none=True,
+        help="Listen on a unix socket instead of a port: True for one trioproxy creates, or a path.",
+    ).tag(config=True)
+    mappath = Union(
+        [Dict(Unicode()), CallableTrait()],
+        default_value={},
+        help="Map request paths before relaying: a dict of exact paths, or a callable(path).",
+    ).tag(config=True)
+    launcher_entry = Union(
+        [Instance(LauncherEntry), Dict()],
+        allow_none=False,
+        help="Launcher settings: enabled, icon_path, title, path_info, category.",
+    ).tag(config=True)
+    new_browser_tab = Bool(True, help="Open the server in a new browser tab from a launcher.").tag(
+        config=True
+    )
+    request_headers_override = Union(
+        [Dict(Unicode()), CallableTrait()],
+        default_value={},
+        help="Headers (dict, or callable returning one) set on every relayed request; "
+        "templates are substituted.",
+    ).tag(config=True)
+    rewrite_response = Union(
+        [CallableTrait(), List(CallableTrait())],
+        default_value=[],
+        help="Callable(s) that may change a response; arguments chosen by name among "
+        "response, request, orig_response, host, port, path.",
+    ).tag(config=True)
+    update_last_activity = Union(
+        [Bool(), CallableTrait()],
+        default_value=True,
+        help="Count traffic to this server as activity: a bool, or a callable(request).",
+    ).tag(config=True)
+    exclude_last_activity_patterns = List(
+        Union([Unicode(), Instance(re.Pattern)]),
+        help="Request paths (regular expressions, matched at the start) that are not activity.",
+    ).tag(config=True)
+    raw_socket_proxy = Bool(
+        False, help="Relay WebSocket messages to a plain TCP or unix-socket stream."
+    ).tag(config=True)
+    progressive = Bool(
+        None,
+        allow_none=True,
+        help="Accepted for compatibility; trioproxy always streams responses.",
+    ).tag(config=True)
+
+    # trioproxy's own options
+    autostart = Bool(False, help="Start the server when trioproxy starts, not on first use.").tag(
+        config=True
+    )
+    restart = Enum(
+        ["on-failure", "always", "never"],
+        default_value="on-failure",
+        help="When to restart the process after it exits.",
+    ).tag(config=True)
+    backoff_initial = Float(0.5, help="Delay before the second restart in a row (s).").tag(
+        config=True
+    )
+    backoff_max = Float(30.0, help="Longest delay between restarts (s).").tag(config=True)
+    max_failures = Int(
+        5, help="Failures within failure_window after which the server is marked failed."
+    ).tag(config=True)
+    failure_window = Float(60.0, help="Window in which failures are counted (s).").tag(config=True)
+    ready_check_path = Unicode(
+        None,
+        allow_none=True,
+        help="Path that must answer (status < 400) for the server to be ready; by default "
+        "an accepted connection is enough.",
+    ).tag(config=True)
+    stop_timeout = Float(5.0, help="Seconds between SIGTERM and SIGKILL when stopping.").tag(
+        config=True
+    )
+    idle_timeout = Float(0.0, help="Stop the server after this many idle seconds (0: never).").tag(
+        config=True
+    )
+    cwd = Unicode(None, allow_none=True, help="Working directory of the process.").tag(config=True)
+
+    @default("launcher_entry")
+    def _default_launcher_entry(self) -> LauncherEntry:
+        return LauncherEntry(parent=self, title=self.name, path_info=self.name + "/")
+
+    @validate("launcher_entry")
+    def _validate_launcher_entry(self, proposal: Any) -> LauncherEntry:
+        value = proposal["value"]
+        if isinstance(value, LauncherEntry):
+            return value
+        unknown = sorted(set(value) - set(LauncherEntry.class_trait_names()) - {"config", "parent", "log"})
+        if unknown:
+            raise TraitError(f"unknown launcher_entry option {unknown[0]!r}")
+        settings = {"title": self.name, "path_info": self.name + "/", **value}
+        return LauncherEntry(parent=self, **settings)
+
+    @validate("exclude_last_activity_patterns")
+    def _validate_patterns(self, proposal: Any) -> list[re.Pattern[str]]:
+        try:
+            return [re.compile(pattern) for pattern in proposal["value"]]
+        except re.error as exc:
+            raise TraitError(f"invalid regular expression: {exc}") from None
+
+    @property
+    def launcher(self) -> LauncherEntry:
+        entry = self.launcher_entry
+        assert isinstance(entry, LauncherEntry)
+        return entry
+
+    @property
+    def rewrite_response_chain(self) -> list[Callable[..., Any]]:
+        value = self.rewrite_response
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class ServerProxy(Configurable):
+    """The set of servers trioproxy runs and relays to."""
+
+    servers = Dict(
+        help="Servers to run: {name: {option: value}} or {name: ServerProcess(...)}."
+    ).tag(config=True)
+    host_allowlist = Union(
+        [List(Unicode()), CallableTrait()],
+        default_value=["localhost", "127.0.0.1"],
+        help="Hosts /proxy/<host>:<port>/ may reach: a list, or a callable(handler, host).",
+    ).tag(config=True)
+    non_service_rewrite_response = Union(
+        [CallableTrait(), List(CallableTrait()), Tuple()],
+        default_value=[],
+        help="rewrite_response callable(s) for /proxy/<port>/ routes.",
+    ).tag(config=True)
+    load_entry_points = Bool(
+        True, help=f"Add servers registered under the {ENTRY_POINT_GROUP!r} entry point group."
+    ).tag(config=True)
+
+
+SERVER_OPTIONS = frozenset(ServerProcess.class_trait_names(config=True)) - {"name"}
+
+
+def make_server_process(name: str, settings: Any, parent: Configurable | None = None) -> ServerProcess:
+    """Build and validate one server's settings; raise ConfigError with one clear line."""
+    if isinstance(settings, ServerProcess):
+        if not settings.name:
+            settings.name = name
+        return settings
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"server {name!r}: expected a dict of options or a ServerProcess, "
+            f"got {type(settings).__name__}"
+        )
+    for option in settings:
+        if option not in SERVER_OPTIONS:
+            hint = difflib.get_close_matches(str(option), sorted(SERVER_OPTIONS), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"server {name!r}: unknown option {option!r}{suggestion}")
+    process = ServerProcess(parent=parent, name=name)
+    for option, value in settings.items():
+        try:
+            setattr(process, option, value)
+        except TraitError as exc:
+            raise ConfigError(f"server {name!r}: option {option!r}: {_short(exc)}") from None
+    return process
+
+
+def _short(exc: TraitError) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def load_entry_point_servers() -> dict[str, Any]:
+    """Server settings from installed packages; one that fails is logged and skipped."""
+    found: dict[str, Any] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            setup = entry.load()
+            settings = setup()
+        except Exception as exc:  # a broken package must not stop the others
+            log.error(
+                "skipping server %r from entry point %r: %s: %s",
+                entry.name,
+                entry.value,
+                type(exc).__name__,
+                exc,
+            )
+            continue
+        found[entry.name] = settings
+    return found
+
+
+def collect_servers(proxy: ServerProxy) -> dict[str, ServerProcess]:
+    """All servers: those from entry points, then those from the config (which win)."""
+    merged: dict[str, Any] = {}
+    entry_point_names: set[str] = set()
+    if proxy.load_entry_points:
+        merged.update(load_entry_point_servers())
+        entry_point_names = set(merged)
+    merged.update(proxy.servers)
+    servers: dict[str, ServerProcess] = {}
+    for name, settings in merged.items():
+        check_server_name(name)
+        try:
+            servers[name] = make_server_process(name, settings, parent=proxy)
+        except ConfigError as exc:
+            if name in entry_point_names and name not in proxy.servers:
+                log.error("skipping server %r from an entry point: %s", name, exc)
+                continue
+            raise
+    return servers
+
+
+RESERVED_NAMES = frozenset({"proxy", "server-proxy", "login", "logout", "oauth_callback"})
+
+
+def check_server_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"server name {name!r}: must be a non-empty string")
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"server name {name!r}: must not contain '/' or be '.' or '..'")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"server name {name!r}: reserved for trioproxy's own routes")

@@ -1,0 +1,81 @@
+"""Short, clear error responses: HTML for browsers, JSON for API clients. Never a traceback."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from .relay.headers import Headers, wants_json
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def render_error(
+    status: int,
+    message: str,
+    *,
+    as_json: bool,
+    server: str | None = None,
+    output: list[str] | None = None,
+) -> tuple[bytes, bytes]:
+    """(content type, body) for an error."""
+    if as_json:
+        document: dict[str, Any] = {"status": status, "error": _phrase(status), "message": message}
+        if server is not None:
+            document["server"] = server
+        if output:
+            document["output"] = output
+        return b"application/json", json.dumps(document).encode()
+    title = f"{status} {_phrase(status)}"
+    lines = "".join(html.escape(line) + "\n" for line in output or [])
+    last_output = f"<h2>Last output</h2><pre>{lines}</pre>" if lines else ""
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
+        "pre{background:#f4f4f4;padding:1em;overflow:auto}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>{last_output}"
+        "</body></html>"
+    )
+    return b"text/html; charset=utf-8", page.encode()
+
+
+async def send_error(
+    send: Send,
+    request_headers: Headers,
+    status: int,
+    message: str,
+    *,
+    server: str | None = None,
+    output: list[str] | None = None,
+    extra_headers: Headers | None = None,
+) -> None:
+    content_type, body = render_error(
+        status, message, as_json=wants_json(request_headers), server=server, output=output
+    )
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *(extra_headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_redirect(send: Send, location: str, extra_headers: Headers | None = None) -> None:
+    headers = [(b"location", location.encode("latin-1")), (b"content-length", b"0")]
+    await send(
+        {"type": "http.response.start", "status": 302, "headers": headers + (extra_headers or [])}
+    )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,32 @@
+"""Cross-origin checks for WebSocket upgrades, as Jupyter's ``allow_origin`` options work.
+
+Browsers let any page open a WebSocket to any site and send that site's cookies along, so a
+WebSocket whose Origin is another site is refused unless configured otherwise. Clients that
+send no Origin (not browsers) are let through; they must still authenticate.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def origin_allowed(scope: dict[str, Any], allow_origin: str = "", allow_origin_pat: str = "") -> bool:
+    headers = scope["headers"]
+    origin = next((v.decode("latin-1") for n, v in headers if n == b"origin"), None)
+    if origin is None:
+        return True
+    if allow_origin == "*":
+        return True
+    if allow_origin and origin == allow_origin:
+        return True
+    if allow_origin_pat and re.fullmatch(allow_origin_pat, origin):
+        return True
+    host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
+    forwarded_host = next((v.decode("latin-1") for n, v in headers if n == b"x-forwarded-host"), None)
+    origin_host = urlsplit(origin).netloc.lower()
+    return bool(origin_host) and origin_host in {
+        (host or "").lower(),
+        (forwarded_host or "").split(",")[0].strip().lower(),
+    } - {""}

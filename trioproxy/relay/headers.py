@@ -1,0 +1,134 @@
+"""Header and path rules for relaying: pure functions, no I/O.
+
+Header names are lower-case bytes, as ASGI servers and h11 give them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the proxy ones jupyter-server-proxy drops.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+# RFC 3986 unreserved and reserved characters stay as they are, and so does every existing
+# percent-escape; anything else is percent-encoded. Unlike jupyter-server-proxy, which decodes
+# first, "%2F" and "%23" reach the backend as sent rather than as "/" and a cut-off "#".
+_NEEDS_QUOTING = re.compile(rb"[^A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]|%(?![0-9A-Fa-f]{2})")
+
+
+def requote_path(raw_path: bytes) -> bytes:
+    """Percent-encode what may not appear in a request target, keep everything else."""
+    return _NEEDS_QUOTING.sub(lambda match: b"%%%02X" % match.group()[0], raw_path)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Drop hop-by-hop headers, including those the Connection header names."""
+    headers = list(headers)
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in HOP_BY_HOP and name.lower() not in listed
+    ]
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def forwarded_headers(
+    client_headers: Headers,
+    *,
+    client_ip: str | None,
+    scheme: str,
+    context_path: str | None,
+) -> Headers:
+    """The X-Forwarded-* headers a backend gets.
+
+    ``context_path`` (the public prefix the backend is served under) goes in
+    X-Forwarded-Context, X-ProxyContextPath and X-Forwarded-Prefix, as jupyter-server-proxy
+    sets them; it is None with ``absolute_url``. An X-Forwarded-For chain is extended.
+    """
+    added: Headers = []
+    previous_for = header_value(client_headers, b"x-forwarded-for")
+    if client_ip:
+        chain = previous_for + b", " if previous_for else b""
+        added.append((b"x-forwarded-for", chain + client_ip.encode("latin-1")))
+    if header_value(client_headers, b"x-forwarded-proto") is None:
+        added.append((b"x-forwarded-proto", scheme.encode("latin-1")))
+    host = header_value(client_headers, b"host")
+    if host is not None and header_value(client_headers, b"x-forwarded-host") is None:
+        added.append((b"x-forwarded-host", host))
+    if context_path is not None:
+        value = context_path.encode("latin-1")
+        added += [
+            (b"x-forwarded-context", value),
+            (b"x-proxycontextpath", value),
+            (b"x-forwarded-prefix", value),
+        ]
+    return added
+
+
+def replace_headers(headers: Headers, overrides: Headers) -> Headers:
+    names = {name for name, _ in overrides}
+    return [(n, v) for n, v in headers if n not in names] + overrides
+
+
+def rewrite_location(
+    location: str, *, context_path: str, request_host: str | None, backend_hosts: Iterable[str]
+) -> str:
+    """Keep a redirect under the proxy prefix.
+
+    An absolute path (``/login``) gets the prefix; so does an absolute URL pointing at the
+    proxy's own host or at the backend's address, both of which the backend may have built
+    from the Host header or its own bind address. Relative references already resolve under
+    the prefix, and off-site URLs are left alone.
+    """
+    parts = urlsplit(location)
+    prefix = context_path.rstrip("/")
+    if parts.scheme or parts.netloc:
+        if parts.scheme not in ("http", "https"):
+            return location
+        if parts.netloc != request_host and parts.netloc not in set(backend_hosts):
+            return location
+        if parts.path == prefix or parts.path.startswith(prefix + "/"):
+            return location
+        netloc = request_host if request_host else parts.netloc
+        return urlunsplit((parts.scheme, netloc, prefix + (parts.path or "/"), parts.query, parts.fragment))
+    if not parts.path.startswith("/") or parts.path.startswith("//"):
+        return location
+    if parts.path == prefix or parts.path.startswith(prefix + "/"):
+        return location
+    return urlunsplit(("", "", prefix + parts.path, parts.query, parts.fragment))
+
+
+def wants_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether an error should be JSON (API clients) rather than HTML (browsers)."""
+    accept = (header_value(headers, b"accept") or b"").lower()
+    if b"text/html" in accept:
+        return False
+    return b"json" in accept or not accept or accept.strip() == b"*/*"

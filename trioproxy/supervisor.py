@@ -1,0 +1,500 @@
+"""ServerSupervisor: one configured server's process, from first request to shutdown.
+
+States and their transitions::
+
+    stopped ──start──▶ starting ──port answers──▶ ready
+       ▲                  │  ▲                      │
+       │ exit 0           │  └──── backoff ◀────────┤ exit ≠ 0
+       └──────────────────┴─────────────────────────┘
+    too many failures in the window ──▶ failed (a request after the backoff, or the API, starts it)
+    stop() from any state ──▶ stopping ──▶ stopped
+
+Every task and process a supervisor starts lives in the nursery of its :meth:`run`, so
+cancelling that cancels and reaps everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import trio
+
+from .config import ServerProcess
+from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
+from .restart import Action, RestartPolicy
+from .templating import TemplateError, expand_dict, expand_list
+
+READY_POLL_INTERVAL = 0.005
+PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
+MAX_PORT_RETRIES = 3
+
+
+class State(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a ready server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    unix_socket: str | None = None
+
+    def describe(self) -> str:
+        return f"unix:{self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
+
+
+class ServerUnavailable(Exception):
+    """A server that cannot take requests now: 503 (failed or exited) or 504 (too slow)."""
+
+    def __init__(self, server: str, status: int, reason: str, output: list[str] | None = None):
+        super().__init__(f"server {server!r}: {reason}")
+        self.server = server
+        self.status = status
+        self.reason = reason
+        self.output = output or []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def connect(backend: Backend) -> trio.SocketStream:
+    if backend.unix_socket:
+        return await trio.open_unix_socket(backend.unix_socket)
+    return await trio.open_tcp_stream(backend.host, backend.port)
+
+
+async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
+    """Poll until the backend accepts a connection (and answers ``check_path`` below 400)."""
+    while True:
+        try:
+            stream = await connect(backend)
+        except OSError:
+            await trio.sleep(READY_POLL_INTERVAL)
+            continue
+        await stream.aclose()
+        if check_path is None or await _answers(backend, check_path):
+            return
+        await trio.sleep(READY_POLL_INTERVAL * 4)
+
+
+async def _answers(backend: Backend, path: str) -> bool:
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket) if backend.unix_socket else None
+    url = f"http://{backend.host}:{backend.port}/{path.lstrip('/')}"
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=2.0) as client:
+            response = await client.get(url)
+    except httpx.HTTPError:
+        return False
+    return response.status_code < 400
+
+
+class _StartFailed(Exception):
+    pass
+
+
+class ServerSupervisor:
+    """Owns one server's process: starts it on demand, restarts it, stops it."""
+
+    def __init__(
+        self,
+        process: ServerProcess,
+        *,
+        base_url: str = "/",
+        guard: OrphanGuard | None = None,
+    ) -> None:
+        self.process = process
+        self.name = process.name
+        self.base_url = base_url
+        self._guard = guard
+        self.log = logging.getLogger(f"trioproxy.supervisor.{self.name}")
+        self.output = OutputLog()
+        self.policy = RestartPolicy(
+            mode=process.restart,
+            backoff_initial=process.backoff_initial,
+            backoff_max=process.backoff_max,
+            max_failures=process.max_failures,
+            window=process.failure_window,
+        )
+        self.state = State.STOPPED
+        self.reason = ""
+        self.pid: int | None = None
+        self.restarts = 0
+        self.starts = 0
+        self.last_exit_code: int | None = None
+        self.ready_since: float | None = None
+        self.last_activity = trio.current_time() if _in_trio() else 0.0
+        self.start_latencies: list[float] = []
+        self._changed = trio.Event()
+        self._early_failures = 0
+        self._nursery: trio.Nursery | None = None
+        self._cycle_scope: trio.CancelScope | None = None
+        self._cycle_done: trio.Event | None = None
+        self._owned_socket_dir: str | None = None
+        self._port = process.port
+        self._unix_socket = self._resolve_unix_socket()
+        self.has_command = bool(process.command)
+        if not self.has_command:
+            self.state = State.READY
+
+    # -- addresses ------------------------------------------------------------------------
+
+    def _resolve_unix_socket(self) -> str | None:
+        value = self.process.unix_socket
+        if value is True:
+            self._owned_socket_dir = tempfile.mkdtemp(prefix="trioproxy-")
+            return os.path.join(self._owned_socket_dir, "socket")
+        if isinstance(value, str) and value:
+            return value
+        return None
+
+    @property
+    def backend(self) -> Backend:
+        if self._unix_socket:
+            return Backend(unix_socket=self._unix_socket)
+        return Backend(port=self._port)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def unix_socket(self) -> str | None:
+        return self._unix_socket
+
+    def template_variables(self) -> dict[str, Any]:
+        return {
+            "port": self._port,
+            "unix_socket": self._unix_socket or "",
+            "base_url": self.base_url,
+        }
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise until cancelled; then stop the process and return."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.process.autostart and self.has_command:
+                    self._request_start()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            if self.has_command:
+                self._set_state(State.STOPPED, "trioproxy stopped")
+            if self._owned_socket_dir:
+                shutil.rmtree(self._owned_socket_dir, ignore_errors=True)
+
+    def _set_state(self, state: State, reason: str = "") -> None:
+        if state is self.state and reason == self.reason:
+            return
+        previous, self.state, self.reason = self.state, state, reason
+        self.log.info(
+            "%s: %s -> %s%s", self.name, previous.value, state.value, f" ({reason})" if reason else ""
+        )
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def touch(self) -> None:
+        """Record activity (idle culling counts from the last one)."""
+        self.last_activity = trio.current_time()
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def ensure_ready(self) -> Backend:
+        """Start the server if needed and wait until it is ready.
+
+        Raises ServerUnavailable: 503 when the process fails or exits before it is ready
+        (at once, with its output), 504 when it is not ready within ``timeout``.
+        """
+        if self.state is State.READY:
+            return self.backend
+        with trio.move_on_after(self.process.timeout):
+            return await self._wait_ready()
+        raise ServerUnavailable(
+            self.name,
+            504,
+            f"not ready within {self.process.timeout:g} s (state: {self.state.value})",
+            self.output.tail(20),
+        )
+
+    async def _wait_ready(self) -> Backend:
+        failures_seen = self._early_failures
+        while True:
+            if self.state is State.READY:
+                return self.backend
+            if self._early_failures != failures_seen:
+                raise ServerUnavailable(self.name, 503, self.reason, self.output.tail(20))
+            if self.state is State.STOPPED:
+                self._request_start()
+            elif self.state is State.FAILED:
+                wait = self.policy.retry_after(trio.current_time())
+                if wait > 0:
+                    raise ServerUnavailable(
+                        self.name,
+                        503,
+                        f"{self.reason}; will retry on a request in {wait:.1f} s",
+                        self.output.tail(20),
+                    )
+                self._request_start()
+            await self._changed.wait()
+
+    def _request_start(self) -> None:
+        if self._cycle_scope is not None or not self.has_command:
+            return
+        if self._nursery is None:
+            raise ServerUnavailable(self.name, 503, "trioproxy is shutting down")
+        self._cycle_scope = trio.CancelScope()
+        self._cycle_done = trio.Event()
+        self._set_state(State.STARTING)
+        self._nursery.start_soon(self._cycle, self._cycle_scope, self._cycle_done)
+
+    # -- control --------------------------------------------------------------------------
+
+    async def start(self, wait: bool = True) -> None:
+        if self.state is State.FAILED:
+            self.policy.reset()
+        self._request_start()
+        if wait:
+            await self.ensure_ready()
+
+    async def stop(self) -> None:
+        """Stop the process (SIGTERM to its group, SIGKILL after stop_timeout)."""
+        scope, done = self._cycle_scope, self._cycle_done
+        if scope is None or done is None:
+            return
+        if self.state is not State.STOPPING:
+            self._set_state(State.STOPPING, "stop requested")
+        scope.cancel()
+        await done.wait()
+
+    async def restart(self, wait: bool = True) -> None:
+        await self.stop()
+        self.policy.reset()
+        await self.start(wait)
+
+    # -- the process cycle ----------------------------------------------------------------
+
+    async def _cycle(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        """Run the process, restarting it by the policy, until it stops for good."""
+        try:
+            with scope:
+                await self._keep_running()
+        finally:
+            self._cycle_scope = None
+            self._cycle_done = None
+            self.pid = None
+            self.ready_since = None
+            if scope.cancel_called and self.state is State.STOPPING:
+                self._set_state(State.STOPPED, "stopped on request")
+            done.set()
+
+    async def _keep_running(self) -> None:
+        port_retries = 0
+        while True:
+            if self.state is not State.STARTING:
+                self._set_state(State.STARTING)
+            try:
+                exit_code, was_ready = await self._run_once()
+            except _StartFailed as exc:
+                exit_code, was_ready, detail = 127, False, str(exc)
+            else:
+                if not was_ready and exit_code != 0 and self._port_was_taken():
+                    port_retries += 1
+                    if port_retries <= MAX_PORT_RETRIES:
+                        self.log.warning("%s: port %d was taken; trying another", self.name, self._port)
+                        self._port = 0
+                        continue
+                detail = _describe_exit(exit_code)
+                if not was_ready:
+                    detail = f"exited before it was ready ({detail})"
+            port_retries = 0
+            now = trio.current_time()
+            decision = self.policy.on_exit(now, exit_code)
+            if not was_ready:
+                # Fail the requests waiting for this attempt at once, with the reason.
+                self._early_failures += 1
+            if decision.action is Action.STOP:
+                self._set_state(State.STOPPED, detail)
+                return
+            if decision.action is Action.GIVE_UP:
+                failures = self.policy.failures(now)
+                self._set_state(State.FAILED, f"{detail}; gave up after {failures} failures")
+                return
+            self.restarts += 1
+            if decision.delay > 0:
+                self._set_state(State.BACKOFF, f"{detail}; restarting in {decision.delay:.2f} s")
+                await trio.sleep(decision.delay)
+            else:
+                self._set_state(State.STARTING, f"{detail}; restarting")
+
+    def _port_was_taken(self) -> bool:
+        if self.process.port != 0 or self._unix_socket:
+            return False
+        return any(PORT_IN_USE.search(line) for line in self.output.tail(10))
+
+    def _spec(self) -> ChildSpec:
+        if not self._unix_socket and self._port == 0:
+            self._port = free_port()
+        variables = self.template_variables()
+        try:
+            argv = expand_list(self.process.command, variables)
+            extra_env = expand_dict(self.process.environment, variables)
+        except TemplateError as exc:
+            raise _StartFailed(f"bad command or environment: {exc}") from None
+        if not argv:
+            raise _StartFailed("the command is empty")
+        return ChildSpec(
+            name=self.name,
+            argv=argv,
+            env={**os.environ, **extra_env},
+            cwd=self.process.cwd,
+            stop_timeout=self.process.stop_timeout,
+        )
+
+    async def _run_once(self) -> tuple[int, bool]:
+        """Start the process once; return (exit code, whether it became ready)."""
+        spec = self._spec()
+        if self._unix_socket and os.path.exists(self._unix_socket):
+            os.unlink(self._unix_socket)  # a stale socket would look ready
+        started_at = trio.current_time()
+        start_error: str | None = None
+        was_ready = False
+        async with trio.open_nursery() as nursery:
+            try:
+                child: trio.Process = await nursery.start(run_child, spec, self.output, self._guard)
+            except OSError as exc:
+                # Kept out of the nursery, which would wrap it in an ExceptionGroup.
+                start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
+            else:
+                self.pid = child.pid
+                self.starts += 1
+                self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
+                readiness = trio.CancelScope()
+                nursery.start_soon(self._become_ready, readiness, child.pid, started_at)
+                await child.wait()
+                was_ready = self.ready_since is not None
+                readiness.cancel()
+        if start_error is not None:
+            raise _StartFailed(start_error)
+        self.last_exit_code = child.returncode
+        self.pid = None
+        self.ready_since = None
+        assert child.returncode is not None
+        return child.returncode, was_ready
+
+    async def _become_ready(self, scope: trio.CancelScope, pid: int, started_at: float) -> None:
+        with scope:
+            await wait_until_ready(self.backend, self.process.ready_check_path)
+            self.ready_since = trio.current_time()
+            self.start_latencies.append(self.ready_since - started_at)
+            self._set_state(State.READY, f"pid {pid} on {self.backend.describe()}")
+            if self.process.idle_timeout > 0:
+                await self._cull_when_idle()
+
+    async def _cull_when_idle(self) -> None:
+        timeout = self.process.idle_timeout
+        while True:
+            idle_for = trio.current_time() - self.last_activity
+            if idle_for >= timeout:
+                break
+            await trio.sleep(timeout - idle_for)
+        self.log.info("%s: idle for %.0f s; stopping", self.name, timeout)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.stop)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "pid": self.pid,
+            "port": None if self._unix_socket else (self._port or None),
+            "unix_socket": self._unix_socket,
+            "restarts": self.restarts,
+            "uptime": (now - self.ready_since) if self.ready_since is not None else None,
+            "last_exit_code": self.last_exit_code,
+            "idle_seconds": now - self.last_activity,
+        }
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            import signal
+
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _describe_start_error(command: str, cwd: str | None, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        if cwd and not os.path.isdir(cwd):
+            return f"working directory not found: {cwd!r}"
+        return f"command not found: {command!r}"
+    if isinstance(exc, PermissionError):
+        return f"command not executable: {command!r}"
+    return f"cannot start {command!r}: {exc.strerror or exc}"
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+class Supervisors(Mapping[str, ServerSupervisor]):
+    """All servers' supervisors, started and stopped together."""
+
+    def __init__(self, processes: Mapping[str, ServerProcess], *, base_url: str = "/") -> None:
+        self._processes = dict(processes)
+        self.base_url = base_url
+        self._supervisors: dict[str, ServerSupervisor] = {}
+
+    def __getitem__(self, name: str) -> ServerSupervisor:
+        return self._supervisors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._supervisors)
+
+    def __len__(self) -> int:
+        return len(self._supervisors)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every supervisor until cancelled; then stop all servers concurrently."""
+        async with open_orphan_guard() as guard:
+            async with trio.open_nursery() as nursery:
+                for name, process in self._processes.items():
+                    supervisor = ServerSupervisor(process, base_url=self.base_url, guard=guard)
+                    await nursery.start(supervisor.run)
+                    self._supervisors[name] = supervisor
+                task_status.started()
