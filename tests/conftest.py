@@ -34,9 +34,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def echo_command(*extra: str) -> list[str]:
-    """Command for the echo backend listening on {port}."""
-    return [PY, str(BACKENDS / "echo.py"), "{port}", *extra]
+def echo_command(unix: bool = False) -> list[str]:
+    """Command for the echo backend listening on {port}, or on {unix_socket}."""
+    if unix:
+        return [PY, str(BACKENDS / "echo.py"), "--unix", "{unix_socket}"]
+    return [PY, str(BACKENDS / "echo.py"), "{port}"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -114,11 +116,33 @@ class ProxyProcess:
     process: subprocess.Popen[str]
     url: str
     lines: list[str]
+    reader: Any = None
+
+    @property
+    def base(self) -> str:
+        return self.url.split("?")[0]
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signum)
-        return self.process.wait(timeout)
+        code = self.process.wait(timeout)
+        self.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.close()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def output(self) -> str:
+        return "".join(self.lines)
 
 
 def launch_trioproxy(
@@ -143,14 +167,14 @@ def launch_trioproxy(
         lines.append(line)
         if "trioproxy is serving" in line:
             url = line.split(" at: ", 1)[1].strip()
-            _drain_in_background(process, lines)
-            return ProxyProcess(process, url, lines)
+            return ProxyProcess(process, url, lines, _drain_in_background(process, lines))
     process.kill()
     process.wait()
+    process.stdout.close()
     raise AssertionError("trioproxy did not start:\n" + "".join(lines))
 
 
-def _drain_in_background(process: subprocess.Popen[str], lines: list[str]) -> None:
+def _drain_in_background(process: subprocess.Popen[str], lines: list[str]) -> Any:
     import threading
 
     def drain() -> None:
@@ -158,7 +182,9 @@ def _drain_in_background(process: subprocess.Popen[str], lines: list[str]) -> No
         for line in process.stdout:
             lines.append(line)
 
-    threading.Thread(target=drain, daemon=True).start()
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return reader
 
 
 @pytest.fixture
@@ -167,9 +193,7 @@ def proxy_processes() -> Iterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
     for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-            proxy.process.wait()
+        proxy.kill()
 
 
 async def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> None:

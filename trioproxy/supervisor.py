@@ -382,27 +382,32 @@ class ServerSupervisor:
         started_at = trio.current_time()
         start_error: str | None = None
         was_ready = False
-        async with trio.open_nursery() as nursery:
-            try:
-                child: trio.Process = await nursery.start(run_child, spec, self.output, self._guard)
-            except OSError as exc:
-                # Kept out of the nursery, which would wrap it in an ExceptionGroup.
-                start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
-            else:
-                self.pid = child.pid
-                self.starts += 1
-                self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
-                readiness = trio.CancelScope()
-                nursery.start_soon(self._become_ready, readiness, child.pid, started_at)
-                await child.wait()
-                was_ready = self.ready_since is not None
-                readiness.cancel()
+        child: trio.Process | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    child = await nursery.start(run_child, spec, self.output, self._guard)
+                except OSError as exc:
+                    # Kept out of the nursery, which would wrap it in an ExceptionGroup.
+                    start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
+                else:
+                    self.pid = child.pid
+                    self.starts += 1
+                    self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
+                    readiness = trio.CancelScope()
+                    nursery.start_soon(self._become_ready, readiness, child.pid, started_at)
+                    await child.wait()
+                    was_ready = self.ready_since is not None
+                    readiness.cancel()
+        finally:
+            # Also when cancelled (a stop): by then trio has reaped the child.
+            if child is not None and child.returncode is not None:
+                self.last_exit_code = child.returncode
+            self.pid = None
+            self.ready_since = None
         if start_error is not None:
             raise _StartFailed(start_error)
-        self.last_exit_code = child.returncode
-        self.pid = None
-        self.ready_since = None
-        assert child.returncode is not None
+        assert child is not None and child.returncode is not None
         return child.returncode, was_ready
 
     async def _become_ready(self, scope: trio.CancelScope, pid: int, started_at: float) -> None:

@@ -1,0 +1,194 @@
+"""The trioproxy command, run as users run it: real process, real config files, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import PY, ProxyProcess, echo_command, free_port, launch_trioproxy, pid_alive
+
+JSP_CONFIG = """\
+c = get_config()  # noqa
+c.ServerProxy.servers = {
+    "web": {"command": ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]},
+}
+"""
+
+
+def servers(proxy: ProxyProcess, token: str) -> dict:
+    base = proxy.url.split("?")[0]
+    response = httpx.get(base + "server-proxy/api/servers", headers={"Authorization": f"token {token}"})
+    return {s["name"]: s for s in response.json()["servers"]}
+
+
+def wait_until(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_jupyter_server_proxy_config_serves_lazily_and_restarts(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    (tmp_path / "cfg.py").write_text(JSP_CONFIG)
+    (tmp_path / "hello.txt").write_text("hello from http.server\n")
+    port = free_port()
+    proxy = launch_trioproxy(
+        ["--config", "cfg.py", "--port", str(port), "--token", "secret123"], cwd=str(tmp_path)
+    )
+    proxy_processes.append(proxy)
+    assert proxy.url == f"http://127.0.0.1:{port}/?token=secret123"
+    assert servers(proxy, "secret123")["web"]["state"] == "stopped"
+
+    url = f"http://127.0.0.1:{port}/web/hello.txt?token=secret123"
+    response = httpx.get(url)
+    assert response.status_code == 200
+    assert response.text == "hello from http.server\n"
+
+    pid = servers(proxy, "secret123")["web"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid))
+    again = httpx.get(url)
+    assert again.status_code == 200
+    status = servers(proxy, "secret123")["web"]
+    assert status["pid"] != pid and status["restarts"] == 1
+    assert proxy.stop() == 0
+
+
+def test_json_config(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> None:
+    config = {"ServerProxy": {"servers": {"echo": {"command": echo_command()}}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    proxy = launch_trioproxy(["--config", str(tmp_path / "cfg.json"), "--port", "0", "--token", "t"])
+    proxy_processes.append(proxy)
+    base = proxy.url.split("?")[0]
+    response = httpx.get(base + "echo/x?y=1", headers={"Authorization": "token t"})
+    assert response.json()["target"] == "/x?y=1"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("c.ServerProxy.servers = {'web': {'comand': ['x']}}", "server 'web': unknown option 'comand'"),
+        ("c.ServerProxy.servers = {'web': {'timeout': 'x'}}", "server 'web': option 'timeout'"),
+        ("c.ServerProxy.servers = {", "cannot load"),
+    ],
+)
+def test_config_errors_stop_start_up_with_one_line(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "cfg.py").write_text(content)
+    result = subprocess.run(
+        [PY, "-m", "trioproxy", "--config", str(tmp_path / "cfg.py"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PY, "-m", "trioproxy", "--config", str(tmp_path / "nope.py")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PY, "-m", "trioproxy", "--port", str(port)], capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_options() -> None:
+    result = subprocess.run([PY, "-m", "trioproxy", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for option in ("--config", "--port", "--ip", "--base-url", "--token", "--no-auth", "--generate-config"):
+        assert option in result.stdout
+
+
+def test_generate_config(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PY, "-m", "trioproxy", "--generate-config"], capture_output=True, text=True, cwd=tmp_path, timeout=30
+    )
+    assert result.returncode == 0
+    text = (tmp_path / "trioproxy_config.py").read_text()
+    assert "c.ServerProxy.servers" in text and "c.ServerProcess.timeout" in text
+    again = subprocess.run(
+        [PY, "-m", "trioproxy", "--generate-config"], capture_output=True, text=True, cwd=tmp_path, timeout=30
+    )
+    assert again.returncode == 2 and "not overwriting" in again.stderr
+
+
+def test_token_from_environment_and_generated(proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0"], env={"JUPYTER_TOKEN": "from-env"})
+    proxy_processes.append(proxy)
+    assert proxy.url.endswith("?token=from-env")
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
+    generated = launch_trioproxy(["--port", "0"], env=env)
+    proxy_processes.append(generated)
+    token = generated.url.split("?token=")[1]
+    assert len(token) >= 32  # at least 128 bits in hex
+    base = generated.url.split("?")[0]
+    assert httpx.get(base + "server-proxy/api/servers").status_code == 403
+    assert httpx.get(base + f"server-proxy/api/servers?token={token}").status_code == 200
+
+
+def test_default_serves_the_current_directory(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> None:
+    (tmp_path / "notes.txt").write_text("my notes")
+    proxy = launch_trioproxy(["--port", "0", "--token", "t"], cwd=str(tmp_path))
+    proxy_processes.append(proxy)
+    base = proxy.url.split("?")[0]
+    assert httpx.get(base + "files/notes.txt?token=t").text == "my notes"
+
+
+def test_standalone_command_at_the_root(proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    base = proxy.url.split("?")[0]
+    response = httpx.get(base + "some/path?token=t")
+    assert response.json()["target"] == "/some/path?token=t"
+    # trioproxy's own API stays reachable beside it.
+    assert httpx.get(base + "server-proxy/api/servers?token=t").json()["servers"][0]["name"] == "app"
+
+
+def test_sigterm_and_sigint_stop_everything_with_exit_0(proxy_processes: list[ProxyProcess]) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+        proxy_processes.append(proxy)
+        base = proxy.url.split("?")[0]
+        assert httpx.get(base + "?token=t").status_code == 200
+        pid = servers(proxy, "t")["app"]["pid"]
+        assert proxy.stop(signum) == 0
+        assert not pid_alive(pid)
+
+
+def test_children_die_when_trioproxy_is_killed(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    base = proxy.url.split("?")[0]
+    assert httpx.get(base + "?token=t").status_code == 200
+    pid = servers(proxy, "t")["app"]["pid"]
+    proxy.process.kill()
+    proxy.process.wait()
+    killed_at = time.monotonic()
+    wait_until(lambda: not pid_alive(pid), timeout=5)
+    assert time.monotonic() - killed_at < 1.0
