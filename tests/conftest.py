@@ -20,6 +20,7 @@ import trio
 from trioproxy.app import Settings, create_app
 from trioproxy.auth import TokenAuth
 from trioproxy.config import make_server_process
+from trioproxy.server import run_app
 from trioproxy.supervisor import Supervisors
 
 HERE = Path(__file__).parent
@@ -80,7 +81,6 @@ async def start_proxy(
     **settings: Any,
 ) -> Proxy:
     """Start supervisors and Hypercorn on a free loopback port inside ``nursery``."""
-    import hypercorn.trio
     from hypercorn.config import Config
 
     processes = {name: make_server_process(name, cfg) for name, cfg in (servers or {}).items()}
@@ -98,10 +98,7 @@ async def start_proxy(
 
     async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
-            async with trio.open_nursery() as inner:
-                await inner.start(supervisors.run)
-                binds = await inner.start(hypercorn.trio.serve, app, config)
-                task_status.started(binds)
+            await run_app(app, config, task_status=task_status)
 
     binds = await nursery.start(run)
     url = binds[0] + base_url

@@ -9,14 +9,15 @@ whole relay (see the benchmarks); trioproxy's own pages and API are ordinary Qua
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
+import trio
 from quart_trio import QuartTrio
 
-from .auth import Identity, TokenAuth, strip_token_from_query
+from .auth import Identity, TokenAuth, mask_secrets, strip_token_from_query
 from .config import ServerProcess
 from .errors import send_error, send_redirect
 from .relay.headers import Headers, forwarded_headers, replace_headers, requote_path, strip_hop_by_hop
@@ -44,6 +45,9 @@ class Settings:
     websocket_max_message_size: int = 16 * 1024 * 1024
     allow_origin: str = ""
     allow_origin_pat: str = ""
+    max_body_size: int | None = None  # bytes of a relayed request body; None: no limit
+    body_timeout: float = 60.0  # longest wait for the next piece of a request body
+    max_header_count: int = 500
 
 
 class Dispatcher:
@@ -54,11 +58,17 @@ class Dispatcher:
         self.settings = settings
         self.supervisors = supervisors
         self.pool = ConnectionPool()
+        # Long-running tasks (e.g. activity reporting) started beside the server: each is
+        # an async callable taking task_status, run by trioproxy.server.run_app.
+        self.services: list[Callable[..., Any]] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self.ui(scope, receive, send)
+            return
+        if len(scope["headers"]) > self.settings.max_header_count:
+            await self._too_many_headers(scope, receive, send)
             return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         route = resolve(raw_path, self.settings.base_url, self.supervisors, self.settings.root_server)
@@ -75,7 +85,7 @@ class Dispatcher:
         if route.kind == "add-slash":
             await self._add_slash(scope, send, raw_path)
         elif route.kind == "not-found":
-            await send_error(send, scope["headers"], 404, f"Not found: {route.reason}.")
+            await self._send_error(send, scope["headers"], 404, f"Not found: {route.reason}.")
         else:
             await self._http(scope, receive, send, route, identity)
 
@@ -93,7 +103,37 @@ class Dispatcher:
             )
             await send_redirect(send, self.settings.auth.login_url(here))
             return
-        await send_error(send, headers, 403, "Authentication required: a valid token is needed.")
+        await self._send_error(send, headers, 403, "Authentication required: a valid token is needed.")
+
+    async def _send_error(
+        self,
+        send: Any,
+        request_headers: Headers,
+        status: int,
+        message: str,
+        *,
+        server: str | None = None,
+        output: list[str] | None = None,
+    ) -> None:
+        """An error page with secrets masked: a server's output may echo ?token= or its env."""
+        known = self.settings.auth.known_secrets() if hasattr(self.settings.auth, "known_secrets") else []
+        await send_error(
+            send,
+            request_headers,
+            status,
+            mask_secrets(message, known),
+            server=server,
+            output=[mask_secrets(line, known) for line in output] if output else output,
+        )
+
+    async def _too_many_headers(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # Hypercorn bounds the size of a request head (h11_max_incomplete_size); this bounds
+        # the count, so a head of thousands of tiny headers is not relayed either.
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self._send_error(send, scope["headers"], 431, "Too many request headers.")
 
     async def _add_slash(self, scope: dict[str, Any], send: Any, raw_path: bytes) -> None:
         query = scope.get("query_string", b"")
@@ -165,15 +205,19 @@ class Dispatcher:
         headers_in: Headers = scope["headers"]
         server_name = route.name if route.kind == "server" else f"proxy {route.host}:{route.port}"
         if route.kind == "proxy" and not self._allowed_host(route.host):
-            await send_error(send, headers_in, 403, f"Host {route.host!r} is not allowed.")
+            await self._send_error(send, headers_in, 403, f"Host {route.host!r} is not allowed.")
             return
         if route.kind == "server" and self.supervisors[route.name].process.raw_socket_proxy:
-            await send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
+            await self._send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
+            return
+        body = BodyGuard(receive, self.settings.max_body_size, self.settings.body_timeout)
+        if body.declared_too_large(headers_in):
+            await self._send_error(send, headers_in, 413, body.too_large_message, server=server_name)
             return
         try:
             backend, process = await self._backend_for(route)
         except ServerUnavailable as exc:
-            await send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
+            await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
             return
         absolute = route.absolute or (process is not None and process.absolute_url)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -182,7 +226,7 @@ class Dispatcher:
             headers = self._request_headers(scope, route, process, absolute)
         except Exception as exc:
             log.error("%s: cannot build the request: %s", server_name, exc)
-            await send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
+            await self._send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
             return
         query: bytes = scope.get("query_string", b"")
         if query and self.settings.strip_token_query:
@@ -208,16 +252,24 @@ class Dispatcher:
             await send(message)
 
         try:
-            await relay_http(scope, receive, tracking_send, target, self.pool)
+            await relay_http(scope, body, tracking_send, target, self.pool)
         except BackendError as exc:
             if started:
                 return
+            if body.failure is not None:
+                await self._send_error(send, headers_in, *body.failure, server=server_name)
+                return
             log.warning("%s: %s", server_name, exc)
-            await send_error(send, headers_in, 502, f"{server_name}: {exc}", server=server_name)
+            await self._send_error(send, headers_in, 502, f"{server_name}: {exc}", server=server_name)
         except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
+            if body.failure is not None:
+                log.info("%s: request body refused: %s", server_name, body.failure[1])
+                if not started:
+                    await self._send_error(send, headers_in, *body.failure, server=server_name)
+                return
             log.error("%s: relay failed: %s: %s", server_name, type(exc).__name__, exc)
             if not started:
-                await send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
+                await self._send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
 
     def _rewrites(self, route: Route, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
         accept = next((v for n, v in headers if n == b"accept"), b"")
@@ -301,9 +353,65 @@ class Dispatcher:
         return origin_allowed(scope, self.settings.allow_origin, self.settings.allow_origin_pat)
 
 
+# Host is kept: the relay sends it (the client's, or its override) as the handshake's Host.
+class BodyRefused(Exception):
+    """Raised from a guarded ``receive`` so the relay stops; the guard keeps the reason."""
+
+
+class BodyGuard:
+    """An ASGI ``receive`` for a relayed request that bounds its body in size and in time.
+
+    ``max_size`` caps the bytes accepted (413). ``idle_timeout`` caps the wait for each next
+    piece of the body (408), so a client trickling a body cannot hold a connection and a
+    backend forever; Hypercorn's ``read_timeout`` cannot do that, as it would also cut long
+    downloads and idle WebSockets. Once the body is complete, reads (the relay watching for a
+    disconnect) are passed through untimed.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], max_size: int | None, idle_timeout: float):
+        self._receive = receive
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
+        self.received = 0
+        self.complete = False
+        self.failure: tuple[int, str] | None = None
+
+    @property
+    def too_large_message(self) -> str:
+        return f"The request body is larger than the limit of {self.max_size} bytes."
+
+    def declared_too_large(self, headers: Headers) -> bool:
+        if self.max_size is None:
+            return False
+        length = next((v for n, v in headers if n == b"content-length"), None)
+        return length is not None and length.strip().isdigit() and int(length) > self.max_size
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.complete:
+            return await self._receive()
+        with trio.move_on_after(self.idle_timeout):
+            message = await self._receive()
+            self._account(message)
+            return message
+        self._refuse(408, f"The request body stalled for {self.idle_timeout:g} s.")
+
+    def _account(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.request":
+            self.complete = True
+            return
+        self.received += len(message.get("body", b""))
+        if self.max_size is not None and self.received > self.max_size:
+            self._refuse(413, self.too_large_message)
+        if not message.get("more_body", False):
+            self.complete = True
+
+    def _refuse(self, status: int, message: str) -> NoReturn:
+        self.failure = (status, message)
+        raise BodyRefused(message)
+
+
 _WS_HANDSHAKE_HEADERS = frozenset(
     {
-        b"host",
         b"sec-websocket-key",
         b"sec-websocket-version",
         b"sec-websocket-extensions",

@@ -5,26 +5,32 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import signal
+import ssl
 import sys
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from traitlets import Bool, Int, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.config import Application, Config
 from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
 
 from . import __version__
-from .auth import TokenAuth, generate_token
+from .auth import MaskingFormatter, TokenAuth, generate_token
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
 
 log = logging.getLogger("trioproxy")
 
 DEFAULT_SERVER = "files"
+# Largest request head (request line and headers) accepted; larger ones get 431.
+MAX_REQUEST_HEAD = 64 * 1024
 
 
 class TrioProxy(Application):
@@ -65,6 +71,12 @@ class TrioProxy(Application):
     )
     websocket_max_message_size = Int(
         16 * 1024 * 1024, help="Largest WebSocket message relayed (bytes); larger ones close with 1009."
+    ).tag(config=True)
+    max_body_size = Int(
+        None, allow_none=True, help="Largest request body relayed (bytes); larger ones get 413. Default: no limit."
+    ).tag(config=True)
+    body_timeout = Float(
+        60.0, help="Seconds a client may pause while sending a request body before getting 408."
     ).tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
 
@@ -128,6 +140,60 @@ def _base_url(value: str) -> str:
     return "/" + value.strip("/") + "/" if value.strip("/") else "/"
 
 
+def _explicit(app: TrioProxy, name: str) -> bool:
+    """Whether the command line or a config file set ``TrioProxy.<name>``."""
+    return "TrioProxy" in app.config and name in app.config["TrioProxy"]
+
+
+def _hub_settings(app: TrioProxy, env: Mapping[str, str]) -> Any:
+    """JupyterHub's settings if trioproxy runs under JupyterHub, else None.
+
+    JupyterHub mode starts when the Hub's API token is in the environment, unless a token
+    or --no-auth was asked for explicitly.
+    """
+    if "JUPYTERHUB_API_TOKEN" not in env or app.no_auth or app.token is not None:
+        return None
+    from .hub import HubSettings
+
+    return HubSettings.from_environ(env)
+
+
+def _listen_address(app: TrioProxy, hub: Any) -> tuple[str, int, str]:
+    """(ip, port, base_url): the options, or where JupyterHub says, unless set explicitly."""
+    ip, port, base_url = app.ip, app.port, _base_url(app.base_url)
+    if hub is None:
+        return ip, port, base_url
+    if hub.service_url:
+        url = urlsplit(hub.service_url)
+        if not _explicit(app, "ip") and url.hostname is not None:
+            ip = url.hostname
+        if not _explicit(app, "port"):
+            port = url.port or (443 if url.scheme == "https" else 80)
+    if not _explicit(app, "base_url"):
+        base_url = hub.prefix
+    return ip, port, base_url
+
+
+def _hub_tls(hconfig: Any, hub: Any) -> None:
+    """Serve HTTPS when the Hub's internal SSL asks for it, requiring the Hub's client certs."""
+    if hub is None or urlsplit(hub.service_url).scheme != "https":
+        return
+    if not (hub.certfile and hub.keyfile):
+        raise ConfigError("JUPYTERHUB_SERVICE_URL is https but JUPYTERHUB_SSL_CERTFILE/KEYFILE are not set")
+    hconfig.certfile = hub.certfile
+    hconfig.keyfile = hub.keyfile
+    if hub.client_ca:
+        hconfig.ca_certs = hub.client_ca
+        hconfig.verify_mode = ssl.CERT_REQUIRED
+
+
+def _check_origin_pattern(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"allow_origin_pat is not a valid regular expression: {exc}") from None
+
+
 def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     """From a configured TrioProxy: (hypercorn config, supervisors, asgi app)."""
     from hypercorn.config import Config as HypercornConfig
@@ -135,7 +201,9 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     from .app import Settings, create_app
     from .supervisor import Supervisors
 
-    base_url = _base_url(app.base_url)
+    hub = _hub_settings(app, os.environ)
+    ip, port, base_url = _listen_address(app, hub)
+    _check_origin_pattern(app.allow_origin_pat)
     proxy = ServerProxy(parent=app)
     servers = collect_servers(proxy)
     root_server = None
@@ -157,16 +225,22 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         )
         log.info("no servers configured: serving the current directory as %r", DEFAULT_SERVER)
 
-    if app.no_auth:
-        if not _is_loopback(app.ip) and not app.allow_remote_no_auth:
-            raise ConfigError(
-                f"refusing --no-auth on non-loopback address {app.ip!r}: anyone who can reach it "
-                "could run anything the proxied servers allow; add --allow-remote-no-auth to force"
-            )
-        token = None
+    auth: Any
+    if hub is not None:
+        from .hub import HubAuth
+
+        auth = HubAuth(hub)
     else:
-        token = app.token or os.environ.get("JUPYTER_TOKEN") or generate_token()
-    auth = TokenAuth(token, base_url=base_url)
+        if app.no_auth:
+            if not _is_loopback(ip) and not app.allow_remote_no_auth:
+                raise ConfigError(
+                    f"refusing --no-auth on non-loopback address {ip!r}: anyone who can reach it "
+                    "could run anything the proxied servers allow; add --allow-remote-no-auth to force"
+                )
+            token = None
+        else:
+            token = app.token or os.environ.get("JUPYTER_TOKEN") or generate_token()
+        auth = TokenAuth(token, base_url=base_url)
 
     settings = Settings(
         base_url=base_url,
@@ -178,21 +252,44 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         websocket_max_message_size=app.websocket_max_message_size,
         allow_origin=app.allow_origin,
         allow_origin_pat=app.allow_origin_pat,
+        max_body_size=app.max_body_size,
+        body_timeout=app.body_timeout,
     )
     supervisors = Supervisors(servers, base_url=base_url)
     asgi_app = create_app(settings, supervisors)
+    if hub is not None:
+        asgi_app.extensions["trioproxy"].services.append(
+            partial(auth.run, last_activity=partial(_latest_server_activity, supervisors))
+        )
 
     hconfig = HypercornConfig()
-    hconfig.bind = [f"[{app.ip}]:{app.port}" if ":" in app.ip else f"{app.ip}:{app.port}"]
+    hconfig.bind = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"]
     hconfig.accesslog = None
     hconfig.errorlog = logging.getLogger("trioproxy.http")  # type: ignore[assignment]
     hconfig.websocket_max_message_size = app.websocket_max_message_size
+    # Limits on what clients may cost. Heads up to 64 KiB (Hypercorn's default is 16 KiB), as
+    # Tornado, hence Jupyter, accepts: browsers with many cookies for one host send big ones.
+    # That also bounds the header count, which the dispatcher bounds further.
+    hconfig.h11_max_incomplete_size = MAX_REQUEST_HEAD
+    # No read_timeout: Hypercorn applies it to every read, so it would cut off a client that
+    # sends nothing while it downloads for long or holds an idle WebSocket. A slow request
+    # head is bounded by keep_alive_timeout instead (Hypercorn's idle timer runs until the
+    # head is complete), and a stalled request body by Settings.body_timeout.
+    hconfig.read_timeout = None
+    # Idle keep-alive connections and unfinished request heads are dropped after 75 s, as
+    # nginx does; browsers reopen connections as needed.
     hconfig.keep_alive_timeout = 75
     # Relayed responses carry the backend's own Date and Server headers.
     hconfig.include_date_header = False
     hconfig.include_server_header = False
     hconfig.graceful_timeout = 1
+    _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
+
+
+def _latest_server_activity(supervisors: Any) -> float | None:
+    """The trio time of the latest traffic any server saw (WebSocket messages included)."""
+    return max((supervisor.last_activity for supervisor in supervisors.values()), default=None)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -201,35 +298,41 @@ def _as_list(value: Any) -> list[Any]:
     return list(value or [])
 
 
-def setup_logging(level: int | str, fmt: str) -> None:
+def setup_logging(level: int | str, fmt: str) -> MaskingFormatter:
+    """Log to stderr through a formatter that masks secrets; add known ones to its ``known``."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    formatter = MaskingFormatter(fmt, datefmt="%H:%M:%S")
+    handler.setFormatter(formatter)
     root = logging.getLogger("trioproxy")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    return formatter
 
 
 async def serve(app: TrioProxy) -> None:
-    import hypercorn.trio
+    from .server import run_app
 
-    setup_logging(app.log_level, app.log_format)
+    formatter = setup_logging(app.log_level, app.log_format)
     hconfig, supervisors, asgi_app = build(app)
     auth = asgi_app.extensions["trioproxy"].settings.auth
+    formatter.known.extend(auth.known_secrets())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(supervisors.run)
-            binds = await nursery.start(
-                partial(hypercorn.trio.serve, asgi_app, hconfig, shutdown_trigger=trio.sleep_forever)
-            )
-            base_url = _base_url(app.base_url)
+            binds = await nursery.start(run_app, asgi_app, hconfig)
+            base_url = auth.base_url
+            token = getattr(auth, "token", None)
             for bind in binds:
                 url = bind + base_url
-                if auth.token:
-                    url += f"?token={auth.token}"
+                if token:
+                    # The only place the token is shown: logs mask it.
+                    url += f"?token={token}"
                 print(f"trioproxy is serving {len(supervisors)} server(s) at: {url}", flush=True)
             if not auth.enabled:
-                log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server", binds)
+                log.warning(
+                    "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server",
+                    ", ".join(binds),
+                )
             async for signum in signals:
                 log.info("received %s: stopping every server", signal.Signals(signum).name)
                 break

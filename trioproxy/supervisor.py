@@ -414,6 +414,7 @@ class ServerSupervisor:
         with scope:
             await wait_until_ready(self.backend, self.process.ready_check_path)
             self.ready_since = trio.current_time()
+            self.last_activity = self.ready_since  # idle time counts from the start
             self.start_latencies.append(self.ready_since - started_at)
             self._set_state(State.READY, f"pid {pid} on {self.backend.describe()}")
             if self.process.idle_timeout > 0:

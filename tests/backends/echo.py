@@ -10,6 +10,8 @@ Routes:
   /die?after=N             promises more than it sends, then drops the connection
   /slow?delay=S            answers after S seconds
   /upload (any method)     reads the body; answers its length and sha256
+  /headers?name=value...   answers with those response headers
+  /bytes?...&report=FILE   writes "broken" to FILE if the client goes away mid-body
   anything else            JSON echo of method, target, headers and body length
 """
 
@@ -86,7 +88,7 @@ class Handler(BaseHTTPRequestHandler):
             self._body()
             code = int(path.split("/")[2])
             self._send_json(code, {"status": code})
-        elif path == "/redirect":
+        elif path.endswith("/redirect"):
             self._body()
             self.send_response(302)
             self.send_header("Location", query.get("to", "/"))
@@ -109,13 +111,21 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self.send_header("Content-Length", str(size))
             self.end_headers()
-            for block in pattern_bytes(size):
+            try:
+                for block in pattern_bytes(size):
+                    if chunked:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    else:
+                        self.wfile.write(block)
+                    if "report" in query:
+                        time.sleep(0.001)
                 if chunked:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
-                else:
-                    self.wfile.write(block)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                if "report" in query:
+                    with open(query["report"], "w") as report:
+                        report.write("broken")
+                self.close_connection = True
         elif path == "/gzip":
             body = gzip.compress(b"compressed hello " * 100)
             self.send_response(200)
@@ -146,6 +156,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
+        elif path == "/headers":
+            self.send_response(200)
+            for name, values in parse_qs(url.query).items():
+                for value in values:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif path == "/slow":
             time.sleep(float(query.get("delay", "1")))
             self._send_json(200, {"slow": True})
@@ -162,6 +179,7 @@ class Handler(BaseHTTPRequestHandler):
                     "headers": [[k.lower(), v] for k, v in self.headers.items()],
                     "body_length": length,
                     "body_sha256": digest,
+                    "peer": list(self.client_address),
                 },
             )
 

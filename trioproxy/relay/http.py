@@ -8,12 +8,16 @@ backpressure on both sides, nothing buffered whole unless a ``rewrite_response``
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from ..supervisor import Backend, connect
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
@@ -58,6 +62,16 @@ class BackendConnection:
             self.h11.receive_data(await self.stream.receive_some(read_size))
 
 
+def _reason(exc: OSError) -> str:
+    # trio reports "all attempts failed" for names with several addresses; the cause says why.
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return exc.strerror or str(exc)
+
+
 class ConnectionPool:
     """Idle keep-alive connections to backends, reused one request at a time."""
 
@@ -73,9 +87,7 @@ class ConnectionPool:
         try:
             stream = await connect(backend)
         except OSError as exc:
-            raise BackendError(
-                f"cannot connect to {backend.describe()}: {exc.strerror or exc}"
-            ) from None
+            raise BackendError(f"cannot connect to {backend.describe()}: {_reason(exc)}") from None
         return BackendConnection(backend, stream), False
 
     def release(self, connection: BackendConnection) -> None:
@@ -143,17 +155,29 @@ async def relay_http(
 
     for attempt in (1, 2):
         connection, reused = await pool.acquire(target.backend)
+        released = False
+
+        def finish() -> None:
+            # Called as soon as the backend's response is complete and before its last part
+            # goes to the client, so the client's next request finds the connection idle.
+            nonlocal released
+            if not released:
+                released = True
+                pool.release(connection)
+
         try:
-            await _exchange(connection, request, body, more_body, receive, send, target, reused)
+            await _exchange(connection, request, body, more_body, receive, send, target, reused, finish)
         except _StaleConnection:
             connection.close()
             if attempt == 2:
                 raise BackendError("the backend closed the connection without answering") from None
             continue
         except BaseException:
-            connection.close()
+            if not released:
+                connection.close()
             raise
-        pool.release(connection)
+        if not released:
+            connection.close()  # the exchange did not end cleanly
         return
 
 
@@ -166,6 +190,7 @@ async def _exchange(
     send: Send,
     target: RelayTarget,
     reused: bool,
+    finish: Callable[[], None],
 ) -> None:
     conn = connection.h11
     data = conn.send(request) or b""
@@ -181,7 +206,7 @@ async def _exchange(
         raise BackendError("the backend closed the connection") from None
 
     if not more_body:
-        await _respond(connection, send, receive, target, reused, request_done=True)
+        await _respond(connection, send, receive, target, reused, finish, request_done=True)
         return
 
     # The client is still sending: pump its body up while the response comes down, so that
@@ -189,8 +214,9 @@ async def _exchange(
     async with trio.open_nursery() as nursery:
         upload = trio.CancelScope()
         nursery.start_soon(_upload, connection, receive, upload, target.on_bytes)
-        await _respond(connection, send, receive, target, False, request_done=False)
+        await _respond(connection, send, receive, target, False, lambda: None, request_done=False)
         upload.cancel()
+    finish()  # kept for reuse only if both the upload and the response ended cleanly
 
 
 async def _upload(
@@ -237,6 +263,7 @@ async def _respond(
     receive: Receive,
     target: RelayTarget,
     reused: bool,
+    finish: Callable[[], None],
     request_done: bool,
 ) -> None:
     response = await _read_response_head(connection, reused)
@@ -245,14 +272,15 @@ async def _respond(
     if target.context_path is not None and status in REDIRECT_CODES:
         headers = _rewrite_redirect(headers, target)
     if target.rewrites and target.rewrite_context is not None:
-        await _respond_rewritten(connection, send, target, status, response.reason, headers)
+        await _respond_rewritten(connection, send, target, status, response.reason, headers, finish)
         return
 
     await send({"type": "http.response.start", "status": status, "headers": headers})
     if request_done:
-        await _stream_body_until_disconnect(connection, send, receive, target.on_bytes)
+        await _stream_body_until_disconnect(connection, send, receive, target.on_bytes, finish)
     else:
-        await _stream_body(connection, send, target.on_bytes)
+        # While the upload may still run, the connection is not reusable before it ends.
+        await _stream_body(connection, send, target.on_bytes, lambda: None)
 
 
 async def _stream_body_until_disconnect(
@@ -260,12 +288,14 @@ async def _stream_body_until_disconnect(
     send: Send,
     receive: Receive,
     on_bytes: Callable[[int, int], None] | None,
+    finish: Callable[[], None],
 ) -> None:
     # Hypercorn drops what is sent to a client that has gone, so a long download would run
     # on; a client that disconnects must close the backend stream. Watching for that costs a
     # task, so it is only started once the body turns out not to be all there already.
     event = connection.h11.next_event()
     if isinstance(event, h11.EndOfMessage):
+        finish()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     if isinstance(event, h11.Data):
@@ -273,6 +303,7 @@ async def _stream_body_until_disconnect(
         if isinstance(following, h11.EndOfMessage):
             if on_bytes is not None:
                 on_bytes(0, len(event.data))
+            finish()
             await send({"type": "http.response.body", "body": bytes(event.data), "more_body": False})
             return
         pending = [event, following]
@@ -280,27 +311,36 @@ async def _stream_body_until_disconnect(
         pending = [event]
 
     gone = False
+    watching = trio.CancelScope()
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            nursery.cancel_scope.cancel()
+            with watching:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                nursery.cancel_scope.cancel()
+
+        def before_last_part() -> None:
+            # Sending the last part makes Hypercorn announce http.disconnect and close the
+            # client connection from inside that send; the watcher must not cancel it.
+            watching.cancel()
+            finish()
 
         nursery.start_soon(watch)
-        await _stream_body(connection, send, on_bytes, pending)
-        nursery.cancel_scope.cancel()
+        await _stream_body(connection, send, on_bytes, before_last_part, pending)
+        watching.cancel()
     if gone:
+        # relay_http closes the connection: its response never finished.
         log.debug("client went away; closing the backend stream")
-        connection.close()
 
 
 async def _stream_body(
     connection: BackendConnection,
     send: Send,
     on_bytes: Callable[[int, int], None] | None,
+    finish: Callable[[], None],
     pending_events: list[Any] | None = None,
 ) -> None:
     """Pass the response body on as it arrives; end it as broken if the backend breaks."""
@@ -336,6 +376,7 @@ async def _stream_body(
                 on_bytes(0, len(held))
             continue
         if isinstance(event, h11.EndOfMessage):
+            finish()
             await send({"type": "http.response.body", "body": held or b"", "more_body": False})
             return
         # The backend closed or sent garbage mid-body: leave the response unfinished so
@@ -373,6 +414,7 @@ async def _respond_rewritten(
     status: int,
     reason: bytes,
     headers: Headers,
+    finish: Callable[[], None],
 ) -> None:
     """Buffer the body, let the rewrite chain change the response, then send it whole."""
     parts: list[bytes] = []
@@ -384,6 +426,7 @@ async def _respond_rewritten(
         if isinstance(event, h11.Data):
             parts.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
+            finish()
             break
         else:
             raise BackendError("the backend broke off mid-response")
