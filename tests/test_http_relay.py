@@ -278,6 +278,41 @@ async def test_large_upload_is_byte_exact_with_length_and_chunked(nursery: trio.
         assert with_length.json() == {"length": size, "sha256": expected}
 
 
+async def test_backend_refusing_an_upload_early_is_heard(nursery: trio.Nursery) -> None:
+    proxy = await echo_proxy(nursery)
+    host, port = proxy.url.split("/")[2].split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    head = (
+        f"POST /echo/reject HTTP/1.1\r\nHost: x\r\nAuthorization: token {TOKEN}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (len(PATTERN), PATTERN)
+    received = b""
+
+    async def upload() -> None:
+        await stream.send_all(head.encode())
+        try:
+            for _ in range(400):  # 25 MiB the backend never reads
+                await stream.send_all(chunk)
+            await stream.send_all(b"0\r\n\r\n")
+        except trio.BrokenResourceError:
+            pass
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(upload)
+            while b"too big!" not in received:
+                data = await stream.receive_some()
+                if not data:
+                    break
+                received += data
+    await stream.aclose()
+    assert received.startswith(b"HTTP/1.1 413")
+    assert received.endswith(b"too big!")
+    async with proxy.client() as client:  # trioproxy is fine afterwards
+        assert (await client.get("echo/after")).json()["target"] == "/after"
+
+
 async def test_gzip_passes_through_untouched(nursery: trio.Nursery) -> None:
     proxy = await echo_proxy(nursery)
     async with proxy.client() as client:

@@ -9,6 +9,7 @@ Routes:
   /sse?n=N&delay=S         N server-sent events, S seconds apart
   /die?after=N             promises more than it sends, then drops the connection
   /slow?delay=S            answers after S seconds
+  /reject                  answers 413 at once without reading the body, and closes
   /upload (any method)     reads the body; answers its length and sha256
   /headers?name=value...   answers with those response headers
   /bytes?...&report=FILE   writes "broken" to FILE if the client goes away mid-body
@@ -70,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         return length - remaining, digest.hexdigest()
 
     def _send_json(self, status, document, extra=()):
-        body = json.dumps(document).encode()
+        body = json.dumps(document).encode() if status not in (204, 304) else b""
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -163,6 +164,15 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_header(name, value)
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/reject":
+            self.close_connection = True
+            self.send_response(413)
+            self.send_header("Content-Length", "8")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"too big!")
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
         elif path == "/slow":
             time.sleep(float(query.get("delay", "1")))
             self._send_json(200, {"slow": True})

@@ -1,8 +1,9 @@
-"""The streaming HTTP relay: ASGI request in, h11 over pooled trio sockets to the backend.
+"""The streaming HTTP relay: ASGI request in, HTTP/1.1 over pooled trio sockets to the backend.
 
-This is the per-request hot path, so it talks h11 directly instead of going through httpx:
-one pooled keep-alive connection per request in flight, bodies passed on chunk by chunk with
-backpressure on both sides, nothing buffered whole unless a ``rewrite_response`` needs the body.
+This is the per-request hot path, so it speaks HTTP/1.1 itself (:mod:`.http1`) instead of going
+through httpx: one pooled keep-alive connection per request in flight, bodies passed on piece by
+piece with backpressure on both sides, nothing buffered whole unless a ``rewrite_response``
+needs the body.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import h11
 import trio
 
 if sys.version_info < (3, 11):
@@ -21,6 +21,7 @@ if sys.version_info < (3, 11):
 
 from ..supervisor import Backend, connect
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
+from .http1 import LAST_CHUNK, ProtocolError, ResponseReader, encode_chunk, encode_request_head
 from .rewrite import RewriteContext, apply_rewrites
 
 log = logging.getLogger("trioproxy.relay")
@@ -31,7 +32,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 FIRST_READ = 65536
 LARGEST_READ = 1 << 20
 MAX_IDLE_PER_BACKEND = 64
-MAX_RESPONSE_HEAD = 64 * 1024
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class BackendError(Exception):
@@ -43,23 +44,15 @@ class _StaleConnection(Exception):
 
 
 class BackendConnection:
-    __slots__ = ("backend", "stream", "h11")
+    __slots__ = ("backend", "stream")
 
     def __init__(self, backend: Backend, stream: trio.SocketStream) -> None:
         self.backend = backend
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
 
     def close(self) -> None:
         # A socket close needs no waiting; doing it synchronously keeps it out of cancellation.
         self.stream.socket.close()
-
-    async def next_event(self, read_size: int = FIRST_READ) -> Any:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.h11.receive_data(await self.stream.receive_some(read_size))
 
 
 def _reason(exc: OSError) -> str:
@@ -91,15 +84,12 @@ class ConnectionPool:
         return BackendConnection(backend, stream), False
 
     def release(self, connection: BackendConnection) -> None:
-        """Return a connection whose exchange ended cleanly; close any other."""
-        state = connection.h11
-        if state.our_state is h11.DONE and state.their_state is h11.DONE:
-            state.start_next_cycle()
-            idle = self._idle.setdefault(connection.backend, [])
-            if len(idle) < self._max_idle:
-                idle.append(connection)
-                return
-        connection.close()
+        """Keep a connection whose last exchange ended cleanly for the next request."""
+        idle = self._idle.setdefault(connection.backend, [])
+        if len(idle) < self._max_idle:
+            idle.append(connection)
+        else:
+            connection.close()
 
     def discard(self, backend: Backend) -> None:
         """Close idle connections to a backend (its process went away)."""
@@ -121,20 +111,78 @@ class RelayTarget:
     headers: Headers  # request headers for the backend, final
     context_path: str | None  # the prefix for Location rewriting; None with absolute_url
     rewrites: list[Callable[..., Any]] = field(default_factory=list)
-    rewrite_context: RewriteContext | None = None
+    rewrite_context: Callable[[], RewriteContext] | None = None  # built only when rewriting
+    request_host: str | None = None  # the client's Host header, for Location rewriting
     on_bytes: Callable[[int, int], None] | None = None  # (sent to backend, received) counters
 
 
-def _request_framing(headers: Headers, method: bytes, body: bytes, more_body: bool) -> Headers:
-    """Headers that make h11 frame the request body as the client did (or as it must)."""
-    has_length = any(name == b"content-length" for name, _ in headers)
-    if has_length:
-        return headers
+def _request_framing(headers: Headers, method: bytes, body: bytes, more_body: bool) -> tuple[Headers, bool]:
+    """Headers framing the request body as the client did (or as it must), and whether chunked."""
+    if any(name == b"content-length" for name, _ in headers):
+        return headers, False
     if more_body:
-        return headers + [(b"transfer-encoding", b"chunked")]
+        return headers + [(b"transfer-encoding", b"chunked")], True
     if body or method in (b"POST", b"PUT", b"PATCH"):
-        return headers + [(b"content-length", str(len(body)).encode())]
-    return headers
+        return headers + [(b"content-length", str(len(body)).encode())], False
+    return headers, False
+
+
+class _Exchange:
+    """One request and its response on one backend connection."""
+
+    def __init__(
+        self,
+        connection: BackendConnection,
+        pool: ConnectionPool,
+        target: RelayTarget,
+        send: Send,
+        receive: Receive,
+        head_request: bool,
+        reused: bool,
+    ) -> None:
+        self.connection = connection
+        self.pool = pool
+        self.target = target
+        self.send = send
+        self.receive = receive
+        self.reader = ResponseReader(head_request)
+        self.reused = reused
+        self.request_sent = False  # the whole request, body included, went out
+        self.released = False
+        self.started = False  # the client's response has begun
+        self.discard_upload = False  # drop the rest of the client's body
+
+    def finish(self) -> None:
+        """Return the connection to the pool if it can carry another request.
+
+        Called as soon as the backend's response is complete and before its last part goes
+        to the client, so the client's next request finds the connection idle.
+        """
+        if not self.released and self.request_sent and self.reader.reusable:
+            self.released = True
+            self.pool.release(self.connection)
+
+    async def read_more(self, size: int) -> bool:
+        """Read and parse more of the response; False when the backend broke it off."""
+        try:
+            data = await self.connection.stream.receive_some(size)
+        except _BROKEN:
+            data = b""
+        try:
+            if data:
+                self.reader.feed(data)
+            else:
+                self.reader.feed_eof()
+        except ProtocolError as exc:
+            if not self.reader.headers_done:
+                # A pooled connection that the backend closed, or that holds leftovers of
+                # a previous response (a body sent with a 204), is retried on a fresh one.
+                if self.reused:
+                    raise _StaleConnection() from exc
+                raise BackendError(str(exc)) from None
+            log.warning("%s: %s", self.target.server, exc)
+            return False
+        return True
 
 
 async def relay_http(
@@ -150,248 +198,166 @@ async def relay_http(
     first = await receive()
     body: bytes = first.get("body", b"")
     more_body: bool = first.get("more_body", False)
-    headers = _request_framing(target.headers, method, body, more_body)
-    request = h11.Request(method=method, target=target.target, headers=headers)
+    headers, chunked = _request_framing(target.headers, method, body, more_body)
+    head = encode_request_head(method, target.target, headers)
+    if body:
+        head += encode_chunk(body) if chunked else body
 
     for attempt in (1, 2):
         connection, reused = await pool.acquire(target.backend)
-        released = False
-
-        def finish() -> None:
-            # Called as soon as the backend's response is complete and before its last part
-            # goes to the client, so the client's next request finds the connection idle.
-            nonlocal released
-            if not released:
-                released = True
-                pool.release(connection)
-
+        exchange = _Exchange(connection, pool, target, send, receive, method == b"HEAD", reused)
         try:
-            await _exchange(connection, request, body, more_body, receive, send, target, reused, finish)
+            await _run_exchange(exchange, head, more_body, chunked)
         except _StaleConnection:
             connection.close()
-            if attempt == 2:
+            if attempt == 2 or more_body:
                 raise BackendError("the backend closed the connection without answering") from None
             continue
         except BaseException:
-            if not released:
+            if not exchange.released:
                 connection.close()
             raise
-        if not released:
-            connection.close()  # the exchange did not end cleanly
+        if not exchange.released:
+            connection.close()  # the exchange did not end cleanly, or the backend closes
         return
 
 
-async def _exchange(
-    connection: BackendConnection,
-    request: h11.Request,
-    body: bytes,
-    more_body: bool,
-    receive: Receive,
-    send: Send,
-    target: RelayTarget,
-    reused: bool,
-    finish: Callable[[], None],
-) -> None:
-    conn = connection.h11
-    data = conn.send(request) or b""
-    if body:
-        data += conn.send(h11.Data(data=body)) or b""
-    if not more_body:
-        data += conn.send(h11.EndOfMessage()) or b""
+async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunked: bool) -> None:
+    stream = exchange.connection.stream
     try:
-        await connection.stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        if reused and not more_body:
-            raise _StaleConnection() from exc
+        await stream.send_all(head)
+    except _BROKEN:
+        if exchange.reused and not more_body:
+            raise _StaleConnection() from None
         raise BackendError("the backend closed the connection") from None
-
     if not more_body:
-        await _respond(connection, send, receive, target, reused, finish, request_done=True)
+        exchange.request_sent = True
+        await _respond(exchange, watch_disconnect=True)
         return
 
     # The client is still sending: pump its body up while the response comes down, so that
     # a backend answering early (413, auth errors) is heard, and both directions stream.
+    # The body cannot be replayed, so no retry on a stale connection.
+    exchange.reused = False
+    failure: BackendError | None = None
     async with trio.open_nursery() as nursery:
-        upload = trio.CancelScope()
-        nursery.start_soon(_upload, connection, receive, upload, target.on_bytes)
-        await _respond(connection, send, receive, target, False, lambda: None, request_done=False)
-        upload.cancel()
-    finish()  # kept for reuse only if both the upload and the response ended cleanly
+        nursery.start_soon(_upload, exchange, chunked)
+        try:
+            await _respond(exchange, watch_disconnect=False)
+        except BackendError as exc:
+            failure = exc  # raised here, outside the nursery, it stays a BackendError
+        # Whatever the client still sends is read and dropped: Hypercorn stops reading a
+        # connection whose body is not consumed, and never closes it.
+        exchange.discard_upload = True
+    if failure is not None:
+        raise failure
+    exchange.finish()  # kept for reuse only if the upload and the response both ended
 
 
-async def _upload(
-    connection: BackendConnection,
-    receive: Receive,
-    scope: trio.CancelScope,
-    on_bytes: Callable[[int, int], None] | None,
-) -> None:
-    conn = connection.h11
-    with scope:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                connection.close()
-                return
-            chunk = message.get("body", b"")
-            if chunk:
-                if on_bytes is not None:
-                    on_bytes(len(chunk), 0)
-                await connection.stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-            if not message.get("more_body", False):
-                await connection.stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-                return
+async def _upload(exchange: _Exchange, chunked: bool) -> None:
+    stream = exchange.connection.stream
+    on_bytes = exchange.target.on_bytes
+    while True:
+        message = await exchange.receive()
+        if message["type"] == "http.disconnect":
+            exchange.connection.close()
+            return
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not exchange.discard_upload:
+            try:
+                if chunk:
+                    if on_bytes is not None:
+                        on_bytes(len(chunk), 0)
+                    await stream.send_all(encode_chunk(chunk) if chunked else chunk)
+                if not more and chunked:
+                    await stream.send_all(LAST_CHUNK)
+            except _BROKEN:
+                exchange.discard_upload = True  # the backend stopped reading; its answer says why
+            else:
+                if not more:
+                    exchange.request_sent = True
+        if not more:
+            return
 
 
-async def _read_response_head(connection: BackendConnection, reused: bool) -> h11.Response:
-    try:
-        while True:
-            event = await connection.next_event()
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and the like are for the backend and us only
-            if isinstance(event, h11.Response):
-                return event
-            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
-        if reused and connection.h11.their_state in (h11.SEND_RESPONSE, h11.ERROR):
-            raise _StaleConnection() from exc
-        raise BackendError(f"the backend broke off before responding ({exc})") from None
-
-
-async def _respond(
-    connection: BackendConnection,
-    send: Send,
-    receive: Receive,
-    target: RelayTarget,
-    reused: bool,
-    finish: Callable[[], None],
-    request_done: bool,
-) -> None:
-    response = await _read_response_head(connection, reused)
-    headers = strip_hop_by_hop(response.headers)
-    status = response.status_code
-    if target.context_path is not None and status in REDIRECT_CODES:
+async def _respond(exchange: _Exchange, watch_disconnect: bool) -> None:
+    reader = exchange.reader
+    while not reader.headers_done:
+        if not await exchange.read_more(FIRST_READ):
+            raise BackendError("the backend broke off before responding")
+    target = exchange.target
+    headers = strip_hop_by_hop(reader.headers)
+    if target.context_path is not None and reader.status in REDIRECT_CODES:
         headers = _rewrite_redirect(headers, target)
     if target.rewrites and target.rewrite_context is not None:
-        await _respond_rewritten(connection, send, target, status, response.reason, headers, finish)
+        await _respond_rewritten(exchange, headers)
         return
 
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    if request_done:
-        await _stream_body_until_disconnect(connection, send, receive, target.on_bytes, finish)
-    else:
-        # While the upload may still run, the connection is not reusable before it ends.
-        await _stream_body(connection, send, target.on_bytes, lambda: None)
+    await exchange.send({"type": "http.response.start", "status": reader.status, "headers": headers})
+    exchange.started = True
+    if reader.complete:  # the whole (small) response came with its head
+        body = _joined(reader.take_body())
+        if target.on_bytes is not None:
+            target.on_bytes(0, len(body))
+        exchange.finish()
+        await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+    if not watch_disconnect:
+        await _stream_body(exchange, lambda: None)
+        return
 
-
-async def _stream_body_until_disconnect(
-    connection: BackendConnection,
-    send: Send,
-    receive: Receive,
-    on_bytes: Callable[[int, int], None] | None,
-    finish: Callable[[], None],
-) -> None:
     # Hypercorn drops what is sent to a client that has gone, so a long download would run
     # on; a client that disconnects must close the backend stream. Watching for that costs a
     # task, so it is only started once the body turns out not to be all there already.
-    event = connection.h11.next_event()
-    if isinstance(event, h11.EndOfMessage):
-        finish()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
-    if isinstance(event, h11.Data):
-        following = connection.h11.next_event()
-        if isinstance(following, h11.EndOfMessage):
-            if on_bytes is not None:
-                on_bytes(0, len(event.data))
-            finish()
-            await send({"type": "http.response.body", "body": bytes(event.data), "more_body": False})
-            return
-        pending = [event, following]
-    else:
-        pending = [event]
-
-    gone = False
     watching = trio.CancelScope()
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
-            nonlocal gone
             with watching:
-                while (await receive())["type"] != "http.disconnect":
+                while (await exchange.receive())["type"] != "http.disconnect":
                     pass
-                gone = True
+                log.debug("%s: client went away; closing the backend stream", target.server)
                 nursery.cancel_scope.cancel()
 
-        def before_last_part() -> None:
-            # Sending the last part makes Hypercorn announce http.disconnect and close the
-            # client connection from inside that send; the watcher must not cancel it.
-            watching.cancel()
-            finish()
-
         nursery.start_soon(watch)
-        await _stream_body(connection, send, on_bytes, before_last_part, pending)
+        # Sending the last part makes Hypercorn announce http.disconnect and close the
+        # client connection from inside that send; the watcher must not cancel it.
+        await _stream_body(exchange, watching.cancel)
         watching.cancel()
-    if gone:
-        # relay_http closes the connection: its response never finished.
-        log.debug("client went away; closing the backend stream")
 
 
-async def _stream_body(
-    connection: BackendConnection,
-    send: Send,
-    on_bytes: Callable[[int, int], None] | None,
-    finish: Callable[[], None],
-    pending_events: list[Any] | None = None,
-) -> None:
-    """Pass the response body on as it arrives; end it as broken if the backend breaks."""
-    conn = connection.h11
-    queued = list(pending_events or [])
-    held: bytes | None = None  # sent once we know whether more follows
+async def _stream_body(exchange: _Exchange, before_last_part: Callable[[], None]) -> None:
+    """Pass the body on as it arrives; leave the response unfinished if the backend breaks."""
+    reader = exchange.reader
+    on_bytes = exchange.target.on_bytes
     read_size = FIRST_READ
     while True:
-        if queued:
-            event = queued.pop(0)
-        else:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                event = None
-        if event is h11.NEED_DATA:
-            if held is not None:
-                await send({"type": "http.response.body", "body": held, "more_body": True})
-                held = None
-            try:
-                chunk = await connection.stream.receive_some(read_size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""
-            if len(chunk) == read_size and read_size < LARGEST_READ:
-                read_size *= 2  # a large body: fewer, bigger reads
-            conn.receive_data(chunk)
-            continue
-        if isinstance(event, h11.Data):
-            if held is not None:
-                await send({"type": "http.response.body", "body": held, "more_body": True})
-            held = bytes(event.data)
-            if on_bytes is not None:
-                on_bytes(0, len(held))
-            continue
-        if isinstance(event, h11.EndOfMessage):
-            finish()
-            await send({"type": "http.response.body", "body": held or b"", "more_body": False})
+        body = _joined(reader.take_body())
+        if body and on_bytes is not None:
+            on_bytes(0, len(body))
+        if reader.complete:
+            before_last_part()
+            exchange.finish()
+            await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
             return
-        # The backend closed or sent garbage mid-body: leave the response unfinished so
-        # the client sees a broken transfer. Hypercorn closes the connection for us.
-        if held is not None:
-            await send({"type": "http.response.body", "body": held, "more_body": True})
-        connection.close()
-        log.warning("backend %s broke off mid-response", connection.backend.describe())
-        return
+        if body:
+            await exchange.send({"type": "http.response.body", "body": body, "more_body": True})
+        # Unfinished: Hypercorn then closes the client connection without the final chunk.
+        if not await exchange.read_more(read_size):
+            return
+        if read_size < LARGEST_READ:
+            read_size *= 2  # a long body: fewer, larger reads
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(parts)
 
 
 def _rewrite_redirect(headers: Headers, target: RelayTarget) -> Headers:
     assert target.context_path is not None
-    context = target.rewrite_context
-    request_host = context.host_header if context is not None else None
     backend = target.backend
     backend_hosts = [f"127.0.0.1:{backend.port}", f"localhost:{backend.port}"]
     rewritten: Headers = []
@@ -400,41 +366,31 @@ def _rewrite_redirect(headers: Headers, target: RelayTarget) -> Headers:
             value = rewrite_location(
                 value.decode("latin-1"),
                 context_path=target.context_path,
-                request_host=request_host,
+                request_host=target.request_host,
                 backend_hosts=backend_hosts,
             ).encode("latin-1")
         rewritten.append((name, value))
     return rewritten
 
 
-async def _respond_rewritten(
-    connection: BackendConnection,
-    send: Send,
-    target: RelayTarget,
-    status: int,
-    reason: bytes,
-    headers: Headers,
-    finish: Callable[[], None],
-) -> None:
+async def _respond_rewritten(exchange: _Exchange, headers: Headers) -> None:
     """Buffer the body, let the rewrite chain change the response, then send it whole."""
+    reader = exchange.reader
+    target = exchange.target
     parts: list[bytes] = []
     while True:
-        try:
-            event = await connection.next_event(LARGEST_READ)
-        except (trio.BrokenResourceError, h11.RemoteProtocolError) as exc:
-            raise BackendError(f"the backend broke off mid-response ({exc})") from None
-        if isinstance(event, h11.Data):
-            parts.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            finish()
+        parts += reader.take_body()
+        if reader.complete:
+            exchange.finish()
             break
-        else:
+        if not await exchange.read_more(LARGEST_READ):
             raise BackendError("the backend broke off mid-response")
     assert target.rewrite_context is not None
     status, headers, body = apply_rewrites(
-        target.rewrites, target.rewrite_context, status, reason, headers, b"".join(parts)
+        target.rewrites, target.rewrite_context(), reader.status, reader.reason, headers, b"".join(parts)
     )
     if target.on_bytes is not None:
         target.on_bytes(0, len(body))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
+    exchange.started = True
+    await exchange.send({"type": "http.response.body", "body": body, "more_body": False})

@@ -126,7 +126,6 @@ class RewriteContext:
     host: str
     port: int | None
     path: str
-    host_header: str | None = None
 
 
 def apply_rewrites(
