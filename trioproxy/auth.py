@@ -5,20 +5,27 @@ A request is let in when it carries the token (``?token=``, ``Authorization: tok
 is an HMAC under a secret made at start-up, so restarting trioproxy ends every session, and it
 never contains the token itself. Tokens are compared in constant time.
 
-An authenticator has three jobs: decide (:meth:`TokenAuth.authenticate`), say how a browser
-may log in (:meth:`login_url`), and take its own credentials out of what is relayed
-(:meth:`strip_credentials`), so backends never see trioproxy's token or cookie.
+An authenticator (:class:`Authenticator`; this module's :class:`TokenAuth`, or
+:class:`trioproxy.hub.HubAuth` under JupyterHub) has three jobs: decide (``authenticate``),
+say how a browser may log in (``login_url``), and take its own credentials out of what is
+relayed (``strip_credentials``), so backends never see trioproxy's token or cookie.
+
+Secrets must not leak through logs or error pages either: :func:`mask_secrets` blanks them
+out of any text, and :class:`MaskingFormatter` applies it to every log line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .relay.headers import Headers
 
@@ -30,6 +37,24 @@ class Identity:
     name: str
     set_cookie: bytes | None = None
     via: str = "token"
+
+
+class Authenticator(Protocol):
+    """What the dispatcher and the login pages need from an authenticator."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def cookie_name(self) -> str: ...
+
+    async def authenticate(self, scope: dict[str, Any]) -> Identity | None: ...
+
+    def login_url(self, next_url: str) -> str: ...
+
+    def strip_credentials(self, headers: Headers) -> Headers: ...
+
+    def known_secrets(self) -> list[str]: ...
 
 
 def generate_token() -> str:
@@ -110,7 +135,7 @@ class TokenAuth:
     def _matches(self, candidate: str | None) -> bool:
         if candidate is None or self.token is None:
             return False
-        return hmac.compare_digest(candidate.encode("utf-8"), self.token.encode("utf-8"))
+        return same_secret(candidate, self.token)
 
     def make_cookie(self) -> bytes:
         attributes = [
@@ -130,7 +155,7 @@ class TokenAuth:
         if self._matches(authorization_token(headers)):
             return Identity("token-holder", via="header")
         cookie = parse_cookies(headers).get(self.cookie_name)
-        if cookie is not None and hmac.compare_digest(cookie, self._cookie_value()):
+        if cookie is not None and same_secret(cookie, self._cookie_value()):
             return Identity("token-holder", via="cookie")
         if self._matches(query_token(scope.get("query_string", b""))):
             return Identity("token-holder", set_cookie=self.make_cookie(), via="query")
@@ -138,6 +163,9 @@ class TokenAuth:
 
     def check_token(self, candidate: str) -> bool:
         return self._matches(candidate)
+
+    def known_secrets(self) -> list[str]:
+        return [self.token] if self.token else []
 
     def login_url(self, next_url: str) -> str:
         return f"{self.base_url}login?next={quote(next_url, safe='/')}"
@@ -149,3 +177,70 @@ class TokenAuth:
         if token is not None and self._matches(token):
             headers = [(n, v) for n, v in headers if n != b"authorization"]
         return headers
+
+
+def same_secret(candidate: str, expected: str) -> bool:
+    """Constant-time comparison that accepts any text a client may send.
+
+    ``hmac.compare_digest`` refuses ``str`` with non-ASCII characters (a TypeError, which
+    would be a 500 for a forged cookie), so both sides are compared as UTF-8 bytes.
+    """
+    return hmac.compare_digest(candidate.encode("utf-8", "replace"), expected.encode("utf-8", "replace"))
+
+
+# -- redirects after login -------------------------------------------------------------------
+
+
+def local_redirect(value: str | None, base_url: str) -> str:
+    """``value`` if it is a path under ``base_url`` on this site, else ``base_url``.
+
+    Browsers are lenient: they read ``/\\evil.com`` as ``//evil.com`` and drop tabs and
+    line breaks, so anything but a plain absolute path made of visible ASCII is refused
+    rather than cleaned up, to leave no open redirect to another site.
+    """
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return base_url
+    if any(not 0x21 <= ord(char) < 0x7F or char == "\\" for char in value):
+        return base_url
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return base_url
+    root = base_url.rstrip("/")
+    if value != root and not value.startswith(root + "/"):
+        return base_url
+    return value
+
+
+# -- keeping secrets out of logs and pages ---------------------------------------------------
+
+MASK = "[secret]"
+# Shorter known secrets (a "--token t" in a test) would blank ordinary words out of every
+# line; they are still masked where they appear as token=… or in an Authorization header.
+MIN_KNOWN_SECRET = 6
+# A query parameter whose name ends in "token" (token=, access_token=, api_token=) and the
+# credential of an Authorization header, wherever they appear in a line.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)(\b[\w-]*token=)[^&\s#\"'<>;,]+"),
+    re.compile(r"(?i)(\bauthorization\b[\"']?\s*[:=,]\s*[\"']?(?:token|bearer|basic)\s+)[^\s\"'<>,;]+"),
+)
+
+
+def mask_secrets(text: str, known: Iterable[str] = ()) -> str:
+    """``text`` with token-like parameters, Authorization credentials and ``known`` blanked."""
+    for secret in known:
+        if len(secret) >= MIN_KNOWN_SECRET:
+            text = text.replace(secret, MASK)
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda match: match.group(1) + MASK, text)
+    return text
+
+
+class MaskingFormatter(logging.Formatter):
+    """A formatter whose every line, tracebacks included, goes through :func:`mask_secrets`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.known: list[str] = []
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record), self.known)
