@@ -1,26 +1,44 @@
 """trioproxy's own pages and API (a Quart blueprint): login, launcher, servers-info, icons,
-the management API and logs."""
+the management API, logs and metrics."""
 
 from __future__ import annotations
 
 import html
 import mimetypes
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path, PurePosixPath
 from string import Template
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, cast
+from urllib.parse import quote
 
 import trio
-from quart import Blueprint, Response, jsonify, make_response, redirect, request
+from quart import Blueprint, Response, current_app, jsonify, make_response, redirect, request, send_from_directory
+from werkzeug.exceptions import HTTPException, NotFound
 
+from .auth import local_redirect, mask_secrets
 from .errors import render_error
-from .supervisor import ServerUnavailable, Supervisors
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render as render_metrics
+from .origin import origin_allowed
+from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
 
 
 def _error(status: int, message: str, server: str | None = None, output: list[str] | None = None) -> Response:
     accept = request.headers.get("Accept", "")
     as_json = "text/html" not in accept
+    known = _known_secrets()
+    message = mask_secrets(message, known)
+    output = [mask_secrets(line, known) for line in output] if output else output
     content_type, body = render_error(status, message, as_json=as_json, server=server, output=output)
     return Response(body, status=status, content_type=content_type.decode())
+
+
+def _known_secrets() -> list[str]:
+    # A server's output may echo its URL (?token=…) or its environment; never pass it on raw.
+    auth = current_app.extensions["trioproxy"].settings.auth
+    return list(auth.known_secrets()) if hasattr(auth, "known_secrets") else []
 
 
 def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
@@ -60,14 +78,7 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     def safe_next(value: str | None) -> str:
         """Only local paths under the base URL: no open redirect to another site."""
-        if not value:
-            return base_url
-        parts = urlsplit(value)
-        if parts.scheme or parts.netloc or not value.startswith("/") or value.startswith("//"):
-            return base_url
-        if "\\" in value or not value.startswith(base_url.rstrip("/") or "/"):
-            return base_url
-        return value
+        return local_redirect(value, base_url)
 
     @bp.route("/login", methods=["GET", "POST"])
     async def login() -> Any:
@@ -121,7 +132,7 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
             "category": entry.category,
         }
         if entry.icon_path:
-            info["icon_url"] = f"{public_base()}server-proxy/icon/{name}"
+            info["icon_url"] = f"{public_base()}server-proxy/icon/{quote(name, safe='')}"
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
     @bp.route("/server-proxy/servers-info")
@@ -138,12 +149,21 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         except OSError as exc:
             return _error(404, f"Icon of {name!r} cannot be read: {exc.strerror}.")
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return Response(data, content_type=content_type)
+        response = Response(data, content_type=content_type)
+        # An SVG opened on its own is a document of this origin: no scripts in it.
+        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     # -- management API ---------------------------------------------------------------------
 
     def status(name: str) -> dict[str, Any]:
-        return supervisors[name].status()
+        supervisor = supervisors[name]
+        info = supervisor.status()
+        info["last_activity"] = _timestamp_ago(info["idle_seconds"])
+        info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
+        info["url"] = f"{public_base()}{quote(name, safe='')}/"
+        return info
 
     def unknown(name: str) -> Response:
         return _error(404, f"No server named {name!r}.")
@@ -157,26 +177,41 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         if name not in supervisors:
             return unknown(name)
         if request.method == "DELETE":
-            await supervisors[name].stop()
+            return await control_action(name, "stop")
         return jsonify(status(name))
 
     @bp.route("/server-proxy/api/servers/<name>/<action>", methods=["POST"])
     async def control(name: str, action: str) -> Any:
         if name not in supervisors:
             return unknown(name)
-        if action not in ("start", "restart", "stop"):
+        if action not in _ACTIONS:
             return _error(404, f"Unknown action {action!r}: use start, restart or stop.")
+        return await control_action(name, action)
+
+    async def control_action(name: str, action: str) -> Any:
+        """Start, restart or stop; answer when done, or at once (202) with ``?wait=0``."""
         supervisor = supervisors[name]
+        if not origin_allowed(cast(dict[str, Any], request.scope), settings.allow_origin, settings.allow_origin_pat):
+            # A browser sends the cookie with a form posted from another site's page.
+            return _error(403, "Cross-origin request refused.", server=name)
+        if not supervisor.has_command:
+            return _error(409, f"{name!r} has no command: trioproxy relays to it but cannot {action} it.", server=name)
         wait = request.args.get("wait", "1") not in ("0", "false", "no")
-        try:
-            if action == "stop":
-                await supervisor.stop()
-            elif action == "start":
-                await supervisor.start(wait=wait)
-            else:
-                await supervisor.restart(wait=wait)
-        except ServerUnavailable as exc:
-            return _error(exc.status, str(exc), server=name, output=exc.output)
+        if action == "start":
+            try:
+                await supervisor.start(wait=False)  # so that ?wait=0 already answers "starting"
+            except ServerUnavailable as exc:
+                return _error(exc.status, str(exc), server=name, output=exc.output)
+        outcome = _Outcome()
+        # The action runs beside the request, not in it: a client that goes away must not
+        # leave a restart half done (stopped, never started again).
+        current_app.add_background_task(_run_action, supervisor, action, outcome)
+        if not wait:
+            return jsonify(status(name)), 202
+        await outcome.done.wait()
+        failure = outcome.error
+        if failure is not None:
+            return _error(failure.status, str(failure), server=name, output=failure.output)
         return jsonify(status(name))
 
     @bp.route("/server-proxy/api/servers/<name>/logs")
@@ -184,48 +219,72 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         if name not in supervisors:
             return unknown(name)
         output = supervisors[name].output
-        if request.args.get("follow", "0") in ("0", "false", "no"):
-            text = "".join(line + "\n" for line in output.tail())
-            return Response(text, content_type="text/plain; charset=utf-8")
+        tail = request.args.get("tail", "")
+        if tail and not tail.isdigit():
+            return _error(400, f"tail must be a number of lines, not {tail!r}.", server=name)
+        first = max(0, output.total - int(tail)) if tail else 0
+        known = _known_secrets()
 
-        async def follow() -> Any:
-            seen = max(0, output.total - 1000)
+        def text_of(lines: list[str]) -> str:
+            return "".join(mask_secrets(line, known) + "\n" for line in lines)
+
+        if request.args.get("follow", "0") in ("0", "false", "no"):
+            return Response(text_of(output.since(first)), content_type="text/plain; charset=utf-8")
+
+        async def follow() -> AsyncIterator[bytes]:
+            seen = first
             while True:
                 lines = output.since(seen)
                 seen = output.total
                 if lines:
-                    yield "".join(line + "\n" for line in lines).encode()
+                    yield text_of(lines).encode()
                 await output.wait_for_more(seen)
 
         response = await make_response(follow(), 200, {"Content-Type": "text/plain; charset=utf-8"})
         response.timeout = None  # type: ignore[union-attr]
+        # Proxies in front (nginx) would otherwise hold the stream back in their buffers.
+        response.headers["X-Accel-Buffering"] = "no"
         return response
 
-    # -- launcher page ----------------------------------------------------------------------
+    # -- metrics ----------------------------------------------------------------------------
+
+    @bp.route("/server-proxy/metrics")
+    async def metrics() -> Any:
+        text = render_metrics(current_app.extensions["trioproxy"].metrics, supervisors)
+        return Response(text, content_type=METRICS_CONTENT_TYPE)
+
+    # -- launcher page and its files ------------------------------------------------------
+
+    @bp.route("/server-proxy/static/<path:filename>")
+    async def static_file(filename: str) -> Any:
+        content_type = _STATIC_TYPES.get(PurePosixPath(filename).suffix)
+        if content_type is None:
+            return _error(404, f"No static file {filename!r}.")
+        try:
+            response = await send_from_directory(STATIC_DIR, filename, mimetype=content_type)
+        except NotFound:
+            return _error(404, f"No static file {filename!r}.")
+        response.headers["Cache-Control"] = "no-cache"  # revalidated by ETag: new versions show
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     @bp.route("/")
     async def launcher() -> Any:
-        base = public_base()
-        rows = []
-        for name in supervisors:
-            process = supervisors[name].process
-            entry = process.launcher
-            if not entry.enabled:
-                continue
-            state = supervisors[name].state.value
-            icon = (
-                f"<img src='{html.escape(base)}server-proxy/icon/{html.escape(name)}' alt=''>"
-                if entry.icon_path
-                else "<span class='noicon'></span>"
-            )
-            target = " target='_blank'" if process.new_browser_tab else ""
-            rows.append(
-                f"<li data-server='{html.escape(name)}'>{icon}"
-                f"<a href='{html.escape(base + entry.path_info)}'{target}>{html.escape(entry.title)}</a>"
-                f" <span class='state'>{html.escape(state)}</span></li>"
-            )
-        page = Template(_LAUNCHER_PAGE).substitute(servers="\n".join(rows) or "<li>No servers configured.</li>")
-        return Response(page, content_type="text/html; charset=utf-8")
+        entries = [
+            (name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled
+        ]
+        response = Response(_launcher_page(entries), content_type="text/html; charset=utf-8")
+        response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
+        return response
+
+    @bp.app_errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        # Quart's own 404 and 405, in trioproxy's error format (JSON for API clients).
+        response = _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:
+            response.headers["Allow"] = allow
+        return response
 
     return bp
 
@@ -246,7 +305,109 @@ _LOGIN_PAGE = (
     "<button type='submit'>Log in</button></form></body></html>"
 )
 
-_LAUNCHER_PAGE = (
-    "<!doctype html><html><head><meta charset='utf-8'><title>trioproxy</title>"
-    "<style>" + _STYLE + "</style></head><body><h1>trioproxy</h1><ul>$servers</ul></body></html>"
+# -- management actions and the launcher page ------------------------------------------------
+
+_ACTIONS = ("start", "restart", "stop")
+
+
+@dataclass
+class _Outcome:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: ServerUnavailable | None = None
+
+
+async def _run_action(supervisor: ServerSupervisor, action: str, outcome: _Outcome) -> None:
+    try:
+        if action == "start":
+            await supervisor.start(wait=True)
+        elif action == "restart":
+            await supervisor.restart(wait=True)
+        else:
+            await supervisor.stop()
+    except ServerUnavailable as exc:
+        outcome.error = exc  # with ?wait=0 nobody waits for it: the state tells
+    finally:
+        outcome.done.set()
+
+
+def _timestamp_ago(seconds: float) -> str:
+    """An ISO 8601 UTC time ``seconds`` ago (supervisors count in trio's monotonic clock)."""
+    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+_STATIC_TYPES = {
+    ".js": "text/javascript",  # Quart adds "; charset=utf-8"
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
+
+# Everything the launcher loads is its own: no inline script or style, no other origin.
+_LAUNCHER_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'"
 )
+
+# Every URL in the page is relative to it (the base URL's root), so it works under any
+# base URL and behind any other proxy's prefix without knowing either.
+_LAUNCHER_PAGE = Template(
+    """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>trioproxy</title>
+<link rel="icon" href="server-proxy/static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="server-proxy/static/launcher.css">
+<script src="server-proxy/static/launcher.js" defer></script>
+</head>
+<body>
+<header><h1><img src="server-proxy/static/favicon.svg" alt="">trioproxy</h1>
+<p id="status" role="status" aria-live="polite"></p></header>
+<main>
+$sections
+</main>
+<footer><a href="server-proxy/api/servers">API</a> · <a href="server-proxy/servers-info">servers-info</a>
+· <a href="server-proxy/metrics">metrics</a></footer>
+</body>
+</html>
+"""
+)
+
+
+def _launcher_page(entries: list[tuple[str, ServerSupervisor]]) -> str:
+    categories: dict[str, list[str]] = {}
+    for name, supervisor in entries:
+        category = supervisor.process.launcher.category or "Other"
+        categories.setdefault(category, []).append(_server_item(name, supervisor))
+    sections = "\n".join(
+        f"<section><h2>{html.escape(category)}</h2>\n<ul class='servers'>\n" + "\n".join(items) + "\n</ul></section>"
+        for category, items in categories.items()
+    )
+    return _LAUNCHER_PAGE.substitute(sections=sections or "<p class='empty'>No servers are configured.</p>")
+
+
+def _server_item(name: str, supervisor: ServerSupervisor) -> str:
+    process = supervisor.process
+    entry = process.launcher
+    title = html.escape(entry.title or name)
+    # "./" keeps a path_info such as "app:1/" from being read as a URL scheme.
+    href = html.escape("./" + entry.path_info.lstrip("/"))
+    target = " target='_blank' rel='noopener'" if process.new_browser_tab else ""
+    if entry.icon_path:
+        icon = f"<img class='icon' src='server-proxy/icon/{html.escape(quote(name, safe=''))}' alt=''>"
+    else:
+        icon = f"<span class='icon letter' aria-hidden='true'>{html.escape((entry.title or name)[:1].upper())}</span>"
+    state = supervisor.state.value
+    buttons = "".join(
+        f"<button type='button' data-action='{action}'>{action.capitalize()}</button>" for action in _ACTIONS
+    )
+    return (
+        f"<li class='server' data-server='{html.escape(name)}' data-state='{state}'"
+        f" data-managed='{'true' if supervisor.has_command else 'false'}'>{icon}"
+        f"<div class='body'><div class='head'><a class='title' href='{href}'{target}>{title}</a>"
+        f" <span class='state'>{state}</span></div>"
+        "<div class='detail'></div><pre class='log' hidden></pre></div>"
+        f"<div class='actions'><a class='button open' href='{href}'{target}>Open</a>{buttons}</div></li>"
+    )

@@ -9,6 +9,7 @@ whole relay (see the benchmarks); trioproxy's own pages and API are ordinary Qua
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -20,6 +21,7 @@ from quart_trio import QuartTrio
 from .auth import Identity, TokenAuth, mask_secrets, strip_token_from_query
 from .config import ServerProcess
 from .errors import send_error, send_redirect
+from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_access
 from .relay.headers import Headers, forwarded_headers, replace_headers, requote_path, strip_hop_by_hop
 from .relay.http import BackendError, ConnectionPool, RelayTarget, relay_http
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
@@ -28,6 +30,10 @@ from .supervisor import Backend, ServerUnavailable, Supervisors
 from .templating import TemplateError, call_with_asked_args, expand_dict
 
 log = logging.getLogger("trioproxy.app")
+
+# Scope key set when a request to a named server counts as its activity (see
+# Dispatcher._counts_as_activity); a WebSocket's messages then count too.
+ACTIVITY = "trioproxy.activity"
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Dispatcher:
         self.settings = settings
         self.supervisors = supervisors
         self.pool = ConnectionPool()
+        self.metrics = Metrics()
+        self._activity_errors: set[str] = set()  # servers whose activity callable failed once
         # Long-running tasks (e.g. activity reporting) started beside the server: each is
         # an async callable taking task_status, run by trioproxy.server.run_app.
         self.services: list[Callable[..., Any]] = []
@@ -67,6 +75,32 @@ class Dispatcher:
         if kind == "lifespan":
             await self.ui(scope, receive, send)
             return
+        # Each request's outcome is noted as it goes out, for the metrics and the access log.
+        if kind == "http":
+            exchange = HttpExchange(send)
+            try:
+                await self._dispatch(scope, receive, exchange)
+            finally:
+                self._http_done(scope, exchange)
+            return
+        websocket = WebSocketExchange(send, self.metrics)
+        try:
+            await self._dispatch(scope, receive, websocket)
+        finally:
+            websocket.finish()
+            log_access(scope, "WEBSOCKET", websocket.status, None, websocket.began)
+
+    def _http_done(self, scope: dict[str, Any], exchange: HttpExchange) -> None:
+        server = exchange.server
+        if server is not None:
+            self.metrics.request_done(server, exchange.status, exchange.received, exchange.sent)
+            if scope.get(ACTIVITY):
+                self.supervisors[server].touch()  # a long response is activity until it ends
+        log_access(scope, scope["method"], exchange.status, exchange.sent, exchange.began)
+
+    async def _dispatch(
+        self, scope: dict[str, Any], receive: Any, send: HttpExchange | WebSocketExchange
+    ) -> None:
         if len(scope["headers"]) > self.settings.max_header_count:
             await self._too_many_headers(scope, receive, send)
             return
@@ -79,7 +113,11 @@ class Dispatcher:
         if identity is None:
             await self._refuse(scope, receive, send)
             return
-        if kind == "websocket":
+        if route.kind == "server":
+            send.server = route.name
+        elif route.kind == "proxy":
+            send.server = PROXY_LABEL
+        if not isinstance(send, HttpExchange):
             await self._websocket(scope, receive, send, route, identity)
             return
         if route.kind == "add-slash":
@@ -152,15 +190,49 @@ class Dispatcher:
                 return False
         return host in allowlist
 
-    async def _backend_for(self, route: Route) -> tuple[Backend, ServerProcess | None]:
+    async def _backend_for(self, route: Route, scope: dict[str, Any]) -> tuple[Backend, ServerProcess | None]:
         if route.kind == "proxy":
             if route.host.startswith("["):
                 return Backend(host=route.host[1:-1], port=route.port), None
             return Backend(host=route.host, port=route.port), None
         supervisor = self.supervisors[route.name]
-        if supervisor.process.update_last_activity:
+        if self._counts_as_activity(supervisor.process, scope):
+            scope[ACTIVITY] = True
             supervisor.touch()
         return await supervisor.ensure_ready(), supervisor.process
+
+    def _counts_as_activity(self, process: ServerProcess, scope: dict[str, Any]) -> bool:
+        """jupyter-server-proxy's rules, plus a callable ``update_last_activity``.
+
+        ``update_last_activity`` false: nothing counts. A request whose full path (without
+        the query) ``re.match``-es one of ``exclude_last_activity_patterns`` does not count.
+        A callable ``update_last_activity`` decides the rest, given a
+        :class:`~trioproxy.relay.rewrite.RelayedRequest` (``method``, ``path``, ``query``,
+        ``uri``, ``headers``, ``remote_ip``…); if it raises, the request counts, so that a
+        bug in it cannot get a server in use culled.
+        """
+        setting = process.update_last_activity
+        if not setting:
+            return False
+        patterns = process.exclude_last_activity_patterns
+        if patterns:
+            path = scope["path"]
+            if any(pattern.match(path) for pattern in patterns):
+                return False
+        if not callable(setting):
+            return True
+        try:
+            return bool(setting(relayed_request(scope)))
+        except Exception as exc:
+            if process.name not in self._activity_errors:
+                self._activity_errors.add(process.name)
+                log.error(
+                    "%s: update_last_activity failed (%s: %s); counting every request as activity",
+                    process.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            return True
 
     def _upstream_path(self, route: Route, process: ServerProcess | None, raw_path: bytes) -> bytes:
         path = raw_path if route.absolute or (process is not None and process.absolute_url) else route.upstream_path
@@ -200,7 +272,7 @@ class Dispatcher:
     # -- HTTP -------------------------------------------------------------------------------
 
     async def _http(
-        self, scope: dict[str, Any], receive: Any, send: Any, route: Route, identity: Identity
+        self, scope: dict[str, Any], receive: Any, send: HttpExchange, route: Route, identity: Identity
     ) -> None:
         headers_in: Headers = scope["headers"]
         server_name = route.name if route.kind == "server" else f"proxy {route.host}:{route.port}"
@@ -215,7 +287,7 @@ class Dispatcher:
             await self._send_error(send, headers_in, 413, body.too_large_message, server=server_name)
             return
         try:
-            backend, process = await self._backend_for(route)
+            backend, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
             await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
             return
@@ -240,21 +312,16 @@ class Dispatcher:
             headers=headers,
             context_path=None if absolute else route.context_path,
             rewrites=rewrites,
-            rewrite_context=self._rewrite_context(scope, route, backend, path) if rewrites or not absolute else None,
+            rewrite_context=partial(self._rewrite_context, scope, backend, path) if rewrites else None,
+            request_host=next((v.decode("latin-1") for n, v in headers_in if n == b"host"), None),
         )
+        exchange = send
         if identity.set_cookie is not None:
             send = _with_header(send, (b"set-cookie", identity.set_cookie))
-        started = False
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
-            await relay_http(scope, body, tracking_send, target, self.pool)
+            await relay_http(scope, body, send, target, self.pool)
         except BackendError as exc:
-            if started:
+            if exchange.started:
                 return
             if body.failure is not None:
                 await self._send_error(send, headers_in, *body.failure, server=server_name)
@@ -264,12 +331,14 @@ class Dispatcher:
         except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
             if body.failure is not None:
                 log.info("%s: request body refused: %s", server_name, body.failure[1])
-                if not started:
+                if not exchange.started:
                     await self._send_error(send, headers_in, *body.failure, server=server_name)
                 return
             log.error("%s: relay failed: %s: %s", server_name, type(exc).__name__, exc)
-            if not started:
+            if not exchange.started:
                 await self._send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
+        finally:
+            exchange.received = body.received
 
     def _rewrites(self, route: Route, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
         accept = next((v for n, v in headers if n == b"accept"), b"")
@@ -279,26 +348,12 @@ class Dispatcher:
             return process.rewrite_response_chain
         return list(self.settings.non_service_rewrite_response)
 
-    def _rewrite_context(self, scope: dict[str, Any], route: Route, backend: Backend, path: bytes) -> RewriteContext:
-        headers = HeaderMap.from_raw(scope["headers"])
-        query = scope.get("query_string", b"").decode("latin-1")
-        client = scope.get("client")
-        request = RelayedRequest(
-            method=scope["method"],
-            uri=scope["path"] + ("?" + query if query else ""),
-            path=scope["path"],
-            query=query,
-            headers=headers,
-            host=headers.get("host", "") or "",
-            remote_ip=client[0] if client else None,
-            protocol=scope.get("scheme", "http"),
-        )
+    def _rewrite_context(self, scope: dict[str, Any], backend: Backend, path: bytes) -> RewriteContext:
         return RewriteContext(
-            request=request,
+            request=relayed_request(scope),
             host=backend.host if not backend.unix_socket else "localhost",
             port=backend.port or None,
             path=unquote(path.decode("latin-1")),
-            host_header=headers.get("host"),
         )
 
     # -- WebSocket --------------------------------------------------------------------------
@@ -322,7 +377,7 @@ class Dispatcher:
             await send({"type": "websocket.close", "code": 1008})
             return
         try:
-            backend, process = await self._backend_for(route)
+            backend, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
             await receive()
             await send({"type": "websocket.close", "code": 1011, "reason": str(exc)[:120]})
@@ -343,7 +398,7 @@ class Dispatcher:
             subprotocols=list(scope.get("subprotocols") or []),
             raw_socket=bool(process is not None and process.raw_socket_proxy),
             max_message_size=self.settings.websocket_max_message_size,
-            on_activity=supervisor.touch if supervisor is not None and supervisor.process.update_last_activity else None,
+            on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
         )
         await relay_websocket(scope, receive, send, target)
 
@@ -353,7 +408,23 @@ class Dispatcher:
         return origin_allowed(scope, self.settings.allow_origin, self.settings.allow_origin_pat)
 
 
-# Host is kept: the relay sends it (the client's, or its override) as the handshake's Host.
+def relayed_request(scope: dict[str, Any]) -> RelayedRequest:
+    """The request as ``rewrite_response`` and ``update_last_activity`` callables see it."""
+    headers = HeaderMap.from_raw(scope["headers"])
+    query = scope.get("query_string", b"").decode("latin-1")
+    client = scope.get("client")
+    return RelayedRequest(
+        method=scope.get("method", "GET"),
+        uri=scope["path"] + ("?" + query if query else ""),
+        path=scope["path"],
+        query=query,
+        headers=headers,
+        host=headers.get("host", "") or "",
+        remote_ip=client[0] if client else None,
+        protocol=scope.get("scheme", "http"),
+    )
+
+
 class BodyRefused(Exception):
     """Raised from a guarded ``receive`` so the relay stops; the guard keeps the reason."""
 
@@ -410,6 +481,7 @@ class BodyGuard:
         raise BodyRefused(message)
 
 
+# Host is kept: the relay sends it (the client's, or its override) as the handshake's Host.
 _WS_HANDSHAKE_HEADERS = frozenset(
     {
         b"sec-websocket-key",

@@ -18,7 +18,7 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from traitlets import Bool, Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, List, Unicode, default
 from traitlets.config import Application, Config
 from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
 
@@ -41,7 +41,8 @@ class TrioProxy(Application):
     description = (
         "Start web services on demand, keep them alive, and relay HTTP and WebSocket traffic\n"
         "to them under one authenticated address. Configured like jupyter-server-proxy:\n"
-        "c.ServerProxy.servers = {...} in a file given with --config.\n\n"
+        "c.ServerProxy.servers = {...} in a file given with --config; without --config,\n"
+        "jupyter_server_config.py (or .json) from the Jupyter config path (jupyter --paths).\n\n"
         "  trioproxy --config cfg.py --port 8888\n"
         "  trioproxy --port 8888 -- python3 -m http.server {port}"
     )
@@ -79,6 +80,9 @@ class TrioProxy(Application):
         60.0, help="Seconds a client may pause while sending a request body before getting 408."
     ).tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
+    # Without --config: (path, error or None) for each jupyter_server_config file found on the
+    # Jupyter config path, logged once logging is set up (see load_jupyter_config).
+    loaded_jupyter_configs: List[Any] = List()
 
     aliases = {
         "config": "TrioProxy.config_file",
@@ -125,6 +129,55 @@ class TrioProxy(Application):
         merged.merge(loaded)
         merged.merge(self.cli_config)
         self.update_config(merged)
+
+
+JUPYTER_CONFIG_NAME = "jupyter_server_config"
+
+
+def jupyter_config_files() -> list[str]:
+    """The ``jupyter_server_config.py`` and ``.json`` files on the Jupyter config path, lowest
+    priority first (later files override earlier ones, as in Jupyter).
+
+    The path is jupyter_core's (what ``jupyter --paths`` lists under config) when jupyter_core
+    is installed; without it, ``$JUPYTER_CONFIG_DIR`` or ``~/.jupyter``.
+    """
+    try:
+        from jupyter_core.paths import jupyter_config_path
+    except ImportError:
+        directories = [os.environ.get("JUPYTER_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".jupyter")]
+    else:
+        directories = jupyter_config_path()
+    found: list[str] = []
+    for directory in reversed(directories):
+        for extension in (".py", ".json"):  # in one directory, .json wins (as in traitlets)
+            path = os.path.abspath(os.path.join(directory, JUPYTER_CONFIG_NAME + extension))
+            if os.path.isfile(path) and path not in found:
+                found.append(path)
+    return found
+
+
+def load_jupyter_config(app: TrioProxy) -> None:
+    """Without ``--config``, read the user's existing Jupyter server config, so a
+    ``c.ServerProxy.servers`` written for jupyter-server-proxy works as it is.
+
+    A file that fails to load is reported and skipped, as Jupyter does; the command line wins
+    over every file.
+    """
+    for path in jupyter_config_files():
+        try:
+            app.load_file(path)
+        except ConfigError as exc:
+            app.loaded_jupyter_configs.append((path, str(exc)))
+        else:
+            app.loaded_jupyter_configs.append((path, None))
+
+
+def _log_jupyter_config(app: TrioProxy) -> None:
+    for path, error in app.loaded_jupyter_configs:
+        if error is None:
+            log.info("loaded config from %s (Jupyter config path)", path)
+        else:
+            log.error("skipped a file on the Jupyter config path: %s", error)
 
 
 def _is_loopback(ip: str) -> bool:
@@ -314,6 +367,7 @@ async def serve(app: TrioProxy) -> None:
     from .server import run_app
 
     formatter = setup_logging(app.log_level, app.log_format)
+    _log_jupyter_config(app)
     hconfig, supervisors, asgi_app = build(app)
     auth = asgi_app.extensions["trioproxy"].settings.auth
     formatter.known.extend(auth.known_secrets())
@@ -352,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         app.initialize(argv)
         if app.config_file:
             app.load_file(app.config_file)
+        else:
+            load_jupyter_config(app)
         if app.generate_config:
             path = os.path.abspath("trioproxy_config.py")
             if os.path.exists(path):

@@ -1,0 +1,162 @@
+"""The launcher page in a real headless Chromium (Debian's, driven by Playwright).
+
+A person's path through it: open the page with the token, start a server by clicking, see it
+turn ready, open it, stop it, see why a broken one failed; and the same page reached through
+another proxy's prefix. Playwright's synchronous API runs in a worker thread while trioproxy
+serves in the test's own trio run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from playwright.sync_api import Page, expect, sync_playwright
+
+from trioproxy.supervisor import State
+
+from .conftest import PY, TOKEN, echo_command, start_proxy
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Set to a path to keep the screenshot (docs/launcher.png is made this way).
+SCREENSHOT_ENV = "TRIOPROXY_LAUNCHER_SCREENSHOT"
+
+# Skipped on a machine without Chromium, never in CI (CI=true), where .ci/run installs it.
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason=f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium), as .ci/run does",
+)
+
+ICON = (
+    "<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'><rect width='32' height='32' rx='6' "
+    "fill='#e8590c'/><path d='M9 16h14M16 9v14' stroke='#fff' stroke-width='4' stroke-linecap='round'/></svg>"
+)
+BROKEN = [PY, "-c", "import sys; print('loading settings.toml', flush=True); sys.exit('settings.toml: no such file')"]
+
+
+def launcher_servers(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    (tmp_path / "echo.svg").write_text(ICON)
+    return {
+        "echo": {
+            "command": echo_command(),
+            "timeout": 20,
+            "launcher_entry": {"title": "Echo service", "icon_path": str(tmp_path / "echo.svg")},
+        },
+        "files": {
+            "command": [PY, "-m", "http.server", "--bind", "127.0.0.1", "{port}"],
+            "cwd": str(tmp_path),
+            "autostart": True,
+            "launcher_entry": {"title": "Files", "category": "Tools"},
+        },
+        "broken": {
+            "command": BROKEN,
+            "max_failures": 1,
+            "launcher_entry": {"title": "Broken app", "category": "Tools"},
+        },
+        "hidden": {"command": echo_command(), "launcher_entry": {"enabled": False}},
+    }
+
+
+def launch(playwright: Any) -> Any:
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def start_open_stop(page: Page) -> None:
+    """Start Echo by clicking, see it ready, open it in its new tab, stop it."""
+    echo = page.locator("li.server[data-server='echo']")
+    expect(echo.locator(".state")).to_have_text("stopped")
+    expect(echo.get_by_role("button", name="Stop", exact=True)).to_be_disabled()
+    echo.get_by_role("button", name="Start", exact=True).click()
+    expect(echo).to_have_attribute("data-state", "ready")
+    expect(echo.locator(".state")).to_have_text("ready")
+    expect(echo.locator(".detail")).to_contain_text("pid ")
+    expect(echo.get_by_role("button", name="Start", exact=True)).to_be_disabled()
+
+    with page.context.expect_page() as opened:
+        echo.get_by_role("link", name="Open").click()
+    tab = opened.value
+    tab.wait_for_load_state()
+    assert '"target": "/"' in tab.content()  # the echo backend's answer, through the proxy
+    tab.close()
+
+    echo.get_by_role("button", name="Stop", exact=True).click()
+    expect(echo).to_have_attribute("data-state", "stopped")
+    expect(echo.get_by_role("button", name="Start", exact=True)).to_be_enabled()
+
+
+def drive_launcher(url: str, screenshot: Path) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 620})
+            page.goto(url)
+            expect(page).to_have_title("trioproxy")
+            titles = page.locator("li.server .title")
+            expect(titles).to_have_text(["Echo service", "Files", "Broken app"])
+            expect(page.locator("li.server[data-server='echo'] img.icon")).to_be_visible()
+            expect(page.locator("li.server[data-server='files']")).to_have_attribute("data-state", "ready")
+
+            start_open_stop(page)
+
+            broken = page.locator("li.server[data-server='broken']")
+            broken.get_by_role("button", name="Start", exact=True).click()
+            expect(broken).to_have_attribute("data-state", "failed")
+            expect(broken.locator(".log")).to_be_visible()
+            expect(broken.locator(".log")).to_contain_text("loading settings.toml")
+            expect(broken.locator(".detail")).to_contain_text("gave up")
+            expect(page.locator("#status")).to_contain_text("Updated")
+
+            page.locator("li.server[data-server='echo']").get_by_role("button", name="Start", exact=True).click()
+            expect(page.locator("li.server[data-server='echo']")).to_have_attribute("data-state", "ready")
+            page.screenshot(path=str(screenshot), full_page=True, animations="disabled")
+        finally:
+            browser.close()
+
+
+def drive_behind_prefix(url: str) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            start_open_stop(page)
+        finally:
+            browser.close()
+
+
+async def test_launcher_starts_opens_and_stops_a_server(nursery: trio.Nursery, tmp_path: Path) -> None:
+    expect.set_options(timeout=15_000)
+    proxy = await start_proxy(nursery, launcher_servers(tmp_path), base_url="/lab/")
+    screenshot = tmp_path / "launcher.png"
+    with trio.fail_after(90):
+        await trio.to_thread.run_sync(drive_launcher, f"{proxy.url}?token={TOKEN}", screenshot)
+    assert screenshot.stat().st_size > 10_000
+    assert proxy.supervisors["echo"].state is State.READY
+    assert proxy.supervisors["broken"].state is State.FAILED
+    assert proxy.supervisors["hidden"].state is State.STOPPED
+    if os.environ.get(SCREENSHOT_ENV):
+        shutil.copyfile(screenshot, os.environ[SCREENSHOT_ENV])
+
+
+async def test_launcher_works_behind_another_proxys_prefix(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # An inner trioproxy reached through an outer one's proxy/<port>/, as under Jupyter.
+    expect.set_options(timeout=15_000)
+    inner = await start_proxy(nursery, launcher_servers(tmp_path), token=None)
+    inner_port = int(inner.url.split(":")[2].split("/")[0])
+    outer = await start_proxy(nursery, {})
+    with trio.fail_after(90):
+        await trio.to_thread.run_sync(drive_behind_prefix, f"{outer.url}proxy/{inner_port}/?token={TOKEN}")
+    assert inner.supervisors["echo"].state is State.STOPPED
+    assert inner.supervisors["echo"].starts == 1
