@@ -395,3 +395,70 @@ async def test_stop_and_restart_while_starting(nursery: trio.Nursery, tmp_path: 
     assert web.state is State.STOPPED
     assert not any(pid_alive(int(p)) for p in starts(tmp_path))
 
+
+
+async def test_stop_clears_a_failed_server(nursery: trio.Nursery) -> None:
+    command = [PY, "-c", "raise SystemExit(1)"]
+    supervisors = await run_supervisors(nursery, {"bad": {"command": command, "restart": "never"}})
+    bad = supervisors["bad"]
+    with pytest.raises(ServerUnavailable):
+        await bad.ensure_ready()
+    await wait_for(lambda: bad.state is State.FAILED)
+    assert "not restarting (restart: never)" in bad.reason
+    await bad.stop()
+    assert bad.state is State.STOPPED
+
+
+async def test_start_while_stopping_is_not_lost(nursery: trio.Nursery, tmp_path: Path) -> None:
+    script = tmp_path / "slow_stop.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import http.server, signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(0)))
+            http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+            """
+        )
+    )
+    supervisors = await run_supervisors(nursery, {"web": {"command": [PY, str(script), "{port}"]}})
+    web = supervisors["web"]
+    await web.ensure_ready()
+    first = web.pid
+    nursery.start_soon(web.stop)
+    await wait_for(lambda: web.state is State.STOPPING)
+    await web.start(wait=False)
+    await wait_for(lambda: web.state is State.READY and web.pid not in (None, first))
+
+
+async def test_a_stop_fails_the_requests_waiting_for_the_start(nursery: trio.Nursery, tmp_path: Path) -> None:
+    supervisors = await run_supervisors(nursery, {"web": {"command": serve_command(tmp_path, 1.0)}})
+    web = supervisors["web"]
+    outcome: list[object] = []
+
+    async def request() -> None:
+        try:
+            outcome.append(await web.ensure_ready())
+        except ServerUnavailable as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(request)
+    await wait_for(lambda: web.pid is not None)
+    await web.stop()
+    await wait_for(lambda: bool(outcome))
+    assert isinstance(outcome[0], ServerUnavailable) and outcome[0].reason == "stopped on request"
+    await trio.sleep(0.3)
+    assert web.state is State.STOPPED  # the waiting request did not start it again
+
+
+async def test_idle_culling_waits_for_requests_in_flight(nursery: trio.Nursery, tmp_path: Path) -> None:
+    supervisors = await run_supervisors(
+        nursery, {"idle": {"command": serve_command(tmp_path), "idle_timeout": 0.3}}
+    )
+    idle = supervisors["idle"]
+    await idle.ensure_ready()
+    idle.active += 1  # as the dispatcher does while a response streams
+    await trio.sleep(1.0)
+    assert idle.state is State.READY
+    idle.active -= 1
+    await wait_for(lambda: idle.state is State.STOPPED, timeout=5)
+    assert idle.reason == "idle for 0.3 s"

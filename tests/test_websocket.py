@@ -766,6 +766,18 @@ async def test_cross_origin_websocket_is_refused(nursery: trio.Nursery) -> None:
             assert await ws.get_message() == "same origin"
 
 
+async def test_websocket_to_a_server_that_cannot_start_gets_503_with_its_output(nursery: trio.Nursery) -> None:
+    crash = [PY, "-c", "print('no such database: app.db'); raise SystemExit(4)"]
+    proxy = await start_proxy(nursery, {"broken": {"command": crash}})
+    rejection = await refused(proxy.url, "broken/socket", headers=AUTH)
+    assert rejection.status_code == 503
+    document = json.loads(rejection.body)
+    assert "exit code 4" in document["message"]
+    assert "no such database: app.db" in document["output"]
+    missing = await refused(proxy.url, "nothing-here/socket", headers=AUTH)
+    assert missing.status_code == 404
+
+
 # -- end to end: a Bokeh server (panel) --------------------------------------------------------
 
 PANEL_APP = """

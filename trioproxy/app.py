@@ -129,8 +129,9 @@ class Dispatcher:
 
     async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})
+            from .relay.websocket import refuse_websocket
+
+            await refuse_websocket(scope, receive, send, 403, "Authentication required: a valid token is needed.")
             return
         headers: Headers = scope["headers"]
         accept = next((v for n, v in headers if n == b"accept"), b"")
@@ -318,6 +319,9 @@ class Dispatcher:
         exchange = send
         if identity.set_cookie is not None:
             send = _with_header(send, (b"set-cookie", identity.set_cookie))
+        supervisor = self.supervisors[route.name] if route.kind == "server" else None
+        if supervisor is not None:
+            supervisor.active += 1  # not idle while a response is under way
         try:
             await relay_http(scope, body, send, target, self.pool)
         except BackendError as exc:
@@ -339,6 +343,8 @@ class Dispatcher:
                 await self._send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
         finally:
             exchange.received = body.received
+            if supervisor is not None:
+                supervisor.active -= 1
 
     def _rewrites(self, route: Route, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
         accept = next((v for n, v in headers if n == b"accept"), b"")
@@ -361,34 +367,36 @@ class Dispatcher:
     async def _websocket(
         self, scope: dict[str, Any], receive: Any, send: Any, route: Route, identity: Identity
     ) -> None:
-        from .relay.websocket import WebSocketTarget, relay_websocket
+        from .relay.websocket import WebSocketTarget, refuse_websocket, relay_websocket
 
         if route.kind not in ("server", "proxy"):
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            reason = route.reason or "not a WebSocket route"
+            await refuse_websocket(scope, receive, send, 404, f"Not found: {reason}.")
             return
         if not self._origin_allowed(scope):
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
             log.warning("refused a cross-origin WebSocket to %s", scope["path"])
+            await refuse_websocket(scope, receive, send, 403, "Cross-origin WebSocket refused.")
             return
         if route.kind == "proxy" and not self._allowed_host(route.host):
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            await refuse_websocket(scope, receive, send, 403, f"Host {route.host!r} is not allowed.")
             return
         try:
             backend, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
-            await receive()
-            await send({"type": "websocket.close", "code": 1011, "reason": str(exc)[:120]})
+            await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output)
             return
         absolute = route.absolute or (process is not None and process.absolute_url)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        path = self._upstream_path(route, process, raw_path)
+        try:
+            path = self._upstream_path(route, process, raw_path)
+            headers = self._request_headers(scope, route, process, absolute)
+        except Exception as exc:
+            log.error("%s: cannot build the WebSocket request: %s", route.name or route.host, exc)
+            await refuse_websocket(scope, receive, send, 500, f"Cannot build the request: {exc}")
+            return
         query: bytes = scope.get("query_string", b"")
         if query and self.settings.strip_token_query:
             query = strip_token_from_query(query)
-        headers = self._request_headers(scope, route, process, absolute)
         supervisor = self.supervisors.get(route.name) if route.kind == "server" else None
         target = WebSocketTarget(
             server=route.name or f"{route.host}:{route.port}",
@@ -400,7 +408,13 @@ class Dispatcher:
             max_message_size=self.settings.websocket_max_message_size,
             on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
         )
-        await relay_websocket(scope, receive, send, target)
+        if supervisor is not None:
+            supervisor.active += 1
+        try:
+            await relay_websocket(scope, receive, send, target)
+        finally:
+            if supervisor is not None:
+                supervisor.active -= 1
 
     def _origin_allowed(self, scope: dict[str, Any]) -> bool:
         from .origin import origin_allowed

@@ -23,6 +23,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -122,7 +123,7 @@ class TokenAuth:
     def enabled(self) -> bool:
         return self.token is not None
 
-    @property
+    @cached_property
     def cookie_name(self) -> str:
         # Distinct per token, so two trioproxies on one host (cookies ignore ports) with
         # different tokens do not overwrite each other's sessions.
@@ -130,6 +131,10 @@ class TokenAuth:
         return f"trioproxy-{digest}"
 
     def _cookie_value(self) -> str:
+        return self._session_value
+
+    @cached_property
+    def _session_value(self) -> str:
         return hmac.new(self.secret, b"trioproxy-session-v1", hashlib.sha256).hexdigest()
 
     def _matches(self, candidate: str | None) -> bool:

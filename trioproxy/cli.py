@@ -23,7 +23,8 @@ from traitlets.config import Application, Config
 from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
 
 from . import __version__
-from .auth import MaskingFormatter, TokenAuth, generate_token
+from .auth import TokenAuth, generate_token
+from .logs import setup_logging
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
 
 log = logging.getLogger("trioproxy")
@@ -351,26 +352,15 @@ def _as_list(value: Any) -> list[Any]:
     return list(value or [])
 
 
-def setup_logging(level: int | str, fmt: str) -> MaskingFormatter:
-    """Log to stderr through a formatter that masks secrets; add known ones to its ``known``."""
-    handler = logging.StreamHandler()
-    formatter = MaskingFormatter(fmt, datefmt="%H:%M:%S")
-    handler.setFormatter(formatter)
-    root = logging.getLogger("trioproxy")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    return formatter
-
-
 async def serve(app: TrioProxy) -> None:
     from .server import run_app
 
-    formatter = setup_logging(app.log_level, app.log_format)
+    formatter, access_log = setup_logging(app.log_level, app.log_format)
     _log_jupyter_config(app)
     hconfig, supervisors, asgi_app = build(app)
     auth = asgi_app.extensions["trioproxy"].settings.auth
     formatter.known.extend(auth.known_secrets())
+    asgi_app.extensions["trioproxy"].services.append(access_log.run)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(run_app, asgi_app, hconfig)

@@ -17,11 +17,12 @@ is read from them when scraped.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import trio
+
+from .histogram import Histogram
 
 from .auth import strip_token_from_query
 from .supervisor import State
@@ -40,7 +41,6 @@ PROXY_LABEL = "proxy"
 _STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Seconds from spawning a server's process to its port answering.
-START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -234,19 +234,18 @@ def _server_lines(supervisors: Mapping[str, Any]) -> Iterator[str]:
     yield from _histogram(
         "trioproxy_server_start_seconds",
         "Seconds from spawning a server's process to it answering.",
-        [(name, sup.start_latencies) for name, sup in servers],
+        [(name, sup.start_latency) for name, sup in servers],
     )
 
 
-def _histogram(name: str, help_text: str, series: list[tuple[str, list[float]]]) -> Iterator[str]:
+def _histogram(name: str, help_text: str, series: list[tuple[str, Histogram]]) -> Iterator[str]:
     yield f"# HELP {name} {help_text}\n# TYPE {name} histogram\n"
-    for server, values in series:
-        for bound in START_BUCKETS:
-            count = sum(1 for value in values if value <= bound)
+    for server, histogram in series:
+        for bound, count in histogram.cumulative():
             yield _sample(f"{name}_bucket", {"server": server, "le": _number(bound)}, count)
-        yield _sample(f"{name}_bucket", {"server": server, "le": "+Inf"}, len(values))
-        yield _sample(f"{name}_sum", {"server": server}, math.fsum(values))
-        yield _sample(f"{name}_count", {"server": server}, len(values))
+        yield _sample(f"{name}_bucket", {"server": server, "le": "+Inf"}, histogram.count)
+        yield _sample(f"{name}_sum", {"server": server}, histogram.sum)
+        yield _sample(f"{name}_count", {"server": server}, histogram.count)
 
 
 def _family(

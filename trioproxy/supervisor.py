@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from .config import ServerProcess
+from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_dict, expand_list
@@ -144,9 +145,12 @@ class ServerSupervisor:
         self.last_exit_code: int | None = None
         self.ready_since: float | None = None
         self.last_activity = trio.current_time() if _in_trio() else 0.0
-        self.start_latencies: list[float] = []
+        self.start_latency = Histogram()
+        self.active = 0  # requests and WebSockets being relayed now (the dispatcher counts)
         self._changed = trio.Event()
         self._early_failures = 0
+        self._stops = 0  # stops asked for by the API: they fail the requests waiting
+        self._start_after_stop = False
         self._nursery: trio.Nursery | None = None
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
@@ -242,11 +246,14 @@ class ServerSupervisor:
 
     async def _wait_ready(self) -> Backend:
         failures_seen = self._early_failures
+        stops_seen = self._stops
         while True:
             if self.state is State.READY:
                 return self.backend
             if self._early_failures != failures_seen:
                 raise ServerUnavailable(self.name, 503, self.reason, self.output.tail(20))
+            if self._stops != stops_seen:
+                raise ServerUnavailable(self.name, 503, "stopped on request")
             if self.state is State.STOPPED:
                 self._request_start()
             elif self.state is State.FAILED:
@@ -276,12 +283,26 @@ class ServerSupervisor:
     async def start(self, wait: bool = True) -> None:
         if self.state is State.FAILED:
             self.policy.reset()
-        self._request_start()
+        if self.state is State.STOPPING:
+            self._start_after_stop = True  # the stopping cycle starts a new one as it ends
+        else:
+            self._request_start()
         if wait:
             await self.ensure_ready()
 
     async def stop(self) -> None:
-        """Stop the process (SIGTERM to its group, SIGKILL after stop_timeout)."""
+        """Stop the process (SIGTERM to its group, SIGKILL after stop_timeout).
+
+        Requests waiting for the server to start fail with 503: the stop wins.
+        """
+        self._stops += 1
+        self._start_after_stop = False
+        if self.state is State.FAILED:
+            self.policy.reset()
+            self._set_state(State.STOPPED, "stopped on request")
+        await self._stop()
+
+    async def _stop(self) -> None:
         scope, done = self._cycle_scope, self._cycle_done
         if scope is None or done is None:
             return
@@ -291,7 +312,7 @@ class ServerSupervisor:
         await done.wait()
 
     async def restart(self, wait: bool = True) -> None:
-        await self.stop()
+        await self._stop()
         self.policy.reset()
         await self.start(wait)
 
@@ -308,8 +329,11 @@ class ServerSupervisor:
             self.pid = None
             self.ready_since = None
             if scope.cancel_called and self.state is State.STOPPING:
-                self._set_state(State.STOPPED, "stopped on request")
+                self._set_state(State.STOPPED, self.reason)  # why it was stopped
             done.set()
+            if self._start_after_stop and self._nursery is not None:
+                self._start_after_stop = False
+                self._request_start()
 
     async def _keep_running(self) -> None:
         port_retries = 0
@@ -341,7 +365,11 @@ class ServerSupervisor:
                 return
             if decision.action is Action.GIVE_UP:
                 failures = self.policy.failures(now)
-                self._set_state(State.FAILED, f"{detail}; gave up after {failures} failures")
+                if self.policy.mode == "never":
+                    why = "not restarting (restart: never)"
+                else:
+                    why = f"gave up after {failures} failures in {self.policy.window:g} s"
+                self._set_state(State.FAILED, f"{detail}; {why}")
                 return
             self.restarts += 1
             if decision.delay > 0:
@@ -415,7 +443,7 @@ class ServerSupervisor:
             await wait_until_ready(self.backend, self.process.ready_check_path)
             self.ready_since = trio.current_time()
             self.last_activity = self.ready_since  # idle time counts from the start
-            self.start_latencies.append(self.ready_since - started_at)
+            self.start_latency.record(self.ready_since - started_at)
             self._set_state(State.READY, f"pid {pid} on {self.backend.describe()}")
             if self.process.idle_timeout > 0:
                 await self._cull_when_idle()
@@ -424,12 +452,14 @@ class ServerSupervisor:
         timeout = self.process.idle_timeout
         while True:
             idle_for = trio.current_time() - self.last_activity
-            if idle_for >= timeout:
+            if idle_for >= timeout and self.active == 0:
                 break
-            await trio.sleep(timeout - idle_for)
-        self.log.info("%s: idle for %.0f s; stopping", self.name, timeout)
-        assert self._nursery is not None
-        self._nursery.start_soon(self.stop)
+            await trio.sleep(max(timeout - idle_for, 0.0) or timeout)
+        # Synchronously, so that a request arriving now waits for a fresh start instead of
+        # getting a backend about to go.
+        self._set_state(State.STOPPING, f"idle for {timeout:g} s")
+        assert self._cycle_scope is not None
+        self._cycle_scope.cancel()
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -79,12 +79,20 @@ class WebSocketTarget:
 class _Refused(Exception):
     """The backend side could not be opened; the client gets this HTTP answer instead."""
 
-    def __init__(self, status: int, message: str, headers: Headers | None = None, body: bytes | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+        output: list[str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
         self.body = body
+        self.output = output  # a server's last output lines, for a server that failed
 
     @classmethod
     def from_rejection(cls, rejection: ConnectionRejected) -> _Refused:
@@ -144,6 +152,7 @@ class _Client:
                 f"{server}: {refusal.message}",
                 as_json=wants_json(self.scope["headers"]),
                 server=server,
+                output=refusal.output,
             )
             headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
         else:
@@ -218,6 +227,25 @@ async def relay_websocket(
         sole = _sole_exception(exc)
         log.error("%s: WebSocket relay failed: %s: %s", target.server, type(sole).__name__, sole)
         await client.refuse(_Refused(500, f"relay failed: {type(sole).__name__}"), target.server)
+
+
+async def refuse_websocket(
+    scope: dict[str, Any],
+    receive: Receive,
+    send: Send,
+    status: int,
+    message: str,
+    server: str | None = None,
+    output: list[str] | None = None,
+) -> None:
+    """Answer an upgrade that trioproxy itself refuses with an HTTP status and a short page.
+
+    (Authentication, origin, routing, or a server that cannot start.) Where Hypercorn lacks
+    the ``websocket.http.response`` extension, the client sees 403.
+    """
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await _Client(scope, send).refuse(_Refused(status, message, output=output), server or "trioproxy")
 
 
 def _sole_exception(exc: BaseException) -> BaseException:
