@@ -56,6 +56,14 @@ class Settings:
     max_header_count: int = 500
 
 
+@dataclass(frozen=True)
+class _Upstream:
+    absolute: bool  # the backend gets the full path, prefix included
+    path: bytes  # as sent, without the query
+    target: bytes  # path and query
+    headers: Headers
+
+
 class Dispatcher:
     """The outermost ASGI callable: decides each request's route and relays it."""
 
@@ -235,6 +243,20 @@ class Dispatcher:
                 )
             return True
 
+    def _upstream(self, scope: dict[str, Any], route: Route, process: ServerProcess | None) -> _Upstream:
+        """What the backend gets: the path (mapped, requoted), the query, the headers.
+
+        Raises if a mapping or a header template cannot be applied.
+        """
+        absolute = route.absolute or (process is not None and process.absolute_url)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = self._upstream_path(route, process, raw_path)
+        headers = self._request_headers(scope, route, process, absolute)
+        query: bytes = scope.get("query_string", b"")
+        if query and self.settings.strip_token_query:
+            query = strip_token_from_query(query)
+        return _Upstream(absolute, path, path + (b"?" + query if query else b""), headers)
+
     def _upstream_path(self, route: Route, process: ServerProcess | None, raw_path: bytes) -> bytes:
         path = raw_path if route.absolute or (process is not None and process.absolute_url) else route.upstream_path
         if process is not None and process.mappath:
@@ -292,28 +314,21 @@ class Dispatcher:
         except ServerUnavailable as exc:
             await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
             return
-        absolute = route.absolute or (process is not None and process.absolute_url)
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         try:
-            path = self._upstream_path(route, process, raw_path)
-            headers = self._request_headers(scope, route, process, absolute)
+            upstream = self._upstream(scope, route, process)
         except Exception as exc:
             log.error("%s: cannot build the request: %s", server_name, exc)
             await self._send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
             return
-        query: bytes = scope.get("query_string", b"")
-        if query and self.settings.strip_token_query:
-            query = strip_token_from_query(query)
-        target_bytes = path + (b"?" + query if query else b"")
         rewrites = self._rewrites(route, process, headers_in)
         target = RelayTarget(
             server=server_name,
             backend=backend,
-            target=target_bytes,
-            headers=headers,
-            context_path=None if absolute else route.context_path,
+            target=upstream.target,
+            headers=upstream.headers,
+            context_path=None if upstream.absolute else route.context_path,
             rewrites=rewrites,
-            rewrite_context=partial(self._rewrite_context, scope, backend, path) if rewrites else None,
+            rewrite_context=partial(self._rewrite_context, scope, backend, upstream.path) if rewrites else None,
             request_host=next((v.decode("latin-1") for n, v in headers_in if n == b"host"), None),
         )
         exchange = send
@@ -385,24 +400,18 @@ class Dispatcher:
         except ServerUnavailable as exc:
             await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output)
             return
-        absolute = route.absolute or (process is not None and process.absolute_url)
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         try:
-            path = self._upstream_path(route, process, raw_path)
-            headers = self._request_headers(scope, route, process, absolute)
+            upstream = self._upstream(scope, route, process)
         except Exception as exc:
             log.error("%s: cannot build the WebSocket request: %s", route.name or route.host, exc)
             await refuse_websocket(scope, receive, send, 500, f"Cannot build the request: {exc}")
             return
-        query: bytes = scope.get("query_string", b"")
-        if query and self.settings.strip_token_query:
-            query = strip_token_from_query(query)
         supervisor = self.supervisors.get(route.name) if route.kind == "server" else None
         target = WebSocketTarget(
             server=route.name or f"{route.host}:{route.port}",
             backend=backend,
-            target=path + (b"?" + query if query else b""),
-            headers=[(n, v) for n, v in headers if n not in _WS_HANDSHAKE_HEADERS],
+            target=upstream.target,
+            headers=[(n, v) for n, v in upstream.headers if n not in _WS_HANDSHAKE_HEADERS],
             subprotocols=list(scope.get("subprotocols") or []),
             raw_socket=bool(process is not None and process.raw_socket_proxy),
             max_message_size=self.settings.websocket_max_message_size,

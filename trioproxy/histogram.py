@@ -25,7 +25,7 @@ class Histogram:
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at or below it) for each bucket, as Prometheus wants."""
         total, rows = 0, []
-        for bound, count in zip(self.bounds, self._counts):
+        for bound, count in zip(self.bounds, self._counts, strict=True):
             total += count
             rows.append((bound, total))
         return rows

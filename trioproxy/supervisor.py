@@ -15,6 +15,7 @@ cancelling that cancels and reaps everything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -405,8 +406,9 @@ class ServerSupervisor:
     async def _run_once(self) -> tuple[int, bool]:
         """Start the process once; return (exit code, whether it became ready)."""
         spec = self._spec()
-        if self._unix_socket and os.path.exists(self._unix_socket):
-            os.unlink(self._unix_socket)  # a stale socket would look ready
+        if self._unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_socket)  # a stale socket would look ready
         started_at = trio.current_time()
         start_error: str | None = None
         was_ready = False
