@@ -17,12 +17,14 @@ import trio
 from quart import Blueprint, Response, current_app, jsonify, make_response, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
-from .auth import local_redirect, mask_secrets
+from .auth import Identity, local_redirect, mask_secrets
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .origin import origin_allowed
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
+
+IDENTITY = "trioproxy.identity"  # where a request's Identity is kept in its scope
 
 
 def _error(status: int, message: str, server: str | None = None, output: list[str] | None = None) -> Response:
@@ -54,13 +56,13 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         return base_url
 
     @bp.before_request
-    async def require_login() -> Response | None:
+    async def require_login() -> Any:
         path = request.path[len(base_url) - 1 :] if base_url != "/" else request.path
         if path.startswith(("/login", "/logout", "/oauth_callback")):
             return None
         identity = await auth.authenticate(request.scope)
         if identity is not None:
-            request.scope["trioproxy.identity"] = identity
+            cast(dict[str, Any], request.scope)[IDENTITY] = identity
             return None
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
             return redirect(auth.login_url(request.full_path.rstrip("?")))
@@ -68,7 +70,7 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     @bp.after_request
     async def add_cookie(response: Response) -> Response:
-        identity = request.scope.get("trioproxy.identity")
+        identity: Identity | None = cast(dict[str, Any], request.scope).get(IDENTITY)
         if identity is not None and identity.set_cookie:
             response.headers.add("Set-Cookie", identity.set_cookie.decode("latin-1"))
         response.headers.setdefault("Cache-Control", "no-store")

@@ -534,7 +534,7 @@ def create_app(settings: Settings, supervisors: Supervisors) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.register_blueprint(make_blueprint(settings, supervisors), url_prefix=settings.base_url.rstrip("/") or None)
     dispatcher = Dispatcher(app.asgi_app, settings, supervisors)
-    app.asgi_app = dispatcher  # type: ignore[method-assign]
+    app.asgi_app = dispatcher  # type: ignore[method-assign,assignment]
     app.extensions["trioproxy"] = dispatcher
     return app
 

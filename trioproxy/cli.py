@@ -11,7 +11,7 @@ import ssl
 import sys
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -355,7 +355,7 @@ def _as_list(value: Any) -> list[Any]:
 async def serve(app: TrioProxy) -> None:
     from .server import run_app
 
-    formatter, access_log = setup_logging(app.log_level, app.log_format)
+    formatter, access_log = setup_logging(cast(int, app.log_level), app.log_format)
     _log_jupyter_config(app)
     hconfig, supervisors, asgi_app = build(app)
     auth = asgi_app.extensions["trioproxy"].settings.auth
