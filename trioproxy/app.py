@@ -9,9 +9,9 @@ whole relay (see the benchmarks); trioproxy's own pages and API are ordinary Qua
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 from urllib.parse import unquote
 

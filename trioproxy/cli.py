@@ -15,6 +15,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -24,8 +25,8 @@ from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, Py
 
 from . import __version__
 from .auth import TokenAuth, generate_token
-from .logs import setup_logging
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
+from .logs import setup_logging
 
 log = logging.getLogger("trioproxy")
 
@@ -319,7 +320,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     hconfig = HypercornConfig()
     hconfig.bind = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"]
     hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("trioproxy.http")  # type: ignore[assignment]
+    hconfig.errorlog = logging.getLogger("trioproxy.http")
     hconfig.websocket_max_message_size = app.websocket_max_message_size
     # Limits on what clients may cost. Heads up to 64 KiB (Hypercorn's default is 16 KiB), as
     # Tornado, hence Jupyter, accepts: browsers with many cookies for one host send big ones.

@@ -18,7 +18,6 @@ from typing import Any
 
 from traitlets import (
     Bool,
-    Callable as CallableTrait,
     Dict,
     Enum,
     Float,
@@ -31,6 +30,9 @@ from traitlets import (
     Union,
     default,
     validate,
+)
+from traitlets import (
+    Callable as CallableTrait,
 )
 from traitlets.config import Configurable
 

@@ -22,9 +22,8 @@ from typing import Any
 
 import trio
 
-from .histogram import Histogram
-
 from .auth import strip_token_from_query
+from .histogram import Histogram
 from .supervisor import State
 
 access_log = logging.getLogger("trioproxy.access")
