@@ -522,3 +522,39 @@ async def test_http2_cleartext_from_clients(nursery: trio.Nursery) -> None:
     assert response.http_version == "HTTP/2"
     assert response.json()["target"] == "/h2?x=1"
 
+
+
+async def test_killing_the_backend_under_load_fails_no_request(nursery: trio.Nursery) -> None:
+    import os
+    import signal
+
+    proxy = await echo_proxy(nursery)
+    supervisor = proxy.supervisors["echo"]
+    await supervisor.ensure_ready()
+    statuses: list[int] = []
+    stop = trio.Event()
+
+    async def load(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            statuses.append((await client.get("echo/x")).status_code)
+
+    async with proxy.client() as client, trio.open_nursery() as inner:
+        for _ in range(4):
+            inner.start_soon(load, client)
+        await wait_until(lambda: len(statuses) > 50)
+        for _ in range(3):
+            pid = supervisor.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: supervisor.pid not in (None, pid))
+            before = len(statuses)
+            await wait_until(lambda: len(statuses) > before + 50)
+        stop.set()
+    assert supervisor.restarts == 3
+    assert set(statuses) == {200}, {code: statuses.count(code) for code in set(statuses)}
+
+
+async def wait_until(predicate: Any, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)

@@ -65,3 +65,17 @@ def test_jitter_stays_within_its_fraction() -> None:
     p = RestartPolicy(backoff_initial=1.0, backoff_max=100, max_failures=100, jitter=0.1)
     for _ in range(200):
         assert 0.9 <= p.delay(2) <= 1.1
+
+
+def test_a_process_that_was_stable_starts_the_count_afresh() -> None:
+    p = policy(max_failures=3, stable_after=10.0)
+    for t in range(5):  # killed every 20 s after serving: never given up on, never delayed
+        decision = p.on_exit(float(t * 20), -9, ready_for=15.0)
+        assert decision.action is Action.RESTART and decision.delay == 0.0
+
+
+def test_crashes_soon_after_each_start_still_give_up() -> None:
+    p = policy(max_failures=3, stable_after=10.0)
+    assert p.on_exit(0.0, 1, ready_for=0.5).action is Action.RESTART
+    assert p.on_exit(1.0, 1, ready_for=0.5).action is Action.RESTART
+    assert p.on_exit(2.0, 1, ready_for=0.5).action is Action.GIVE_UP

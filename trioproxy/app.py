@@ -337,8 +337,13 @@ class Dispatcher:
         supervisor = self.supervisors[route.name] if route.kind == "server" else None
         if supervisor is not None:
             supervisor.active += 1  # not idle while a response is under way
+        recover = None
+        if supervisor is not None and supervisor.has_command:
+            recover = partial(supervisor.replacement, supervisor.pid)
         try:
-            await relay_http(scope, body, send, target, self.pool)
+            await relay_http(scope, body, send, target, self.pool, recover)
+        except ServerUnavailable as exc:  # its replacement could not start
+            await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
         except BackendError as exc:
             if exchange.started:
                 return

@@ -155,6 +155,11 @@ class ServerProcess(Configurable):
         5, help="Failures within failure_window after which the server is marked failed."
     ).tag(config=True)
     failure_window = Float(60.0, help="Window in which failures are counted (s).").tag(config=True)
+    stable_after = Float(
+        10.0,
+        help="A process ready this long was healthy: its exit restarts at once and clears "
+        "the failure count (s).",
+    ).tag(config=True)
     ready_check_path = Unicode(
         None,
         allow_none=True,

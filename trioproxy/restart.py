@@ -27,7 +27,9 @@ class RestartPolicy:
     The first failure within ``window`` restarts at once, so that a server killed under load
     is back as soon as it can be; each further failure waits twice as long (with jitter so
     that many servers do not retry in step), up to ``backoff_max``. ``max_failures`` failures
-    within ``window`` give up.
+    within ``window`` give up. A process that stayed ready for ``stable_after`` seconds was
+    healthy: its exit starts the count afresh (as supervisord's ``startsecs``), so a server
+    killed now and then is never given up on, while one that crashes soon after each start is.
     """
 
     mode: str = "on-failure"  # on-failure | always | never
@@ -36,6 +38,7 @@ class RestartPolicy:
     max_failures: int = 5
     window: float = 60.0
     jitter: float = 0.1
+    stable_after: float = 10.0
     rng: random.Random = field(default_factory=random.Random)
     _failures: deque[float] = field(default_factory=deque, init=False)
 
@@ -47,13 +50,18 @@ class RestartPolicy:
     def reset(self) -> None:
         self._failures.clear()
 
-    def on_exit(self, now: float, exit_code: int, requested: bool = False) -> Decision:
+    def on_exit(
+        self, now: float, exit_code: int, requested: bool = False, ready_for: float = 0.0
+    ) -> Decision:
         """What to do after the process exited with ``exit_code`` at time ``now``.
 
-        ``requested`` is true when trioproxy itself stopped the process.
+        ``requested`` is true when trioproxy itself stopped the process; ``ready_for`` is how
+        long it had been ready (0 if it never was).
         """
         if requested:
             return Decision(Action.STOP)
+        if ready_for >= self.stable_after:
+            self._failures.clear()
         failed = exit_code != 0
         if not failed and self.mode != "always":
             return Decision(Action.STOP)

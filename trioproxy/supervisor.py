@@ -137,6 +137,7 @@ class ServerSupervisor:
             backoff_max=process.backoff_max,
             max_failures=process.max_failures,
             window=process.failure_window,
+            stable_after=process.stable_after,
         )
         self.state = State.STOPPED
         self.reason = ""
@@ -152,6 +153,7 @@ class ServerSupervisor:
         self._early_failures = 0
         self._stops = 0  # stops asked for by the API: they fail the requests waiting
         self._start_after_stop = False
+        self._last_ready_for = 0.0  # how long the last process was ready before it exited
         self._nursery: trio.Nursery | None = None
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
@@ -269,6 +271,20 @@ class ServerSupervisor:
                 self._request_start()
             await self._changed.wait()
 
+    async def replacement(self, pid: int | None, grace: float = 0.5) -> Backend | None:
+        """The address of the process that replaces ``pid``, once it is ready.
+
+        For a request whose backend could not be reached or broke off: if that process has
+        exited (or does within ``grace``, the time it takes to notice), wait for the next
+        one as :meth:`ensure_ready` does. None if ``pid`` is still the ready process.
+        """
+        with trio.move_on_after(grace):
+            while self.state is State.READY and self.pid == pid:
+                await self._changed.wait()
+        if self.state is State.READY and self.pid == pid:
+            return None
+        return await self.ensure_ready()
+
     def _request_start(self) -> None:
         if self._cycle_scope is not None or not self.has_command:
             return
@@ -357,7 +373,7 @@ class ServerSupervisor:
                     detail = f"exited before it was ready ({detail})"
             port_retries = 0
             now = trio.current_time()
-            decision = self.policy.on_exit(now, exit_code)
+            decision = self.policy.on_exit(now, exit_code, ready_for=self._last_ready_for)
             if not was_ready:
                 # Fail the requests waiting for this attempt at once, with the reason.
                 self._early_failures += 1
@@ -410,6 +426,7 @@ class ServerSupervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_socket)  # a stale socket would look ready
         started_at = trio.current_time()
+        self._last_ready_for = 0.0
         start_error: str | None = None
         was_ready = False
         child: trio.Process | None = None
@@ -428,6 +445,8 @@ class ServerSupervisor:
                     nursery.start_soon(self._become_ready, readiness, child.pid, started_at)
                     await child.wait()
                     was_ready = self.ready_since is not None
+                    if self.ready_since is not None:
+                        self._last_ready_for = trio.current_time() - self.ready_since
                     readiness.cancel()
         finally:
             # Also when cancelled (a stop): by then trio has reaped the child.

@@ -38,6 +38,20 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 class BackendError(Exception):
     """The backend could not be reached or broke off before a response began (502)."""
 
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent  # the request (or part of it) may have reached the backend
+
+
+# Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are sent
+# again after a backend broke off having perhaps seen them.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# How many times a request waits for a replaced backend process before giving up.
+MAX_RECOVERIES = 2
+
+Recover = Callable[[], Awaitable[Backend | None]]
+
 
 class _StaleConnection(Exception):
     """A pooled connection the backend had already closed; retried on a fresh one."""
@@ -80,7 +94,7 @@ class ConnectionPool:
         try:
             stream = await connect(backend)
         except OSError as exc:
-            raise BackendError(f"cannot connect to {backend.describe()}: {_reason(exc)}") from None
+            raise BackendError(f"cannot connect to {backend.describe()}: {_reason(exc)}", sent=False) from None
         return BackendConnection(backend, stream), False
 
     def release(self, connection: BackendConnection) -> None:
@@ -186,13 +200,23 @@ class _Exchange:
 
 
 async def relay_http(
-    scope: dict[str, Any], receive: Receive, send: Send, target: RelayTarget, pool: ConnectionPool
+    scope: dict[str, Any],
+    receive: Receive,
+    send: Send,
+    target: RelayTarget,
+    pool: ConnectionPool,
+    recover: Recover | None = None,
 ) -> None:
     """Relay one HTTP request and its response.
 
     Raises BackendError if no response could be had (the caller answers 502). Once the
     response has begun, a broken backend ends the client's response as broken (the
     connection closes without the final chunk), never as a short success.
+
+    ``recover``, for a supervised server, is called when the backend could not be reached
+    or broke off before answering: it waits for the server's process to be replaced and
+    gives its new address (or None if nothing changed). The request is then sent again,
+    if that cannot do harm: not yet sent, or idempotent, and its body not streamed.
     """
     method = scope["method"].encode("ascii")
     first = await receive()
@@ -203,23 +227,50 @@ async def relay_http(
     if body:
         head += encode_chunk(body) if chunked else body
 
-    for attempt in (1, 2):
-        connection, reused = await pool.acquire(target.backend)
-        exchange = _Exchange(connection, pool, target, send, receive, method == b"HEAD", reused)
+    stale_retries = recoveries = 0
+    while True:
         try:
-            await _run_exchange(exchange, head, more_body, chunked)
-        except _StaleConnection:
-            connection.close()
-            if attempt == 2 or more_body:
+            try:
+                await _relay_once(pool, target, send, receive, method, head, more_body, chunked)
+                return
+            except _StaleConnection:
+                stale_retries += 1
+                if stale_retries == 1 and not more_body:
+                    continue  # a pooled connection the backend had closed: once more, afresh
                 raise BackendError("the backend closed the connection without answering") from None
-            continue
-        except BaseException:
-            if not exchange.released:
-                connection.close()
-            raise
+        except BackendError as exc:
+            replayable = not more_body and (not exc.sent or method in IDEMPOTENT)
+            if recover is None or not replayable or recoveries >= MAX_RECOVERIES:
+                raise
+            backend = await recover()
+            if backend is None:
+                raise
+            log.info("%s: the backend went away (%s); sending the request to its replacement", target.server, exc)
+            recoveries += 1
+            pool.discard(target.backend)  # idle connections to the process that went away
+            target.backend = backend
+
+
+async def _relay_once(
+    pool: ConnectionPool,
+    target: RelayTarget,
+    send: Send,
+    receive: Receive,
+    method: bytes,
+    head: bytes,
+    more_body: bool,
+    chunked: bool,
+) -> None:
+    connection, reused = await pool.acquire(target.backend)
+    exchange = _Exchange(connection, pool, target, send, receive, method == b"HEAD", reused)
+    try:
+        await _run_exchange(exchange, head, more_body, chunked)
+    except BaseException:
         if not exchange.released:
-            connection.close()  # the exchange did not end cleanly, or the backend closes
-        return
+            connection.close()
+        raise
+    if not exchange.released:
+        connection.close()  # the exchange did not end cleanly, or the backend closes
 
 
 async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunked: bool) -> None:
