@@ -558,3 +558,17 @@ async def wait_until(predicate: Any, timeout: float = 20) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+
+
+async def test_a_request_the_dead_backend_had_seen_is_replayed_only_if_idempotent(nursery: trio.Nursery) -> None:
+    proxy = await echo_proxy(nursery)
+    supervisor = proxy.supervisors["echo"]
+    async with proxy.client() as client:
+        post = await client.post("echo/crash", content=b"order #1")
+        assert post.status_code == 502  # never sent twice: the backend may have acted on it
+        await wait_until(lambda: supervisor.state.value == "ready")
+        assert supervisor.restarts == 1
+        get = await client.get("echo/crash")
+        assert get.status_code == 502  # replayed on each replacement, a bounded number of times
+        await wait_until(lambda: supervisor.restarts == 4)  # 1 + the first attempt + 2 replays
+        assert (await client.get("echo/fine")).status_code == 200

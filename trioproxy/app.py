@@ -339,7 +339,7 @@ class Dispatcher:
             supervisor.active += 1  # not idle while a response is under way
         recover = None
         if supervisor is not None and supervisor.has_command:
-            recover = partial(supervisor.replacement, supervisor.pid)
+            recover = supervisor.recovery()
         try:
             await relay_http(scope, body, send, target, self.pool, recover)
         except ServerUnavailable as exc:  # its replacement could not start

@@ -22,7 +22,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -271,19 +271,28 @@ class ServerSupervisor:
                 self._request_start()
             await self._changed.wait()
 
-    async def replacement(self, pid: int | None, grace: float = 0.5) -> Backend | None:
-        """The address of the process that replaces ``pid``, once it is ready.
+    def recovery(self, grace: float = 0.5) -> Callable[[], Awaitable[Backend | None]]:
+        """For one request, a way to reach the process that replaces the one it was sent to.
 
-        For a request whose backend could not be reached or broke off: if that process has
-        exited (or does within ``grace``, the time it takes to notice), wait for the next
-        one as :meth:`ensure_ready` does. None if ``pid`` is still the ready process.
+        Each call is for a backend that could not be reached or broke off: if the process
+        that was ready has exited (or does within ``grace``, the time it takes to notice),
+        wait for the next one as :meth:`ensure_ready` does and return its address. None if
+        the same process is still the ready one.
         """
-        with trio.move_on_after(grace):
-            while self.state is State.READY and self.pid == pid:
-                await self._changed.wait()
-        if self.state is State.READY and self.pid == pid:
-            return None
-        return await self.ensure_ready()
+        pid = self.pid
+
+        async def replacement() -> Backend | None:
+            nonlocal pid
+            with trio.move_on_after(grace):
+                while self.state is State.READY and self.pid == pid:
+                    await self._changed.wait()
+            if self.state is State.READY and self.pid == pid:
+                return None
+            backend = await self.ensure_ready()
+            pid = self.pid
+            return backend
+
+        return replacement
 
     def _request_start(self) -> None:
         if self._cycle_scope is not None or not self.has_command:

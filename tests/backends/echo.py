@@ -9,6 +9,7 @@ Routes:
   /sse?n=N&delay=S         N server-sent events, S seconds apart
   /die?after=N             promises more than it sends, then drops the connection
   /slow?delay=S            answers after S seconds
+  /crash                   reads the request, then the process exits without answering
   /reject                  answers 413 at once without reading the body, and closes
   /upload (any method)     reads the body; answers its length and sha256
   /headers?name=value...   answers with those response headers
@@ -164,6 +165,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_header(name, value)
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/crash":
+            self._body()
+            os._exit(1)  # dies having read the request, before answering
         elif path == "/reject":
             self.close_connection = True
             self.send_response(413)
