@@ -566,7 +566,8 @@ async def test_a_request_the_dead_backend_had_seen_is_replayed_only_if_idempoten
     async with proxy.client() as client:
         post = await client.post("echo/crash", content=b"order #1")
         assert post.status_code == 502  # never sent twice: the backend may have acted on it
-        await wait_until(lambda: supervisor.state.value == "ready")
+        await wait_until(lambda: supervisor.restarts == 1 and supervisor.state.value == "ready")
+        await trio.sleep(0.3)
         assert supervisor.restarts == 1
         get = await client.get("echo/crash")
         assert get.status_code == 502  # replayed on each replacement, a bounded number of times
