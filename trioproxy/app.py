@@ -306,7 +306,7 @@ class Dispatcher:
             await self._send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
             return
         body = BodyGuard(receive, self.settings.max_body_size, self.settings.body_timeout)
-        if body.declared_too_large(headers_in):
+        if body.declared_too_large(headers_in, scope.get("http_version", "1.1")):
             await self._send_error(send, headers_in, 413, body.too_large_message, server=server_name)
             return
         try:
@@ -473,21 +473,30 @@ class BodyGuard:
         self.idle_timeout = idle_timeout
         self.received = 0
         self.complete = False
+        self.expect_empty = False
         self.failure: tuple[int, str] | None = None
 
     @property
     def too_large_message(self) -> str:
         return f"The request body is larger than the limit of {self.max_size} bytes."
 
-    def declared_too_large(self, headers: Headers) -> bool:
+    def declared_too_large(self, headers: Headers, http_version: str = "1.1") -> bool:
+        """Whether Content-Length is over the limit; also notes a request with no body."""
+        length = next((v for n, v in headers if n == b"content-length"), None)
+        if length is None and http_version == "1.1":
+            self.expect_empty = not any(n == b"transfer-encoding" for n, _ in headers)
         if self.max_size is None:
             return False
-        length = next((v for n, v in headers if n == b"content-length"), None)
         return length is not None and length.strip().isdigit() and int(length) > self.max_size
 
     async def __call__(self) -> dict[str, Any]:
         if self.complete:
             return await self._receive()
+        if self.expect_empty:
+            # No body announced (HTTP/1.1): the server has the whole request already.
+            message = await self._receive()
+            self._account(message)
+            return message
         with trio.move_on_after(self.idle_timeout):
             message = await self._receive()
             self._account(message)
