@@ -462,3 +462,28 @@ async def test_idle_culling_waits_for_requests_in_flight(nursery: trio.Nursery, 
     idle.active -= 1
     await wait_for(lambda: idle.state is State.STOPPED, timeout=5)
     assert idle.reason == "idle for 0.3 s"
+
+
+async def test_a_child_printing_as_it_stops_is_read_to_the_end(nursery: trio.Nursery, tmp_path: Path) -> None:
+    script = tmp_path / "talkative.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import http.server, signal, sys
+            def bye(*args):
+                for i in range(2000):
+                    print(f"shutting down, step {i}", flush=True)
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, bye)
+            http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+            """
+        )
+    )
+    supervisors = await run_supervisors(nursery, {"talk": {"command": [PY, str(script), "{port}"], "stop_timeout": 5}})
+    talk = supervisors["talk"]
+    await talk.ensure_ready()
+    started = trio.current_time()
+    await talk.stop()
+    assert trio.current_time() - started < 2  # it exited on SIGTERM, not killed after 5 s
+    assert talk.last_exit_code == 0
+    assert "shutting down, step 1999" in talk.output.tail(5)

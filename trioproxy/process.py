@@ -23,6 +23,7 @@ from functools import partial
 import trio
 
 MAX_LINE = 4096
+DRAIN_AFTER_EXIT = 1.0  # seconds to read what is left in the pipe once the group is gone
 
 
 class OutputLog:
@@ -147,8 +148,13 @@ async def run_child(
             if guard is not None:
                 guard.watch(process.pid)
             assert process.stdout is not None
-            nursery.start_soon(_drain, process.stdout, output, logger)
-            nursery.start_soon(_clear_group_after_exit, process, guard)
+            # Shielded: a child stopped with SIGTERM often prints as it shuts down, and would
+            # get a broken pipe (or block) if its output stopped being read. Once the whole
+            # group is gone the drain gets a short deadline, in case something outside the
+            # group still holds the pipe.
+            draining = trio.CancelScope(shield=True)
+            nursery.start_soon(_drain_within, draining, process.stdout, output, logger)
+            nursery.start_soon(_clear_group_after_exit, process, guard, draining)
             task_status.started(process)
     if start_error is not None:
         raise start_error
@@ -156,7 +162,16 @@ async def run_child(
     return process.returncode
 
 
-async def _clear_group_after_exit(process: trio.Process, guard: OrphanGuard | None) -> None:
+async def _drain_within(
+    scope: trio.CancelScope, stream: trio.abc.ReceiveStream, output: OutputLog, logger: logging.Logger
+) -> None:
+    with scope:
+        await _drain(stream, output, logger)
+
+
+async def _clear_group_after_exit(
+    process: trio.Process, guard: OrphanGuard | None, draining: trio.CancelScope
+) -> None:
     # Shielded: on cancellation trio.run_process stops the leader and waits for it; only then
     # is the rest of the group killed. Whatever is left would hold the port or the output pipe
     # (and so the drain) open.
@@ -165,6 +180,7 @@ async def _clear_group_after_exit(process: trio.Process, guard: OrphanGuard | No
     _signal_group(process.pid, signal.SIGKILL)
     if guard is not None:
         guard.unwatch(process.pid)
+    draining.deadline = trio.current_time() + DRAIN_AFTER_EXIT
 
 
 class OrphanGuard:
