@@ -174,6 +174,18 @@ async def test_forwarded_headers(nursery: trio.Nursery) -> None:
         assert "x-forwarded-context" not in absolute
 
 
+async def test_behind_another_proxy_the_prefixes_add_up(nursery: trio.Nursery) -> None:
+    proxy = await echo_proxy(nursery)
+    async with proxy.client() as client:
+        response = await client.get(
+            "echo/", headers={"X-Forwarded-Prefix": "/user/a/proxy/8888", "X-Forwarded-For": "10.0.0.1"}
+        )
+    seen = response.json()["headers"]
+    for name in ("x-forwarded-prefix", "x-forwarded-context", "x-proxycontextpath"):
+        assert [v for n, v in seen if n == name] == ["/user/a/proxy/8888/echo"], name
+    assert [v for n, v in seen if n == "x-forwarded-for"] == ["10.0.0.1, 127.0.0.1"]
+
+
 async def test_token_credentials_are_not_relayed(nursery: trio.Nursery) -> None:
     proxy = await echo_proxy(nursery)
     async with httpx.AsyncClient(base_url=proxy.url) as client:

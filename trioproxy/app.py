@@ -275,12 +275,12 @@ class Dispatcher:
     ) -> Headers:
         headers = self.settings.auth.strip_credentials(strip_hop_by_hop(scope["headers"]))
         client = scope.get("client")
-        headers = headers + forwarded_headers(
+        headers = replace_headers(headers, forwarded_headers(
             scope["headers"],
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             context_path=None if absolute else route.context_path,
-        )
+        ))
         if process is not None and process.request_headers_override:
             supervisor = self.supervisors[route.name]
             overrides = expand_dict(process.request_headers_override, supervisor.template_variables())

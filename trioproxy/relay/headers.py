@@ -67,11 +67,13 @@ def forwarded_headers(
     scheme: str,
     context_path: str | None,
 ) -> Headers:
-    """The X-Forwarded-* headers a backend gets.
+    """The X-Forwarded-* headers a backend gets, to replace any of the same name.
 
-    ``context_path`` (the public prefix the backend is served under) goes in
-    X-Forwarded-Context, X-ProxyContextPath and X-Forwarded-Prefix, as jupyter-server-proxy
-    sets them; it is None with ``absolute_url``. An X-Forwarded-For chain is extended.
+    ``context_path`` (the prefix the backend is served under) goes in X-Forwarded-Context,
+    X-ProxyContextPath and X-Forwarded-Prefix, as jupyter-server-proxy sets them; it is None
+    with ``absolute_url``. Behind another proxy that announced its own prefix (Jupyter's
+    ``/proxy/<port>``), the backend's public prefix is that one followed by ours. An
+    X-Forwarded-For chain is extended.
     """
     added: Headers = []
     previous_for = header_value(client_headers, b"x-forwarded-for")
@@ -84,7 +86,12 @@ def forwarded_headers(
     if host is not None and header_value(client_headers, b"x-forwarded-host") is None:
         added.append((b"x-forwarded-host", host))
     if context_path is not None:
+        outer = header_value(client_headers, b"x-forwarded-prefix") or header_value(
+            client_headers, b"x-forwarded-context"
+        )
         value = context_path.encode("latin-1")
+        if outer and outer.startswith(b"/") and not value.startswith(outer.rstrip(b"/") + b"/"):
+            value = outer.rstrip(b"/") + value
         added += [
             (b"x-forwarded-context", value),
             (b"x-proxycontextpath", value),
