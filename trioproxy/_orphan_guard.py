@@ -4,6 +4,7 @@ Reads ``+PGID`` and ``-PGID`` lines on stdin from trioproxy. When stdin reaches 
 trioproxy is gone: every group still registered gets SIGTERM, then SIGKILL shortly after.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -15,11 +16,9 @@ GRACE = 0.5
 def _kill(groups: set[int], signum: int) -> set[int]:
     alive = set()
     for pgid in groups:
-        try:
+        with contextlib.suppress(OSError):  # gone already
             os.killpg(pgid, signum)
             alive.add(pgid)
-        except OSError:
-            pass
     return alive
 
 

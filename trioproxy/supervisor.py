@@ -112,7 +112,7 @@ async def _answers(backend: Backend, path: str) -> bool:
 
 
 class _StartFailed(Exception):
-    pass
+    """The command could not be started at all (not found, not executable, bad template)."""
 
 
 class ServerSupervisor:
@@ -209,7 +209,7 @@ class ServerSupervisor:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            if self.has_command:
+            if self.has_command and self.state is not State.STOPPED:
                 self._set_state(State.STOPPED, "trioproxy stopped")
             if self._owned_socket_dir:
                 shutil.rmtree(self._owned_socket_dir, ignore_errors=True)

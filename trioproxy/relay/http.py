@@ -366,8 +366,9 @@ async def _respond(exchange: _Exchange, watch_disconnect: bool) -> None:
 
         async def watch() -> None:
             with watching:
-                while (await exchange.receive())["type"] != "http.disconnect":
-                    pass
+                message = await exchange.receive()
+                while message["type"] != "http.disconnect":
+                    message = await exchange.receive()
                 log.debug("%s: client went away; closing the backend stream", target.server)
                 nursery.cancel_scope.cancel()
 
