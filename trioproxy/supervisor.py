@@ -394,7 +394,8 @@ class ServerSupervisor:
                 if self.policy.mode == "never":
                     why = "not restarting (restart: never)"
                 else:
-                    why = f"gave up after {failures} failures in {self.policy.window:g} s"
+                    plural = "" if failures == 1 else "s"
+                    why = f"gave up after {failures} failure{plural} in {self.policy.window:g} s"
                 self._set_state(State.FAILED, f"{detail}; {why}")
                 return
             self.restarts += 1
