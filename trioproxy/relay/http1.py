@@ -32,6 +32,10 @@ def encode_chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
+# llhttp itself puts no bound on a response head; a backend must not make trioproxy hold an
+# endless one in memory.
+MAX_HEAD = 256 * 1024
+
 
 class ResponseReader:
     """One response from a backend, fed as it arrives; the body comes out in pieces.
@@ -54,6 +58,7 @@ class ResponseReader:
         "_interim",
         "_extra",
         "_keep_alive",
+        "_head_size",
     )
 
     def __init__(self, head_request: bool = False) -> None:
@@ -72,6 +77,7 @@ class ResponseReader:
         self._delimited = False  # length or chunks mark the end (not the connection closing)
         self._interim = False
         self._keep_alive = False
+        self._head_size = 0
 
     # httptools callbacks
 
@@ -82,10 +88,17 @@ class ResponseReader:
             self._reset()
 
     def on_status(self, status: bytes) -> None:
+        self._count(len(status))
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
         self.headers.append((name.lower(), value))
+
+    def _count(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD:
+            raise ProtocolError(f"the backend's response head is larger than {MAX_HEAD // 1024} KiB")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -118,6 +131,9 @@ class ResponseReader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ProtocolError):  # raised by a callback here
+                raise cause from None
             if self.complete:
                 # Garbage after a complete response (say, a body sent with a 204): the
                 # response stands, the connection is not reused.
