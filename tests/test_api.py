@@ -746,12 +746,24 @@ async def test_launcher_lists_enabled_servers_with_relative_urls(nursery: trio.N
     assert "Web &lt;App&gt;" in html and "<h2>Tools</h2>" in html
     assert "src='server-proxy/icon/web'" in html
     assert "href='./web/' target='_blank'" in html and "href='./x:1/'>" in html
-    # Relative URLs only: right under any base URL and behind any prefix.
-    assert "/lab/" not in html and "/outer" not in html
+    # Relative URLs only, right under any base URL and behind any prefix; behind a prefix that
+    # another proxy announced, a <base> also pins them to it (for URLs without the last slash).
+    assert "<base href='/outer/lab/'>" in html
+    assert html.count("/lab/") == 1 and html.count("/outer") == 1
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
     assert script.headers["cache-control"] == "no-cache" and script.headers["x-content-type-options"] == "nosniff"
     assert [missing.status_code, not_static.status_code, escape.status_code] == [404, 404, 404]
+
+
+async def test_launcher_base_only_for_an_announced_safe_prefix(nursery: trio.Nursery) -> None:
+    proxy = await start_proxy(nursery, {"web": {"command": echo_command()}})
+    async with proxy.client(headers={"Accept": "text/html"}) as client:
+        plain = (await client.get("")).text
+        hostile = (await client.get("", headers={"X-Forwarded-Prefix": "//evil.example/x"})).text
+        quoted = (await client.get("", headers={"X-Forwarded-Prefix": "/a'><script>"})).text
+    assert "<base" not in plain and "<base" not in hostile and "<base" not in quoted
+    assert "<script>" not in quoted
 
 
 async def test_launcher_without_servers(nursery: trio.Nursery) -> None:

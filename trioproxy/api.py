@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import mimetypes
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -275,7 +276,7 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         entries = [
             (name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled
         ]
-        response = Response(_launcher_page(entries), content_type="text/html; charset=utf-8")
+        response = Response(_launcher_page(entries, _base_href(request.headers, public_base())), content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
 
@@ -348,11 +349,13 @@ _STATIC_TYPES = {
 # Everything the launcher loads is its own: no inline script or style, no other origin.
 _LAUNCHER_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'"
+    "connect-src 'self'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'"
 )
 
 # Every URL in the page is relative to it (the base URL's root), so it works under any
-# base URL and behind any other proxy's prefix without knowing either.
+# base URL and behind any other proxy's prefix without knowing either. Behind a proxy that
+# announces its prefix, a <base> pins them down as well: jupyter-server-proxy also serves
+# <jupyter>/proxy/<port> without the trailing slash, where relative URLs would miss a level.
 _LAUNCHER_PAGE = Template(
     """<!doctype html>
 <html lang="en">
@@ -360,6 +363,7 @@ _LAUNCHER_PAGE = Template(
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>trioproxy</title>
+$base
 <link rel="icon" href="server-proxy/static/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="server-proxy/static/launcher.css">
 <script src="server-proxy/static/launcher.js" defer></script>
@@ -378,7 +382,18 @@ $sections
 )
 
 
-def _launcher_page(entries: list[tuple[str, ServerSupervisor]]) -> str:
+_SAFE_PREFIX = re.compile(r"/(?!/)[A-Za-z0-9\-._~!$&()*+,;=:@%/]*")
+
+
+def _base_href(headers: Any, public_base: str) -> str:
+    """A <base> tag for the public base URL, only when another proxy announced its prefix."""
+    announced = headers.get("X-Forwarded-Prefix") or headers.get("X-Forwarded-Context")
+    if not announced or not _SAFE_PREFIX.fullmatch(public_base):
+        return ""
+    return f"<base href='{html.escape(public_base)}'>"
+
+
+def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
         category = supervisor.process.launcher.category or "Other"
@@ -387,7 +402,9 @@ def _launcher_page(entries: list[tuple[str, ServerSupervisor]]) -> str:
         f"<section><h2>{html.escape(category)}</h2>\n<ul class='servers'>\n" + "\n".join(items) + "\n</ul></section>"
         for category, items in categories.items()
     )
-    return _LAUNCHER_PAGE.substitute(sections=sections or "<p class='empty'>No servers are configured.</p>")
+    return _LAUNCHER_PAGE.substitute(
+        base=base, sections=sections or "<p class='empty'>No servers are configured.</p>"
+    )
 
 
 def _server_item(name: str, supervisor: ServerSupervisor) -> str:
