@@ -793,3 +793,31 @@ def test_mask_patterns() -> None:
     assert mask_secrets("this token is not valid") == "this token is not valid"
     assert mask_secrets("short t known", ["t"]) == "short t known"  # too short to mask blindly
     assert re.fullmatch(r"id \[secret\]", mask_secrets("id abcdefgh", ["abcdefgh"]))
+
+
+async def test_failed_logins_are_throttled_per_address(nursery: trio.Nursery) -> None:
+    proxy = await start_proxy(nursery, {})
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        for _ in range(10):
+            wrong = await client.post("login", data={"token": "guess", "next": "/"})
+            assert wrong.status_code == 403
+        limited = await client.post("login", data={"token": TOKEN, "next": "/"})
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) > 0
+        assert "set-cookie" not in limited.headers  # not even the right token gets in now
+
+
+def test_login_throttle_window_and_memory() -> None:
+    from trioproxy.throttle import LoginThrottle
+
+    throttle = LoginThrottle(limit=3, window=10.0, max_addresses=2)
+    for t in (0.0, 1.0, 2.0):
+        assert throttle.retry_after("a", t) == 0.0
+        throttle.failed("a", t)
+    assert throttle.retry_after("a", 3.0) == pytest.approx(7.0)
+    assert throttle.retry_after("a", 10.5) == 0.0  # the first failure left the window
+    throttle.failed("b", 11.0)
+    throttle.failed("c", 11.0)  # only two addresses are remembered: "a" goes
+    assert throttle.retry_after("a", 11.0) == 0.0 and "a" not in throttle._failures
+    throttle.succeeded("b")
+    assert "b" not in throttle._failures

@@ -24,6 +24,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .origin import origin_allowed
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
+from .throttle import LoginThrottle
 
 IDENTITY = "trioproxy.identity"  # where a request's Identity is kept in its scope
 
@@ -48,6 +49,7 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
     bp = Blueprint("trioproxy", __name__)
     base_url: str = settings.base_url
     auth = settings.auth
+    throttle = LoginThrottle()
 
     def public_base() -> str:
         # Behind another proxy (Jupyter's /proxy/<port>/), links must carry its prefix too.
@@ -93,10 +95,19 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         if request.method == "POST":
             form = await request.form
             next_url = safe_next(form.get("next"))
+            address = request.remote_addr or "?"
+            now = trio.current_time()
+            wait = throttle.retry_after(address, now)
+            if wait > 0:
+                response = _error(429, f"Too many failed logins; try again in {wait:.0f} s.")
+                response.headers["Retry-After"] = str(int(wait) + 1)
+                return response
             if auth.check_token(form.get("token", "")):
+                throttle.succeeded(address)
                 response = redirect(next_url)
                 response.headers.add("Set-Cookie", auth.make_cookie().decode("latin-1"))
                 return response
+            throttle.failed(address, now)
             message = "That token is not valid."
             status = 403
         else:
