@@ -99,9 +99,9 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
             now = trio.current_time()
             wait = throttle.retry_after(address, now)
             if wait > 0:
-                response = _error(429, f"Too many failed logins; try again in {wait:.0f} s.")
-                response.headers["Retry-After"] = str(int(wait) + 1)
-                return response
+                refusal = _error(429, f"Too many failed logins; try again in {wait:.0f} s.")
+                refusal.headers["Retry-After"] = str(int(wait) + 1)
+                return refusal
             if auth.check_token(form.get("token", "")):
                 throttle.succeeded(address)
                 response = redirect(next_url)
