@@ -143,6 +143,12 @@ async def test_oauth_round_trip(nursery: trio.Nursery, monkeypatch: pytest.Monke
         servers = await client.get("server-proxy/api/servers")
         assert servers.status_code == 200
 
+        # Logging out ends the session on the server too: the old cookie no longer works.
+        cookie = {proxy.auth.cookie_name: client.cookies[proxy.auth.cookie_name]}
+        await client.get("logout")
+        async with httpx.AsyncClient(base_url=proxy.url, cookies=cookie) as replay:
+            assert (await replay.get("server-proxy/api/servers")).status_code == 403
+
 
 @pytest.mark.parametrize(("user", "status"), [("admin", 200), ("bob", 403), ("nobody", 403), ("ghost", 403)])
 async def test_only_users_with_access_scopes_get_in(

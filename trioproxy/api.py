@@ -122,6 +122,9 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     @bp.route("/logout")
     async def logout() -> Any:
+        end_session = getattr(auth, "end_session", None)
+        if end_session is not None:  # a server-side session (JupyterHub mode) ends here too
+            end_session(cast(dict[str, Any], request.scope)["headers"])
         response = redirect(base_url + "login")
         cookie = getattr(auth, "cookie_name", None)
         if cookie:

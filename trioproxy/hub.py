@@ -432,6 +432,12 @@ class HubAuth:
         # One cookie per login in flight, so two tabs logging in at once do not collide.
         return f"{self.cookie_name}-oauth-{hashlib.sha256(state.encode('utf-8', 'replace')).hexdigest()[:12]}"
 
+    def end_session(self, headers: Headers) -> None:
+        """Forget the session whose cookie ``headers`` carry (logging out)."""
+        session_id = parse_cookies(headers).get(self.cookie_name)
+        if session_id:
+            self._sessions.pop(self._session_key(session_id), None)
+
     def _new_session(self, token: str) -> str:
         session_id = secrets.token_urlsafe(32)
         self._sessions[self._session_key(session_id)] = token
