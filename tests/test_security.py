@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):
 from trioproxy.auth import TokenAuth
 from trioproxy.cli import TrioProxy, build
 from trioproxy.config import ConfigError
+from trioproxy.errors import sole_exception
 from trioproxy.server import run_app
 
 from .conftest import (
@@ -187,9 +188,7 @@ async def ws_refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None)
         async with open_ws(url, headers or []):
             pass
     except BaseExceptionGroup as group:
-        sole: BaseException = group
-        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
-            sole = sole.exceptions[0]
+        sole = sole_exception(group)
         assert isinstance(sole, ConnectionRejected), repr(group)
         return sole.status_code
     except ConnectionRejected as rejected:

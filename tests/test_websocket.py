@@ -26,6 +26,7 @@ from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from trioproxy.errors import sole_exception
 from trioproxy.relay.websocket import (
     WebSocketTarget,
     close_for_backend,
@@ -172,9 +173,7 @@ async def refused(base: str, path: str, **kwargs: Any) -> ConnectionRejected:
             async with open_ws(base, path, **kwargs):
                 pass
         except BaseExceptionGroup as group:
-            sole: BaseException = group
-            while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
-                sole = sole.exceptions[0]
+            sole = sole_exception(group)
             assert isinstance(sole, ConnectionRejected), repr(group)
             return sole
     raise AssertionError(f"the upgrade to {path} was accepted")

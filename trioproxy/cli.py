@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import trio
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 from traitlets import Bool, Float, Int, List, Unicode, default
 from traitlets.config import Application, Config
@@ -26,6 +26,7 @@ from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, Py
 from . import __version__
 from .auth import TokenAuth, generate_token
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
+from .errors import sole_exception
 from .logs import setup_logging
 
 log = logging.getLogger("trioproxy")
@@ -385,12 +386,6 @@ async def serve(app: TrioProxy) -> None:
     log.info("stopped")
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: list[str] | None = None) -> None:
     app = TrioProxy()
     try:
@@ -411,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
             trio.run(serve, app)
         except BaseException as exc:
             # Errors from inside nurseries come wrapped in exception groups.
-            raise _unwrap(exc) from None
+            raise sole_exception(exc) from None
     except ConfigError as exc:
         print(f"trioproxy: config error: {exc}", file=sys.stderr)
         sys.exit(2)

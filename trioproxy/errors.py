@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 from .relay.headers import Headers, wants_json
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one exception that nurseries wrapped in groups, or the group if it holds several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _phrase(status: int) -> str:

@@ -33,7 +33,7 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
-from ..errors import render_error
+from ..errors import render_error, sole_exception
 from ..supervisor import Backend, connect
 from .headers import Headers, header_value, strip_hop_by_hop, wants_json
 
@@ -224,7 +224,7 @@ async def relay_websocket(
         log.log(level, "%s: WebSocket refused (%d): %s", target.server, refusal.status, refusal.message)
         await client.refuse(refusal, target.server)
     except Exception as exc:  # a bug must not leave the client hanging or show it a traceback
-        sole = _sole_exception(exc)
+        sole = sole_exception(exc)
         log.error("%s: WebSocket relay failed: %s: %s", target.server, type(sole).__name__, sole)
         await client.refuse(_Refused(500, f"relay failed: {type(sole).__name__}"), target.server)
 
@@ -246,13 +246,6 @@ async def refuse_websocket(
     if (await receive())["type"] != "websocket.connect":
         return
     await _Client(scope, send).refuse(_Refused(status, message, output=output), server or "trioproxy")
-
-
-def _sole_exception(exc: BaseException) -> BaseException:
-    """The one exception a nursery wrapped in groups, or the group if it holds several."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _connect(target: WebSocketTarget) -> trio.SocketStream:
@@ -280,7 +273,7 @@ async def _relay_messages(receive: Receive, client: _Client, target: WebSocketTa
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The handshake's failures surface from the nursery; they are refusals, not bugs.
-        sole = _sole_exception(group)
+        sole = sole_exception(group)
         if isinstance(sole, ConnectionRejected):
             raise _Refused.from_rejection(sole) from None
         if isinstance(sole, _Refused):
