@@ -33,7 +33,7 @@ from trioproxy.relay.websocket import (
     close_for_client,
     relay_websocket,
 )
-from trioproxy.supervisor import Backend
+from trioproxy.backend import Backend
 
 from .conftest import BACKENDS, PY, TOKEN, free_port, start_proxy, wait_for
 

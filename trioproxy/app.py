@@ -26,7 +26,8 @@ from .relay.headers import Headers, forwarded_headers, replace_headers, requote_
 from .relay.http import BackendError, ConnectionPool, RelayTarget, relay_http
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
 from .routing import Route, resolve
-from .supervisor import Backend, ServerUnavailable, Supervisors
+from .backend import Backend
+from .supervisor import ServerUnavailable, Supervisors
 from .templating import TemplateError, call_with_asked_args, expand_dict
 
 log = logging.getLogger("trioproxy.app")

@@ -23,12 +23,12 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import trio
 
+from .backend import Backend, connect
 from .config import ServerProcess
 from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
@@ -49,18 +49,6 @@ class State(str, Enum):
     STOPPING = "stopping"
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where a ready server listens."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    unix_socket: str | None = None
-
-    def describe(self) -> str:
-        return f"unix:{self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
-
-
 class ServerUnavailable(Exception):
     """A server that cannot take requests now: 503 (failed or exited) or 504 (too slow)."""
 
@@ -76,12 +64,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def connect(backend: Backend) -> trio.SocketStream:
-    if backend.unix_socket:
-        return await trio.open_unix_socket(backend.unix_socket)
-    return await trio.open_tcp_stream(backend.host, backend.port)
 
 
 async def wait_until_ready(backend: Backend, check_path: str | None) -> None:

@@ -19,7 +19,7 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ..supervisor import Backend, connect
+from ..backend import Backend, connect
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
 from .http1 import LAST_CHUNK, ProtocolError, ResponseReader, encode_chunk, encode_request_head
 from .rewrite import RewriteContext, apply_rewrites

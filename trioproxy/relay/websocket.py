@@ -34,7 +34,7 @@ from trio_websocket import (
 from wsproto.utilities import ProtocolError
 
 from ..errors import render_error, sole_exception
-from ..supervisor import Backend, connect
+from ..backend import Backend, connect
 from .headers import Headers, header_value, strip_hop_by_hop, wants_json
 
 if sys.version_info < (3, 11):
