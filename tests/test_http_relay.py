@@ -33,7 +33,7 @@ async def echo_proxy(nursery: trio.Nursery, **server: Any) -> Proxy:
 
 
 async def started_echo_port(proxy: Proxy) -> int:
-    backend = await proxy.supervisors["echo"].ensure_ready()
+    backend = (await proxy.supervisors["echo"].ensure_ready()).backend
     return backend.port
 
 
@@ -486,7 +486,7 @@ async def test_named_servers_without_command(nursery: trio.Nursery, tmp_path: Pa
         nursery,
         {"tcp": {"command": echo_command()}, "sock": {"command": echo_command(unix=True), "unix_socket": str(tmp_path / "s")}},
     )
-    port = (await helper.supervisors["tcp"].ensure_ready()).port
+    port = (await helper.supervisors["tcp"].ensure_ready()).backend.port
     await helper.supervisors["sock"].ensure_ready()
     proxy = await start_proxy(
         nursery, {"byport": {"port": port}, "bysocket": {"unix_socket": str(tmp_path / "s")}}
@@ -582,6 +582,9 @@ async def test_a_request_the_dead_backend_had_seen_is_replayed_only_if_idempoten
         await trio.sleep(0.3)
         assert supervisor.restarts == 1
         get = await client.get("echo/crash")
-        assert get.status_code == 502  # replayed on each replacement, a bounded number of times
-        await wait_until(lambda: supervisor.restarts == 4)  # 1 + the first attempt + 2 replays
+        # Replayed on each replacement, until the crash loop makes the server give up (or
+        # the request's timeout runs out): the reason reaches the client.
+        assert get.status_code in (503, 504), get.text
+        assert supervisor.restarts >= 3
+        await supervisor.start()
         assert (await client.get("echo/fine")).status_code == 200

@@ -60,7 +60,7 @@ async def test_lazy_start_on_first_use(nursery: trio.Nursery, tmp_path: Path) ->
     web = supervisors["web"]
     await trio.sleep(0.3)
     assert web.state is State.STOPPED and starts(tmp_path) == []
-    backend = await web.ensure_ready()
+    backend = (await web.ensure_ready()).backend
     assert web.state is State.READY
     assert await get(backend.port) == 200
     assert starts(tmp_path) == [str(web.pid)]
@@ -79,7 +79,7 @@ async def test_concurrent_first_requests_start_one_process(nursery: trio.Nursery
     backends = []
 
     async def request() -> None:
-        backends.append(await supervisors["web"].ensure_ready())
+        backends.append((await supervisors["web"].ensure_ready()).backend)
 
     async with trio.open_nursery() as inner:
         for _ in range(25):
@@ -158,7 +158,7 @@ async def test_crash_after_ready_restarts_at_once(nursery: trio.Nursery, tmp_pat
     assert first_pid is not None
     os.kill(first_pid, signal.SIGKILL)
     await wait_for(lambda: web.state is not State.READY)
-    backend = await web.ensure_ready()  # waits for the new process rather than failing
+    backend = (await web.ensure_ready()).backend  # waits for the new process rather than failing
     assert web.pid != first_pid
     assert web.restarts == 1
     assert web.last_exit_code == -signal.SIGKILL
@@ -203,7 +203,7 @@ async def test_exit_zero_is_stopped_and_starts_again_on_demand(nursery: trio.Nur
     )
     supervisors = await run_supervisors(nursery, {"once": {"command": [PY, str(script), "{port}"]}})
     once = supervisors["once"]
-    backend = await once.ensure_ready()
+    backend = (await once.ensure_ready()).backend
     first = once.pid
     assert await get(backend.port) == 200
     await wait_for(lambda: once.state is State.STOPPED)
@@ -307,7 +307,7 @@ async def test_taken_port_is_retried_on_another(nursery: trio.Nursery, tmp_path:
         )
     )
     supervisors = await run_supervisors(nursery, {"flaky": {"command": [PY, str(script), "{port}"]}})
-    backend = await supervisors["flaky"].ensure_ready()
+    backend = (await supervisors["flaky"].ensure_ready()).backend
     assert backend.port != int(marker.read_text())
     assert await get(backend.port) == 200
 
@@ -316,7 +316,7 @@ async def test_unix_socket_server(nursery: trio.Nursery) -> None:
     supervisors = await run_supervisors(
         nursery, {"sock": {"command": echo_command(unix=True), "unix_socket": True}}
     )
-    backend = await supervisors["sock"].ensure_ready()
+    backend = (await supervisors["sock"].ensure_ready()).backend
     assert backend.unix_socket is not None and backend.unix_socket.endswith("/socket")
     transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket)
     async with httpx.AsyncClient(transport=transport) as client:
@@ -341,7 +341,7 @@ async def test_ready_check_path_must_answer(nursery: trio.Nursery, tmp_path: Pat
     supervisors = await run_supervisors(
         nursery, {"late": {"command": [PY, str(script), "{port}"], "ready_check_path": "/ok/"}}
     )
-    backend = await supervisors["late"].ensure_ready()
+    backend = (await supervisors["late"].ensure_ready()).backend
     assert await get(backend.port, "/ok/") == 200
 
 
@@ -365,7 +365,7 @@ async def test_environment_and_cwd(nursery: trio.Nursery, tmp_path: Path) -> Non
             }
         },
     )
-    backend = await supervisors["env"].ensure_ready()
+    backend = (await supervisors["env"].ensure_ready()).backend
     assert out.read_text() == f"port-{backend.port} / {tmp_path}"
     assert "PATH" in os.environ  # merged over trioproxy's own environment (python was found)
 

@@ -15,20 +15,22 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
+import trio
 from quart_trio import QuartTrio
 
 from .auth import Identity, TokenAuth, mask_secrets, strip_token_from_query
+from .backend import Backend, BackendClient, BackendError, ClientOptions, ProxyTargets
 from .body import BodyGuard
 from .config import ServerProcess
 from .errors import send_error, send_redirect
 from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_access
-from .relay.headers import Headers, forwarded_headers, replace_headers, requote_path, strip_hop_by_hop
-from .relay.http import BackendError, ConnectionPool, RelayTarget, relay_http
+from .relay.framing import FramingError, declared_length
+from .relay.headers import Headers
+from .relay.http import RelayTarget, relay_http
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
+from .relay.upstream import DEFAULT_FORWARDED_ALLOW, Upstream, upstream_request
 from .routing import Route, resolve
-from .backend import Backend
 from .supervisor import ServerUnavailable, Supervisors
-from .templating import TemplateError, call_with_asked_args, expand_dict
 
 log = logging.getLogger("trioproxy.app")
 
@@ -55,14 +57,9 @@ class Settings:
     max_body_size: int | None = None  # bytes of a relayed request body; None: no limit
     body_timeout: float = 60.0  # longest wait for the next piece of a request body
     max_header_count: int = 500
-
-
-@dataclass(frozen=True)
-class _Upstream:
-    absolute: bool  # the backend gets the full path, prefix included
-    path: bytes  # as sent, without the query
-    target: bytes  # path and query
-    headers: Headers
+    # Client addresses whose X-Forwarded-* headers are believed (addresses, networks, "*").
+    forwarded_allow_ips: tuple[str, ...] = DEFAULT_FORWARDED_ALLOW
+    proxy_client_options: ClientOptions = field(default_factory=ClientOptions)  # proxy/<port> targets
 
 
 class Dispatcher:
@@ -72,12 +69,12 @@ class Dispatcher:
         self.ui = ui
         self.settings = settings
         self.supervisors = supervisors
-        self.pool = ConnectionPool()
+        self.proxy_targets = ProxyTargets(settings.proxy_client_options)
         self.metrics = Metrics()
         self._activity_errors: set[str] = set()  # servers whose activity callable failed once
         # Long-running tasks (e.g. activity reporting) started beside the server: each is
         # an async callable taking task_status, run by trioproxy.server.run_app.
-        self.services: list[Callable[..., Any]] = []
+        self.services: list[Callable[..., Any]] = [self.proxy_targets.run]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -200,11 +197,10 @@ class Dispatcher:
                 return False
         return host in allowlist
 
-    async def _backend_for(self, route: Route, scope: dict[str, Any]) -> tuple[Backend, ServerProcess | None]:
+    async def _backend_for(self, route: Route, scope: dict[str, Any]) -> tuple[BackendClient, ServerProcess | None]:
         if route.kind == "proxy":
-            if route.host.startswith("["):
-                return Backend(host=route.host[1:-1], port=route.port), None
-            return Backend(host=route.host, port=route.port), None
+            host = route.host[1:-1] if route.host.startswith("[") else route.host
+            return self.proxy_targets.client(Backend(host=host, port=route.port)), None
         supervisor = self.supervisors[route.name]
         if self._counts_as_activity(supervisor.process, scope):
             scope[ACTIVITY] = True
@@ -244,54 +240,27 @@ class Dispatcher:
                 )
             return True
 
-    def _upstream(self, scope: dict[str, Any], route: Route, process: ServerProcess | None) -> _Upstream:
-        """What the backend gets: the path (mapped, requoted), the query, the headers.
-
-        Raises if a mapping or a header template cannot be applied.
-        """
-        absolute = route.absolute or (process is not None and process.absolute_url)
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        path = self._upstream_path(route, process, raw_path)
-        headers = self._request_headers(scope, route, process, absolute)
-        query: bytes = scope.get("query_string", b"")
-        if query and self.settings.strip_token_query:
-            query = strip_token_from_query(query)
-        return _Upstream(absolute, path, path + (b"?" + query if query else b""), headers)
-
-    def _upstream_path(self, route: Route, process: ServerProcess | None, raw_path: bytes) -> bytes:
-        path = raw_path if route.absolute or (process is not None and process.absolute_url) else route.upstream_path
-        if process is not None and process.mappath:
-            decoded = unquote(path.decode("latin-1"))
-            mapping = process.mappath
-            if callable(mapping):
-                mapped = call_with_asked_args(mapping, {"path": decoded})
-            else:
-                mapped = mapping.get(decoded, decoded)
-            if mapped != decoded:
-                path = str(mapped).encode("utf-8")
-        return requote_path(path)
-
-    def _request_headers(
-        self, scope: dict[str, Any], route: Route, process: ServerProcess | None, absolute: bool
-    ) -> Headers:
-        headers = self.settings.auth.strip_credentials(strip_hop_by_hop(scope["headers"]))
-        client = scope.get("client")
-        headers = replace_headers(headers, forwarded_headers(
-            scope["headers"],
-            client_ip=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            context_path=None if absolute else route.context_path,
-        ))
-        if process is not None and process.request_headers_override:
-            supervisor = self.supervisors[route.name]
-            overrides = expand_dict(process.request_headers_override, supervisor.template_variables())
-            for name, value in overrides.items():
-                if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                    raise TemplateError(f"header {name!r} would contain a line break")
-            headers = replace_headers(
-                headers, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in overrides.items()]
-            )
-        return headers
+    def _upstream(self, scope: dict[str, Any], route: Route, process: ServerProcess | None) -> Upstream:
+        """What the backend gets but the body. Raises if a mapping or a header template fails."""
+        strip_query = strip_token_from_query if self.settings.strip_token_query else None
+        common: dict[str, Any] = {
+            "strip_credentials": self.settings.auth.strip_credentials,
+            "strip_query": strip_query,
+            "forwarded_allow": self.settings.forwarded_allow_ips,
+        }
+        if process is None:
+            return upstream_request(scope, route, default_host=f"{route.host}:{route.port}", **common)
+        supervisor = self.supervisors[route.name]
+        return upstream_request(
+            scope,
+            route,
+            absolute_url=process.absolute_url,
+            mappath=process.mappath,
+            overrides=process.request_headers_override,
+            template_variables=supervisor.template_variables(),
+            default_host=supervisor.backend.describe() if not supervisor.unix_socket else "localhost",
+            **common,
+        )
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -306,12 +275,19 @@ class Dispatcher:
         if route.kind == "server" and self.supervisors[route.name].process.raw_socket_proxy:
             await self._send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
             return
+        try:
+            length = declared_length(headers_in)
+        except FramingError as exc:
+            log.warning("%s: refused a request: %s", server_name, exc)
+            await self._send_error(send, headers_in, 400, f"Bad request: {exc}.", server=server_name)
+            return
         body = BodyGuard(receive, self.settings.max_body_size, self.settings.body_timeout)
         if body.declared_too_large(headers_in, scope.get("http_version", "1.1")):
             await self._send_error(send, headers_in, 413, body.too_large_message, server=server_name)
             return
+        began = trio.current_time()
         try:
-            backend, process = await self._backend_for(route, scope)
+            client, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
             await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
             return
@@ -322,27 +298,27 @@ class Dispatcher:
             await self._send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
             return
         rewrites = self._rewrites(route, process, headers_in)
+        supervisor = self.supervisors[route.name] if route.kind == "server" else None
         target = RelayTarget(
             server=server_name,
-            backend=backend,
+            client=client,
             target=upstream.target,
             headers=upstream.headers,
             context_path=None if upstream.absolute else route.context_path,
+            declared_length=length,
             rewrites=rewrites,
-            rewrite_context=partial(self._rewrite_context, scope, backend, upstream.path) if rewrites else None,
+            rewrite_context=partial(self._rewrite_context, scope, client.backend, upstream.path) if rewrites else None,
             request_host=next((v.decode("latin-1") for n, v in headers_in if n == b"host"), None),
+            # A request rides through restarts of its server until its timeout.
+            replacement=supervisor.replacement(began + supervisor.process.timeout) if supervisor else None,
         )
         exchange = send
         if identity.set_cookie is not None:
             send = _with_header(send, (b"set-cookie", identity.set_cookie))
-        supervisor = self.supervisors[route.name] if route.kind == "server" else None
         if supervisor is not None:
             supervisor.active += 1  # not idle while a response is under way
-        recover = None
-        if supervisor is not None and supervisor.has_command:
-            recover = supervisor.recovery()
         try:
-            await relay_http(scope, body, send, target, self.pool, recover)
+            await relay_http(scope, body, send, target)
         except ServerUnavailable as exc:  # its replacement could not start
             await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
         except BackendError as exc:
@@ -352,7 +328,7 @@ class Dispatcher:
                 await self._send_error(send, headers_in, *body.failure, server=server_name)
                 return
             log.warning("%s: %s", server_name, exc)
-            await self._send_error(send, headers_in, 502, f"{server_name}: {exc}", server=server_name)
+            await self._send_error(send, headers_in, exc.status, f"{server_name}: {exc}", server=server_name)
         except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
             if body.failure is not None:
                 log.info("%s: request body refused: %s", server_name, body.failure[1])
@@ -402,7 +378,7 @@ class Dispatcher:
             await refuse_websocket(scope, receive, send, 403, f"Host {route.host!r} is not allowed.")
             return
         try:
-            backend, process = await self._backend_for(route, scope)
+            client, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
             await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output)
             return
@@ -415,7 +391,7 @@ class Dispatcher:
         supervisor = self.supervisors.get(route.name) if route.kind == "server" else None
         target = WebSocketTarget(
             server=route.name or f"{route.host}:{route.port}",
-            backend=backend,
+            backend=client.backend,
             target=upstream.target,
             headers=[(n, v) for n, v in upstream.headers if n not in _WS_HANDSHAKE_HEADERS],
             subprotocols=list(scope.get("subprotocols") or []),

@@ -173,6 +173,19 @@ class ServerProcess(Configurable):
         config=True
     )
     cwd = Unicode(None, allow_none=True, help="Working directory of the process.").tag(config=True)
+    connect_timeout = Float(
+        10.0, help="Seconds to wait for the server to accept a connection (504 after)."
+    ).tag(config=True)
+    response_timeout = Float(
+        300.0,
+        help="Seconds from the end of a request to the server's response head (504 after).",
+    ).tag(config=True)
+    max_connections = Int(
+        100, help="Connections open to the server at once; more requests wait for one."
+    ).tag(config=True)
+    pool_idle_timeout = Float(
+        30.0, help="Seconds an idle keep-alive connection to the server is kept."
+    ).tag(config=True)
 
     @default("launcher_entry")
     def _default_launcher_entry(self) -> LauncherEntry:
@@ -188,6 +201,12 @@ class ServerProcess(Configurable):
             raise TraitError(f"unknown launcher_entry option {unknown[0]!r}")
         settings = {"title": self.name, "path_info": self.name + "/", **value}
         return LauncherEntry(parent=self, **settings)
+
+    @validate("connect_timeout", "response_timeout", "pool_idle_timeout", "max_connections")
+    def _validate_positive(self, proposal: Any) -> Any:
+        if proposal["value"] <= 0:
+            raise TraitError("must be greater than 0")
+        return proposal["value"]
 
     @validate("exclude_last_activity_patterns")
     def _validate_patterns(self, proposal: Any) -> list[re.Pattern[str]]:

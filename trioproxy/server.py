@@ -29,4 +29,4 @@ async def run_app(
             )
             task_status.started(binds)
     finally:
-        dispatcher.pool.close()
+        dispatcher.proxy_targets.close()

@@ -28,14 +28,19 @@ from typing import Any
 
 import trio
 
-from .backend import Backend, connect
+from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess
 from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_dict, expand_list
 
-READY_POLL_INTERVAL = 0.005
+# Readiness is polled every 5 ms at first (a fast server is noticed within milliseconds),
+# then less often: the interval grows with the time waited, to READY_POLL_LONGEST.
+READY_POLL_FIRST = 0.005
+READY_POLL_LONGEST = 0.1
+# How long a request whose backend broke off waits to see whether its process exited.
+EXIT_GRACE = 0.5
 PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
 MAX_PORT_RETRIES = 3
 
@@ -67,17 +72,22 @@ def free_port() -> int:
 
 
 async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
-    """Poll until the backend accepts a connection (and answers ``check_path`` below 400)."""
+    """Poll until the backend accepts a connection (and answers ``check_path`` below 400).
+
+    No end of its own: the caller bounds it (the server's ``timeout``).
+    """
+    began = trio.current_time()
     while True:
         try:
             stream = await connect(backend)
         except OSError:
-            await trio.sleep(READY_POLL_INTERVAL)
-            continue
-        await stream.aclose()
-        if check_path is None or await _answers(backend, check_path):
-            return
-        await trio.sleep(READY_POLL_INTERVAL * 4)
+            pass
+        else:
+            await stream.aclose()
+            if check_path is None or await _answers(backend, check_path):
+                return
+        waited = trio.current_time() - began
+        await trio.sleep(min(READY_POLL_LONGEST, max(READY_POLL_FIRST, waited / 200)))
 
 
 async def _answers(backend: Backend, path: str) -> bool:
@@ -94,7 +104,10 @@ async def _answers(backend: Backend, path: str) -> bool:
 
 
 class _StartFailed(Exception):
-    """The command could not be started at all (not found, not executable, bad template)."""
+    """The command could not be started at all (not found, not executable, bad template).
+
+    Trying again would not help, so the server is failed at once.
+    """
 
 
 class ServerSupervisor:
@@ -139,6 +152,14 @@ class ServerSupervisor:
         self._nursery: trio.Nursery | None = None
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
+        self._cycle_was_ready = False  # a process of this start was ready once
+        self.client: BackendClient | None = None  # the ready process's, closed when it exits
+        self.client_options = ClientOptions(
+            connect_timeout=process.connect_timeout,
+            response_timeout=process.response_timeout,
+            max_connections=process.max_connections,
+            pool_idle_timeout=process.pool_idle_timeout,
+        )
         self._owned_socket_dir: str | None = None
         self._port = process.port
         self._unix_socket = self._resolve_unix_socket()
@@ -185,12 +206,17 @@ class ServerSupervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.process.autostart and self.has_command:
+                if not self.has_command:
+                    # Already running elsewhere: one client for trioproxy's whole run.
+                    self.client = BackendClient(self.backend, self.name, self.client_options)
+                    nursery.start_soon(self.client.maintain)
+                elif self.process.autostart:
                     self._request_start()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self._drop_client()
             if self.has_command and self.state is not State.STOPPED:
                 self._set_state(State.STOPPED, "trioproxy stopped")
             if self._owned_socket_dir:
@@ -203,8 +229,18 @@ class ServerSupervisor:
         self.log.info(
             "%s: %s -> %s%s", self.name, previous.value, state.value, f" ({reason})" if reason else ""
         )
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def _drop_client(self) -> None:
+        """Close the ready process's client: its pooled connections lead to the old process."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+            self._notify()
 
     def touch(self) -> None:
         """Record activity (idle culling counts from the last one)."""
@@ -212,30 +248,36 @@ class ServerSupervisor:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def ensure_ready(self) -> Backend:
-        """Start the server if needed and wait until it is ready.
+    async def ensure_ready(self) -> BackendClient:
+        """Start the server if needed, wait until it is ready, and give its client.
 
         Raises ServerUnavailable: 503 when the process fails or exits before it is ready
-        (at once, with its output), 504 when it is not ready within ``timeout``.
+        (at once, with its output, unless it was ready since it was started: then the
+        request rides through restarts), 504 when it is not ready within ``timeout``.
         """
-        if self.state is State.READY:
-            return self.backend
-        with trio.move_on_after(self.process.timeout):
+        client = self.client
+        if client is not None and self.state is State.READY:
+            return client
+        return await self._wait_ready_until(trio.current_time() + self.process.timeout)
+
+    async def _wait_ready_until(self, deadline: float) -> BackendClient:
+        with trio.move_on_at(deadline):
             return await self._wait_ready()
         raise ServerUnavailable(
             self.name,
             504,
-            f"not ready within {self.process.timeout:g} s (state: {self.state.value})",
+            f"not ready within {self.process.timeout:g} s (state: {self.state.value}); "
+            "raise the server's 'timeout' if it needs longer to start",
             self.output.tail(20),
         )
 
-    async def _wait_ready(self) -> Backend:
+    async def _wait_ready(self) -> BackendClient:
         failures_seen = self._early_failures
         stops_seen = self._stops
         while True:
-            if self.state is State.READY:
-                return self.backend
-            if self._early_failures != failures_seen:
+            if self.state is State.READY and self.client is not None:
+                return self.client
+            if self._early_failures != failures_seen and not self._cycle_was_ready:
                 raise ServerUnavailable(self.name, 503, self.reason, self.output.tail(20))
             if self._stops != stops_seen:
                 raise ServerUnavailable(self.name, 503, "stopped on request")
@@ -253,28 +295,26 @@ class ServerSupervisor:
                 self._request_start()
             await self._changed.wait()
 
-    def recovery(self, grace: float = 0.5) -> Callable[[], Awaitable[Backend | None]]:
+    def replacement(self, deadline: float) -> Callable[[BackendClient], Awaitable[BackendClient | None]]:
         """For one request, a way to reach the process that replaces the one it was sent to.
 
-        Each call is for a backend that could not be reached or broke off: if the process
-        that was ready has exited (or does within ``grace``, the time it takes to notice),
-        wait for the next one as :meth:`ensure_ready` does and return its address. None if
-        the same process is still the ready one.
+        Called with the client whose connection failed: if that client's process has exited
+        (or does within EXIT_GRACE, the time it takes to notice), wait for the next ready
+        process, through restarts and backoff, until ``deadline`` (the request's ``timeout``),
+        and give its client. None if the same process is still the ready one.
         """
-        pid = self.pid
 
-        async def replacement() -> Backend | None:
-            nonlocal pid
-            with trio.move_on_after(grace):
-                while self.state is State.READY and self.pid == pid:
-                    await self._changed.wait()
-            if self.state is State.READY and self.pid == pid:
+        async def replace(failed: BackendClient) -> BackendClient | None:
+            if not self.has_command:
                 return None
-            backend = await self.ensure_ready()
-            pid = self.pid
-            return backend
+            with trio.move_on_after(EXIT_GRACE):
+                while self.client is failed:
+                    await self._changed.wait()
+            if self.client is failed:
+                return None
+            return await self._wait_ready_until(deadline)
 
-        return replacement
+        return replace
 
     def _request_start(self) -> None:
         if self._cycle_scope is not None or not self.has_command:
@@ -283,6 +323,7 @@ class ServerSupervisor:
             raise ServerUnavailable(self.name, 503, "trioproxy is shutting down")
         self._cycle_scope = trio.CancelScope()
         self._cycle_done = trio.Event()
+        self._cycle_was_ready = False
         self._set_state(State.STARTING)
         self._nursery.start_soon(self._cycle, self._cycle_scope, self._cycle_done)
 
@@ -316,6 +357,7 @@ class ServerSupervisor:
             return
         if self.state is not State.STOPPING:
             self._set_state(State.STOPPING, "stop requested")
+        self._drop_client()  # requests from now on wait for the next process
         scope.cancel()
         await done.wait()
 
@@ -349,20 +391,29 @@ class ServerSupervisor:
             if self.state is not State.STARTING:
                 self._set_state(State.STARTING)
             try:
-                exit_code, was_ready = await self._run_once()
+                exit_code, was_ready, not_ready = await self._run_once()
             except _StartFailed as exc:
-                exit_code, was_ready, detail = 127, False, str(exc)
-            else:
-                if not was_ready and exit_code != 0 and self._port_was_taken():
-                    port_retries += 1
-                    if port_retries <= MAX_PORT_RETRIES:
-                        self.log.warning("%s: port %d was taken; trying another", self.name, self._port)
-                        self._port = 0
-                        continue
-                detail = _describe_exit(exit_code)
-                if not was_ready:
-                    detail = f"exited before it was ready ({detail})"
+                # Not found, not executable, a bad template: no retry would change that.
+                self.policy.on_exit(trio.current_time(), 127)
+                self._early_failures += 1
+                self._set_state(State.FAILED, str(exc))
+                return
+            if not was_ready and not not_ready and exit_code != 0 and self._port_was_taken():
+                port_retries += 1
+                if port_retries <= MAX_PORT_RETRIES:
+                    self.log.warning("%s: port %d was taken; trying another", self.name, self._port)
+                    self._port = 0
+                    continue
             port_retries = 0
+            detail = _describe_exit(exit_code)
+            if not_ready:
+                detail = (
+                    f"not ready within {self.process.timeout:g} s, stopped ({detail}); "
+                    "raise the server's 'timeout' if it needs longer to start"
+                )
+                exit_code = exit_code or 1  # a start that timed out failed, whatever it exited with
+            elif not was_ready:
+                detail = f"exited before it was ready ({detail})"
             now = trio.current_time()
             decision = self.policy.on_exit(now, exit_code, ready_for=self._last_ready_for)
             if not was_ready:
@@ -411,8 +462,12 @@ class ServerSupervisor:
             stop_timeout=self.process.stop_timeout,
         )
 
-    async def _run_once(self) -> tuple[int, bool]:
-        """Start the process once; return (exit code, whether it became ready)."""
+    async def _run_once(self) -> tuple[int, bool, bool]:
+        """Start the process once.
+
+        Returns its exit code, whether it became ready, and whether it was stopped for not
+        becoming ready within ``timeout``.
+        """
         spec = self._spec()
         if self._unix_socket:
             with contextlib.suppress(FileNotFoundError):
@@ -421,27 +476,31 @@ class ServerSupervisor:
         self._last_ready_for = 0.0
         start_error: str | None = None
         was_ready = False
+        not_ready = trio.CancelScope()  # cancelled when the start takes longer than timeout
         child: trio.Process | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    child = await nursery.start(run_child, spec, self.output, self._guard)
-                except OSError as exc:
-                    # Kept out of the nursery, which would wrap it in an ExceptionGroup.
-                    start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
-                else:
-                    self.pid = child.pid
-                    self.starts += 1
-                    self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
-                    readiness = trio.CancelScope()
-                    nursery.start_soon(self._become_ready, readiness, child.pid, started_at)
-                    await child.wait()
-                    was_ready = self.ready_since is not None
-                    if self.ready_since is not None:
-                        self._last_ready_for = trio.current_time() - self.ready_since
-                    readiness.cancel()
+            with not_ready:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        child = await nursery.start(run_child, spec, self.output, self._guard)
+                    except OSError as exc:
+                        # Kept out of the nursery, which would wrap it in an ExceptionGroup.
+                        start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
+                    else:
+                        self.pid = child.pid
+                        self.starts += 1
+                        self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
+                        readiness = trio.CancelScope()
+                        nursery.start_soon(self._become_ready, readiness, child.pid, started_at, not_ready)
+                        await child.wait()
+                        self._drop_client()
+                        was_ready = self.ready_since is not None
+                        if self.ready_since is not None:
+                            self._last_ready_for = trio.current_time() - self.ready_since
+                        readiness.cancel()
         finally:
             # Also when cancelled (a stop): by then trio has reaped the child.
+            self._drop_client()
             if child is not None and child.returncode is not None:
                 self.last_exit_code = child.returncode
             self.pid = None
@@ -449,17 +508,30 @@ class ServerSupervisor:
         if start_error is not None:
             raise _StartFailed(start_error)
         assert child is not None and child.returncode is not None
-        return child.returncode, was_ready
+        return child.returncode, was_ready, not_ready.cancelled_caught
 
-    async def _become_ready(self, scope: trio.CancelScope, pid: int, started_at: float) -> None:
+    async def _become_ready(
+        self, scope: trio.CancelScope, pid: int, started_at: float, not_ready: trio.CancelScope
+    ) -> None:
         with scope:
-            await wait_until_ready(self.backend, self.process.ready_check_path)
-            self.ready_since = trio.current_time()
+            with trio.move_on_after(self.process.timeout):
+                await wait_until_ready(self.backend, self.process.ready_check_path)
+                self.ready_since = trio.current_time()
+            if self.ready_since is None:
+                self.log.warning(
+                    "%s: pid %d not ready within %g s (timeout); stopping it", self.name, pid, self.process.timeout
+                )
+                not_ready.cancel()  # stops the process, as jupyter-server-proxy does
+                return
             self.last_activity = self.ready_since  # idle time counts from the start
             self.start_latency.record(self.ready_since - started_at)
+            self.client = BackendClient(self.backend, self.name, self.client_options)
+            self._cycle_was_ready = True
             self._set_state(State.READY, f"pid {pid} on {self.backend.describe()}")
-            if self.process.idle_timeout > 0:
-                await self._cull_when_idle()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.client.maintain)
+                if self.process.idle_timeout > 0:
+                    nursery.start_soon(self._cull_when_idle)
 
     async def _cull_when_idle(self) -> None:
         timeout = self.process.idle_timeout
@@ -471,6 +543,7 @@ class ServerSupervisor:
         # Synchronously, so that a request arriving now waits for a fresh start instead of
         # getting a backend about to go.
         self._set_state(State.STOPPING, f"idle for {timeout:g} s")
+        self._drop_client()
         assert self._cycle_scope is not None
         self._cycle_scope.cancel()
 

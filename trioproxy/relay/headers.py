@@ -40,12 +40,16 @@ def requote_path(raw_path: bytes) -> bytes:
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Drop hop-by-hop headers, including those the Connection header names."""
+    """Drop hop-by-hop headers, including those the Connection header names.
+
+    Connection cannot take Host away: it is end-to-end, and a backend needs it.
+    """
     headers = list(headers)
     listed: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             listed.update(token.strip().lower() for token in value.split(b","))
+    listed.discard(b"host")
     return [
         (name, value)
         for name, value in headers
@@ -60,21 +64,43 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
     return None
 
 
+# Headers through which a client describes the proxies before us; believed only from a
+# trusted proxy, otherwise removed (and the ones we set replace them).
+FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-context",
+        b"x-proxycontextpath",
+        b"x-real-ip",
+    }
+)
+
+
 def forwarded_headers(
     client_headers: Headers,
     *,
     client_ip: str | None,
     scheme: str,
     context_path: str | None,
+    trusted: bool = True,
 ) -> Headers:
-    """The X-Forwarded-* headers a backend gets, to replace any of the same name.
+    """The forwarded headers a backend gets, to replace any of the same name.
 
     ``context_path`` (the prefix the backend is served under) goes in X-Forwarded-Context,
     X-ProxyContextPath and X-Forwarded-Prefix, as jupyter-server-proxy sets them; it is None
-    with ``absolute_url``. Behind another proxy that announced its own prefix (Jupyter's
-    ``/proxy/<port>``), the backend's public prefix is that one followed by ours. An
-    X-Forwarded-For chain is extended.
+    with ``absolute_url``. From a ``trusted`` client (a proxy in front of us), what it said
+    is kept: an X-Forwarded-For chain is extended, its Proto and Host stand, and behind a
+    proxy that announced its own prefix (Jupyter's ``/proxy/<port>``) the backend's public
+    prefix is that one followed by ours. From anyone else, all of that is replaced by what
+    trioproxy itself saw.
     """
+    if not trusted:
+        client_headers = [(n, v) for n, v in client_headers if n not in FORWARDING]
     added: Headers = []
     previous_for = header_value(client_headers, b"x-forwarded-for")
     if client_ip:

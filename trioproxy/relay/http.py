@@ -1,25 +1,34 @@
-"""The streaming HTTP relay: ASGI request in, HTTP/1.1 over pooled trio sockets to the backend.
+"""The streaming HTTP relay: ASGI request in, HTTP/1.1 to the backend over its client's pool.
 
 This is the per-request hot path, so it speaks HTTP/1.1 itself (:mod:`.http1`) instead of going
 through httpx: one pooled keep-alive connection per request in flight, bodies passed on piece by
 piece with backpressure on both sides, nothing buffered whole unless a ``rewrite_response``
 needs the body.
+
+Rules (each has a real-socket test):
+
+- The backend gets a body framed by what the relay writes (:mod:`.framing`); ambiguous
+  client framing was refused before a request gets here.
+- A request is sent again only if none of it was written, or if its method is idempotent and
+  its body was not streamed. A pooled connection that breaks before the response head is
+  retried once on a fresh connection (same rule); if the process behind the client went away,
+  the request waits for its replacement (``RelayTarget.replacement``), up to the server's
+  ``timeout``.
+- The response head must come within ``response_timeout`` of the request's end (504).
+- A client that leaves at any moment closes its backend connection at once.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
-from ..backend import Backend, connect
+from ..backend import BackendClient, BackendConnection, BackendError
+from .framing import body_framing
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
 from .http1 import LAST_CHUNK, ProtocolError, ResponseReader, encode_chunk, encode_request_head
 from .rewrite import RewriteContext, apply_rewrites
@@ -28,91 +37,19 @@ log = logging.getLogger("trioproxy.relay")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+# Given the client whose process went away, the client of its replacement (waiting for it),
+# or None if that process is still the one serving.
+Replacement = Callable[[BackendClient], Awaitable[BackendClient | None]]
 
 FIRST_READ = 65536
 LARGEST_READ = 1 << 20
-MAX_IDLE_PER_BACKEND = 64
+# Most responses are complete this soon; only a slower one gets a task watching the client.
+QUICK_ANSWER = 0.05
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class BackendError(Exception):
-    """The backend could not be reached or broke off before a response began (502)."""
-
-    def __init__(self, message: str, sent: bool = True) -> None:
-        super().__init__(message)
-        self.sent = sent  # the request (or part of it) may have reached the backend
-
 
 # Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are sent
 # again after a backend broke off having perhaps seen them.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-# How many times a request waits for a replaced backend process before giving up.
-MAX_RECOVERIES = 2
-
-Recover = Callable[[], Awaitable[Backend | None]]
-
-
-class _StaleConnection(Exception):
-    """A pooled connection the backend had already closed; retried on a fresh one."""
-
-
-class BackendConnection:
-    __slots__ = ("backend", "stream")
-
-    def __init__(self, backend: Backend, stream: trio.SocketStream) -> None:
-        self.backend = backend
-        self.stream = stream
-
-    def close(self) -> None:
-        # A socket close needs no waiting; doing it synchronously keeps it out of cancellation.
-        self.stream.socket.close()
-
-
-def _reason(exc: OSError) -> str:
-    # trio reports "all attempts failed" for names with several addresses; the cause says why.
-    cause = exc.__cause__
-    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        cause = cause.exceptions[0]
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return exc.strerror or str(exc)
-
-
-class ConnectionPool:
-    """Idle keep-alive connections to backends, reused one request at a time."""
-
-    def __init__(self, max_idle: int = MAX_IDLE_PER_BACKEND) -> None:
-        self._idle: dict[Backend, list[BackendConnection]] = {}
-        self._max_idle = max_idle
-
-    async def acquire(self, backend: Backend) -> tuple[BackendConnection, bool]:
-        """A connection to ``backend`` and whether it was reused from the pool."""
-        idle = self._idle.get(backend)
-        if idle:
-            return idle.pop(), True
-        try:
-            stream = await connect(backend)
-        except OSError as exc:
-            raise BackendError(f"cannot connect to {backend.describe()}: {_reason(exc)}", sent=False) from None
-        return BackendConnection(backend, stream), False
-
-    def release(self, connection: BackendConnection) -> None:
-        """Keep a connection whose last exchange ended cleanly for the next request."""
-        idle = self._idle.setdefault(connection.backend, [])
-        if len(idle) < self._max_idle:
-            idle.append(connection)
-        else:
-            connection.close()
-
-    def discard(self, backend: Backend) -> None:
-        """Close idle connections to a backend (its process went away)."""
-        for connection in self._idle.pop(backend, []):
-            connection.close()
-
-    def close(self) -> None:
-        for backend in list(self._idle):
-            self.discard(backend)
 
 
 @dataclass
@@ -120,25 +57,71 @@ class RelayTarget:
     """Everything the relay needs to pass one request on."""
 
     server: str
-    backend: Backend
+    client: BackendClient
     target: bytes  # path and query as sent to the backend
-    headers: Headers  # request headers for the backend, final
+    headers: Headers  # request headers for the backend, final but for the body's framing
     context_path: str | None  # the prefix for Location rewriting; None with absolute_url
+    declared_length: int | None = None  # the client's Content-Length, checked
     rewrites: list[Callable[..., Any]] = field(default_factory=list)
     rewrite_context: Callable[[], RewriteContext] | None = None  # built only when rewriting
     request_host: str | None = None  # the client's Host header, for Location rewriting
     on_bytes: Callable[[int, int], None] | None = None  # (sent to backend, received) counters
+    replacement: Replacement | None = None  # for a supervised server
 
 
-def _request_framing(headers: Headers, method: bytes, body: bytes, more_body: bool) -> tuple[Headers, bool]:
-    """Headers framing the request body as the client did (or as it must), and whether chunked."""
-    if any(name == b"content-length" for name, _ in headers):
-        return headers, False
-    if more_body:
-        return headers + [(b"transfer-encoding", b"chunked")], True
-    if body or method in (b"POST", b"PUT", b"PATCH"):
-        return headers + [(b"content-length", str(len(body)).encode())], False
-    return headers, False
+async def relay_http(scope: dict[str, Any], receive: Receive, send: Send, target: RelayTarget) -> None:
+    """Relay one HTTP request and its response.
+
+    Raises BackendError if no response could be had (the caller answers with its status).
+    Once the response has begun, a broken backend ends the client's response as broken (the
+    connection closes without the final chunk), never as a short success.
+    """
+    method = scope["method"].encode("ascii")
+    first = await receive()
+    body: bytes = first.get("body", b"")
+    more_body: bool = first.get("more_body", False)
+    framing, chunked = body_framing(method, target.declared_length, body, more_body)
+    headers = target.headers if framing is None else [*target.headers, framing]
+    head = encode_request_head(method, target.target, headers)
+    if body:
+        head += encode_chunk(body) if chunked else body
+
+    fresh = False
+    while True:
+        try:
+            await _relay_once(target, send, receive, method, head, more_body, chunked, fresh)
+            return
+        except BackendError as exc:
+            if exc.sent and (more_body or method not in IDEMPOTENT):
+                raise
+            if exc.reused and not fresh:
+                fresh = True  # a pooled connection that broke: once more on a new one
+                continue
+            replacement = await target.replacement(target.client) if target.replacement else None
+            if replacement is None:
+                raise
+            log.info("%s: the backend went away (%s); sending the request to its replacement", target.server, exc)
+            target.client = replacement
+            fresh = False
+
+
+async def _relay_once(
+    target: RelayTarget,
+    send: Send,
+    receive: Receive,
+    method: bytes,
+    head: bytes,
+    more_body: bool,
+    chunked: bool,
+    fresh: bool,
+) -> None:
+    connection, reused = await target.client.acquire(fresh)
+    exchange = _Exchange(connection, target, send, receive, method == b"HEAD", reused)
+    try:
+        await _run_exchange(exchange, head, more_body, chunked)
+    finally:
+        if not exchange.released:
+            connection.close()  # the exchange did not end cleanly, or the backend closes
 
 
 class _Exchange:
@@ -147,7 +130,6 @@ class _Exchange:
     def __init__(
         self,
         connection: BackendConnection,
-        pool: ConnectionPool,
         target: RelayTarget,
         send: Send,
         receive: Receive,
@@ -155,7 +137,6 @@ class _Exchange:
         reused: bool,
     ) -> None:
         self.connection = connection
-        self.pool = pool
         self.target = target
         self.send = send
         self.receive = receive
@@ -165,6 +146,15 @@ class _Exchange:
         self.released = False
         self.started = False  # the client's response has begun
         self.discard_upload = False  # drop the rest of the client's body
+        # The response head is due response_timeout after the request's end.
+        self.head_deadline = float("inf")
+        self.head_scope: trio.CancelScope | None = None
+
+    def request_done(self) -> None:
+        self.request_sent = True
+        self.head_deadline = trio.current_time() + self.target.client.options.response_timeout
+        if self.head_scope is not None:
+            self.head_scope.deadline = self.head_deadline
 
     def finish(self) -> None:
         """Return the connection to the pool if it can carry another request.
@@ -174,7 +164,10 @@ class _Exchange:
         """
         if not self.released and self.request_sent and self.reader.reusable:
             self.released = True
-            self.pool.release(self.connection)
+            self.connection.client.release(self.connection)
+
+    def broke_off(self, message: str) -> BackendError:
+        return BackendError(message, reused=self.reused)
 
     async def read_more(self, size: int) -> bool:
         """Read and parse more of the response; False when the backend broke it off."""
@@ -189,88 +182,24 @@ class _Exchange:
                 self.reader.feed_eof()
         except ProtocolError as exc:
             if not self.reader.headers_done:
-                # A pooled connection that the backend closed, or that holds leftovers of
-                # a previous response (a body sent with a 204), is retried on a fresh one.
-                if self.reused:
-                    raise _StaleConnection() from exc
-                raise BackendError(str(exc)) from None
+                raise self.broke_off(str(exc)) from None
             log.warning("%s: %s", self.target.server, exc)
             return False
         return True
 
-
-async def relay_http(
-    scope: dict[str, Any],
-    receive: Receive,
-    send: Send,
-    target: RelayTarget,
-    pool: ConnectionPool,
-    recover: Recover | None = None,
-) -> None:
-    """Relay one HTTP request and its response.
-
-    Raises BackendError if no response could be had (the caller answers 502). Once the
-    response has begun, a broken backend ends the client's response as broken (the
-    connection closes without the final chunk), never as a short success.
-
-    ``recover``, for a supervised server, is called when the backend could not be reached
-    or broke off before answering: it waits for the server's process to be replaced and
-    gives its new address (or None if nothing changed). The request is then sent again,
-    if that cannot do harm: not yet sent, or idempotent, and its body not streamed.
-    """
-    method = scope["method"].encode("ascii")
-    first = await receive()
-    body: bytes = first.get("body", b"")
-    more_body: bool = first.get("more_body", False)
-    headers, chunked = _request_framing(target.headers, method, body, more_body)
-    head = encode_request_head(method, target.target, headers)
-    if body:
-        head += encode_chunk(body) if chunked else body
-
-    stale_retries = recoveries = 0
-    while True:
-        try:
-            try:
-                await _relay_once(pool, target, send, receive, method, head, more_body, chunked)
-                return
-            except _StaleConnection:
-                stale_retries += 1
-                if stale_retries == 1 and not more_body:
-                    continue  # a pooled connection the backend had closed: once more, afresh
-                raise BackendError("the backend closed the connection without answering") from None
-        except BackendError as exc:
-            replayable = not more_body and (not exc.sent or method in IDEMPOTENT)
-            if recover is None or not replayable or recoveries >= MAX_RECOVERIES:
-                raise
-            backend = await recover()
-            if backend is None:
-                raise
-            log.info("%s: the backend went away (%s); sending the request to its replacement", target.server, exc)
-            recoveries += 1
-            pool.discard(target.backend)  # idle connections to the process that went away
-            target.backend = backend
-
-
-async def _relay_once(
-    pool: ConnectionPool,
-    target: RelayTarget,
-    send: Send,
-    receive: Receive,
-    method: bytes,
-    head: bytes,
-    more_body: bool,
-    chunked: bool,
-) -> None:
-    connection, reused = await pool.acquire(target.backend)
-    exchange = _Exchange(connection, pool, target, send, receive, method == b"HEAD", reused)
-    try:
-        await _run_exchange(exchange, head, more_body, chunked)
-    except BaseException:
-        if not exchange.released:
-            connection.close()
-        raise
-    if not exchange.released:
-        connection.close()  # the exchange did not end cleanly, or the backend closes
+    async def read_head(self) -> None:
+        """Read up to the end of the response head; BackendError if it breaks or is late."""
+        with trio.CancelScope(deadline=self.head_deadline) as scope:
+            self.head_scope = scope
+            while not self.reader.headers_done:
+                if not await self.read_more(FIRST_READ):
+                    raise self.broke_off("the backend broke off before responding")
+        self.head_scope = None
+        if not self.reader.headers_done:
+            timeout = self.target.client.options.response_timeout
+            raise BackendError(
+                f"{self.target.server} did not answer within {timeout:g} s (response_timeout)", status=504
+            )
 
 
 async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunked: bool) -> None:
@@ -278,40 +207,44 @@ async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunk
     try:
         await stream.send_all(head)
     except _BROKEN:
-        if exchange.reused and not more_body:
-            raise _StaleConnection() from None
-        raise BackendError("the backend closed the connection") from None
+        raise exchange.broke_off("the backend closed the connection") from None
     if not more_body:
-        exchange.request_sent = True
-        await _respond(exchange, watch_disconnect=True)
+        exchange.request_done()
+        await _respond_watching(exchange)
         return
 
     # The client is still sending: pump its body up while the response comes down, so that
     # a backend answering early (413, auth errors) is heard, and both directions stream.
-    # The body cannot be replayed, so no retry on a stale connection.
-    exchange.reused = False
+    # The body cannot be replayed, so a failure is never retried.
     failure: BackendError | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_upload, exchange, chunked)
+        watching = trio.CancelScope()
+        nursery.start_soon(_upload, exchange, chunked, watching, nursery.cancel_scope)
         try:
-            await _respond(exchange, watch_disconnect=False)
+            await exchange.read_head()
+            await _respond(exchange, watching.cancel)
         except BackendError as exc:
             failure = exc  # raised here, outside the nursery, it stays a BackendError
         # Whatever the client still sends is read and dropped: Hypercorn stops reading a
         # connection whose body is not consumed, and never closes it.
         exchange.discard_upload = True
+        watching.cancel()
     if failure is not None:
         raise failure
     exchange.finish()  # kept for reuse only if the upload and the response both ended
 
 
-async def _upload(exchange: _Exchange, chunked: bool) -> None:
+async def _upload(
+    exchange: _Exchange, chunked: bool, watching: trio.CancelScope, exchange_scope: trio.CancelScope
+) -> None:
+    """Send the client's body up; then watch for the client leaving until the response ends."""
     stream = exchange.connection.stream
     on_bytes = exchange.target.on_bytes
     while True:
         message = await exchange.receive()
         if message["type"] == "http.disconnect":
-            exchange.connection.close()
+            log.debug("%s: client went away mid-upload; closing the backend stream", exchange.target.server)
+            exchange_scope.cancel()
             return
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
@@ -327,16 +260,61 @@ async def _upload(exchange: _Exchange, chunked: bool) -> None:
                 exchange.discard_upload = True  # the backend stopped reading; its answer says why
             else:
                 if not more:
-                    exchange.request_sent = True
+                    exchange.request_done()
         if not more:
-            return
+            break
+    with watching:
+        await _watch_disconnect(exchange, exchange_scope)
 
 
-async def _respond(exchange: _Exchange, watch_disconnect: bool) -> None:
+async def _watch_disconnect(exchange: _Exchange, scope: trio.CancelScope) -> None:
+    message = await exchange.receive()
+    while message["type"] != "http.disconnect":
+        message = await exchange.receive()
+    log.debug("%s: client went away; closing the backend stream", exchange.target.server)
+    scope.cancel()
+
+
+async def _respond_watching(exchange: _Exchange) -> None:
+    """Read the response and pass it on, closing the backend stream if the client leaves.
+
+    Hypercorn drops what is sent to a client that has gone, and a backend may take its time
+    to answer, so a client that disconnects must be noticed; watching costs a task, so it is
+    only started for a response not complete within QUICK_ANSWER.
+    """
     reader = exchange.reader
-    while not reader.headers_done:
-        if not await exchange.read_more(FIRST_READ):
-            raise BackendError("the backend broke off before responding")
+    with trio.move_on_after(QUICK_ANSWER):
+        await exchange.read_head()
+        while not reader.complete and exchange.target.rewrites:
+            if not await exchange.read_more(LARGEST_READ):
+                break
+    if reader.complete:
+        await _respond(exchange, lambda: None)
+        return
+    failure: BackendError | None = None
+    async with trio.open_nursery() as nursery:
+        watching = trio.CancelScope()
+
+        async def watch() -> None:
+            with watching:
+                await _watch_disconnect(exchange, nursery.cancel_scope)
+
+        nursery.start_soon(watch)
+        try:
+            await exchange.read_head()
+            # Sending the last part makes Hypercorn announce http.disconnect and close the
+            # client connection from inside that send; the watcher must not cancel it.
+            await _respond(exchange, watching.cancel)
+        except BackendError as exc:
+            failure = exc  # raised here, outside the nursery, it stays a BackendError
+        watching.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _respond(exchange: _Exchange, before_last_part: Callable[[], None]) -> None:
+    """Pass on a response whose head is in."""
+    reader = exchange.reader
     target = exchange.target
     headers = strip_hop_by_hop(reader.headers)
     if target.context_path is not None and reader.status in REDIRECT_CODES:
@@ -347,47 +325,11 @@ async def _respond(exchange: _Exchange, watch_disconnect: bool) -> None:
 
     await exchange.send({"type": "http.response.start", "status": reader.status, "headers": headers})
     exchange.started = True
-    if reader.complete:  # the whole (small) response came with its head
-        body = _joined(reader.take_body())
-        if target.on_bytes is not None:
-            target.on_bytes(0, len(body))
-        exchange.finish()
-        await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
-        return
-    if not watch_disconnect:
-        await _stream_body(exchange, lambda: None)
-        return
-
-    # Hypercorn drops what is sent to a client that has gone, so a long download would run
-    # on; a client that disconnects must close the backend stream. Watching for that costs a
-    # task, so it is only started once the body turns out not to be all there already.
-    watching = trio.CancelScope()
-    async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            with watching:
-                message = await exchange.receive()
-                while message["type"] != "http.disconnect":
-                    message = await exchange.receive()
-                log.debug("%s: client went away; closing the backend stream", target.server)
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        # Sending the last part makes Hypercorn announce http.disconnect and close the
-        # client connection from inside that send; the watcher must not cancel it.
-        await _stream_body(exchange, watching.cancel)
-        watching.cancel()
-
-
-async def _stream_body(exchange: _Exchange, before_last_part: Callable[[], None]) -> None:
-    """Pass the body on as it arrives; leave the response unfinished if the backend breaks."""
-    reader = exchange.reader
-    on_bytes = exchange.target.on_bytes
     read_size = FIRST_READ
     while True:
         body = _joined(reader.take_body())
-        if body and on_bytes is not None:
-            on_bytes(0, len(body))
+        if body and target.on_bytes is not None:
+            target.on_bytes(0, len(body))
         if reader.complete:
             before_last_part()
             exchange.finish()
@@ -410,7 +352,7 @@ def _joined(parts: list[bytes]) -> bytes:
 
 def _rewrite_redirect(headers: Headers, target: RelayTarget) -> Headers:
     assert target.context_path is not None
-    backend = target.backend
+    backend = target.client.backend
     backend_hosts = [f"127.0.0.1:{backend.port}", f"localhost:{backend.port}"]
     rewritten: Headers = []
     for name, value in headers:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import httptools
 
+from .framing import response_framing_error
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -105,10 +107,15 @@ class ResponseReader:
         if 100 <= status < 200:
             self._interim = True
             return
+        problem = response_framing_error(self.headers)
+        if problem is not None:
+            raise ProtocolError(problem)
         self.status = status
         self.headers_done = True
-        for name, value in self.headers:
-            if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+        # (A response with both Transfer-Encoding and Content-Length never gets here: llhttp
+        # refuses it, as RFC 9112 §6.3 allows, so the relay answers 502.)
+        for name, _ in self.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
                 self._delimited = True
         if self._head_request or status in (204, 304):
             self._delimited = True
