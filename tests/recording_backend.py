@@ -12,7 +12,6 @@ keep-alive idleness, as many servers do).
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from functools import partial
 

@@ -26,6 +26,7 @@ from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from trioproxy.backend import Backend
 from trioproxy.errors import sole_exception
 from trioproxy.relay.websocket import (
     WebSocketTarget,
@@ -33,7 +34,6 @@ from trioproxy.relay.websocket import (
     close_for_client,
     relay_websocket,
 )
-from trioproxy.backend import Backend
 
 from .conftest import BACKENDS, PY, TOKEN, free_port, start_proxy, wait_for
 
