@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -223,3 +224,45 @@ def test_one_start_up_url(proxy_processes: list[ProxyProcess]) -> None:
     assert proxy.stop() == 0
     output = proxy.output()
     assert output.count("http://") == 1, output  # not Hypercorn's "Running on" as well
+
+
+def _request_with_head_of(size: int) -> bytes:
+    head = b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: token t\r\nX-Filler: \r\n\r\n"
+    filler = b"a" * (size - len(head))
+    return head.replace(b"X-Filler: ", b"X-Filler: " + filler)
+
+
+def _status_of(address: tuple[str, int], request: bytes, trickle: bool) -> int:
+    with socket.create_connection(address, timeout=10) as sock:
+        if trickle:
+            for i in range(0, len(request), 1024):
+                try:
+                    sock.sendall(request[i : i + 1024])
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # refused before the end of the head
+                time.sleep(0.001)
+        else:
+            sock.sendall(request)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ")[1])
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["one-write", "trickled"])
+def test_request_heads_are_limited_to_64_kib(trickle: bool, proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    host, port = proxy.base.split("//")[1].rstrip("/").split(":")
+    address = (host, int(port))
+    assert _status_of(address, _request_with_head_of(63 * 1024), trickle) == 200
+    assert _status_of(address, _request_with_head_of(64 * 1024), trickle) == 200
+    assert _status_of(address, _request_with_head_of(64 * 1024 + 1), trickle) == 431
+    assert _status_of(address, _request_with_head_of(65 * 1024), trickle) == 431
+    assert _status_of(address, _request_with_head_of(127 * 1024), trickle) == 431

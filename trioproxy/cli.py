@@ -417,7 +417,8 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                     ) from None
                 raise
             for bind in binds:
-                print(f"trioproxy is serving {len(supervisors)} server(s) at: {_start_url(app, auth, bind)}", flush=True)
+                url = _start_url(app, auth, bind)
+                print(f"trioproxy is serving {len(supervisors)} server(s) at: {url}", flush=True)
             if not auth.enabled:
                 log.warning(
                     "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server",

@@ -80,7 +80,7 @@ async def serve_http(
     from hypercorn.utils import repr_socket_addr, wrap_app
 
     websockets = WebSocketCloser(app)
-    asgi = wrap_app(cast(Any, websockets), config.wsgi_max_body_size, "asgi")
+    asgi = wrap_app(cast(Any, HeadLimit(websockets, config.h11_max_incomplete_size)), config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(asgi, config, lifespan_state)
     context = WorkerContext(None)
@@ -132,6 +132,50 @@ class _Connection(TCPServer):
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()
+
+
+class HeadLimit:
+    """ASGI middleware that answers 431 to a request whose head is larger than ``limit`` bytes.
+
+    Hypercorn's ``h11_max_incomplete_size`` only refuses a head that is still incomplete after
+    that many bytes; one that arrives complete within a single read (up to 64 KiB more) passes.
+    The head's size is counted here from what h11 parsed, which leaves out only the optional
+    whitespace around header values.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" or head_size(scope) <= self.limit:
+            await self.app(scope, receive, send)
+            return
+        message = f"Request header fields too large: the request line and headers exceed {self.limit} bytes.\n"
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(message)).encode())]
+        if scope["type"] == "http":
+            # The body is left unread: the connection closes after the answer.
+            headers.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": 431, "headers": headers})
+            await send({"type": "http.response.body", "body": message.encode()})
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send({"type": "websocket.http.response.start", "status": 431, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": message.encode()})
+        else:
+            await send({"type": "websocket.close", "code": 1009})
+
+
+def head_size(scope: dict[str, Any]) -> int:
+    """The size in bytes of the HTTP/1.1 request head that ``scope`` was parsed from."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string") or b""
+    # "METHOD SP target SP HTTP/1.1 CRLF", each "name: value CRLF", the closing CRLF.
+    size = len(scope.get("method", "GET")) + 1 + len(path) + (1 + len(query) if query else 0) + 11
+    for name, value in scope["headers"]:
+        size += len(name) + len(value) + 4
+    return size + 2
 
 
 class WebSocketCloser:
