@@ -266,3 +266,20 @@ def test_request_heads_are_limited_to_64_kib(trickle: bool, proxy_processes: lis
     assert _status_of(address, _request_with_head_of(64 * 1024 + 1), trickle) == 431
     assert _status_of(address, _request_with_head_of(65 * 1024), trickle) == 431
     assert _status_of(address, _request_with_head_of(127 * 1024), trickle) == 431
+
+
+def test_unix_socket_directory_removed_when_trioproxy_is_killed(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    config = {"ServerProxy": {"servers": {"echo": {"command": echo_command(unix=True), "unix_socket": True}}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    proxy = launch_trioproxy(["--config", str(tmp_path / "cfg.json"), "--port", "0", "--token", "t"])
+    proxy_processes.append(proxy)
+    assert httpx.get(proxy.base + "echo/?token=t").status_code == 200
+    status = servers(proxy, "t")["echo"]
+    directory = os.path.dirname(status["unix_socket"])
+    assert os.path.isdir(directory)
+    proxy.process.kill()
+    proxy.process.wait()
+    wait_until(lambda: not os.path.exists(directory), timeout=3)
+    assert not pid_alive(status["pid"])

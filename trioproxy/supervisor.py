@@ -142,6 +142,8 @@ class ServerSupervisor:
         self._owned_socket_dir: str | None = None
         self._port = process.port
         self._unix_socket = self._resolve_unix_socket()
+        if guard is not None and self._owned_socket_dir:
+            guard.remove_on_exit(self._owned_socket_dir)  # even if trioproxy is killed
         self.has_command = bool(process.command)
         if not self.has_command:
             self.state = State.READY
