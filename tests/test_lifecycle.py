@@ -217,3 +217,25 @@ def test_a_stalled_stderr_never_blocks_the_proxy(tmp_path: Path) -> None:
         process.wait()
         process.stdout.close()  # type: ignore[union-attr]
         process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_start_under_way_ends_with_its_server_at_shutdown(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    # A server that takes long to listen; the API's start runs in its supervisor, so a
+    # shutdown ends it at once (a task of the web framework's would hold the exit up).
+    (tmp_path / "cfg.py").write_text(
+        "c = get_config()  # noqa\n"
+        "c.ServerProxy.servers = {'slow': {'command': ['sleep', '60'], 'timeout': 120}}\n"
+    )
+    proxy = launch_trioproxy(["--config", str(tmp_path / "cfg.py"), "--port", "0", "--token", "t"])
+    proxy_processes.append(proxy)
+    auth = {"Authorization": "token t"}
+    answer = httpx.post(proxy.base + "server-proxy/api/servers/slow/start?wait=0", headers=auth)
+    assert answer.status_code == 202 and answer.json()["state"] == "starting"
+    wait_until(lambda: httpx.get(proxy.base + "server-proxy/api/servers/slow", headers=auth).json()["pid"], 5)
+    pid = httpx.get(proxy.base + "server-proxy/api/servers/slow", headers=auth).json()["pid"]
+    signalled = time.monotonic()
+    assert proxy.stop() == 0
+    assert time.monotonic() - signalled < 3
+    assert not pid_alive(pid)

@@ -326,6 +326,24 @@ class ServerSupervisor:
         self.policy.reset()
         await self.start(wait)
 
+    def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
+        """Run ``action`` (e.g. a start asked for by the API) in this supervisor's own nursery,
+        so that it lives as long as the supervisor, not as long as the request that asked.
+
+        Raises ServerUnavailable (503) once trioproxy is shutting down. An error in ``action``
+        is logged; it does not end the supervisor.
+        """
+        if self._nursery is None:
+            raise ServerUnavailable(self.name, 503, "trioproxy is shutting down")
+
+        async def logged() -> None:
+            try:
+                await action()
+            except Exception:
+                self.log.exception("%s: action failed", self.name)
+
+        self._nursery.start_soon(logged)
+
     # -- the process cycle ----------------------------------------------------------------
 
     async def _cycle(self, scope: trio.CancelScope, done: trio.Event) -> None:
