@@ -412,10 +412,16 @@ def _base_href(headers: Any, public_base: str) -> str:
     return f"<base href='{html.escape(public_base)}'>"
 
 
+# jupyter-server-proxy's default category puts entries in JupyterLab's "Notebook" section;
+# on a page of its own that heading says nothing. servers-info still reports the category.
+_HEADINGS = {"Notebook": "Servers", "": "Other"}
+
+
 def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
-        category = supervisor.process.launcher.category or "Other"
+        category = supervisor.process.launcher.category
+        category = _HEADINGS.get(category, category)
         categories.setdefault(category, []).append(_server_item(name, supervisor))
     sections = "\n".join(
         f"<section><h2>{html.escape(category)}</h2>\n<ul class='servers'>\n" + "\n".join(items) + "\n</ul></section>"
