@@ -208,6 +208,13 @@ class ServerSupervisor:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def wait_for_state(self, *states: State) -> State:
+        """Wait until the server is in one of ``states``; return that state. No timeout: wrap
+        the call in ``trio.fail_after`` or ``move_on_after``."""
+        while self.state not in states:
+            await self._changed.wait()
+        return self.state
+
     def touch(self) -> None:
         """Record activity (idle culling counts from the last one)."""
         self.last_activity = trio.current_time()
