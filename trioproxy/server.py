@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, cast
 
 import trio
+from hypercorn.events import Closed, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
 GOING_AWAY = 1001
@@ -129,9 +130,18 @@ class _Connection(TCPServer):
     closes the connection, as the client's side is gone.)
     """
 
+    _client_gone = False
+
     async def _read_data(self) -> None:
         await super()._read_data()
+        self._client_gone = True
         await self.idle_task.stop()
+
+    async def protocol_send(self, event: Any) -> None:
+        # A response that ends after the client left would start the timer again.
+        if self._client_gone and isinstance(event, Updated) and event.idle:
+            event = Closed()
+        await super().protocol_send(event)
 
 
 class HeadLimit:
