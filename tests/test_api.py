@@ -744,6 +744,8 @@ async def test_launcher_lists_enabled_servers_with_relative_urls(nursery: trio.N
     html = page.text
     assert "data-server='web'" in html and "data-server='same-tab'" in html and "data-server='off'" not in html
     assert "Web &lt;App&gt;" in html and "<h2>Tools</h2>" in html
+    # jupyter-server-proxy's default category, "Notebook", is headed as what it is here.
+    assert "<h2>Servers</h2>" in html and "Notebook" not in html
     assert "src='server-proxy/icon/web'" in html
     assert "href='./web/' target='_blank'" in html and "href='./x:1/'>" in html
     # Relative URLs only, right under any base URL and behind any prefix; behind a prefix that

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def test_jupyter_server_proxy_config_serves_lazily_and_restarts(
         ["--config", "cfg.py", "--port", str(port), "--token", "secret123"], cwd=str(tmp_path)
     )
     proxy_processes.append(proxy)
-    assert proxy.url == f"http://127.0.0.1:{port}/?token=secret123"
+    # A token the user chose is not shown (as in Jupyter Server).
+    assert proxy.url == f"http://127.0.0.1:{port}/?token=..."
+    assert "secret123" not in proxy.output()
     assert servers(proxy, "secret123")["web"]["state"] == "stopped"
 
     url = f"http://127.0.0.1:{port}/web/hello.txt?token=secret123"
@@ -114,8 +117,10 @@ def test_port_in_use_is_a_clear_error() -> None:
             [PY, "-m", "trioproxy", "--port", str(port)], capture_output=True, text=True, timeout=30
         )
     assert result.returncode == 1
-    assert "Address already in use" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in result.stderr
+    assert "--port" in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("trioproxy: cannot listen on")
 
 
 def test_help_lists_the_options() -> None:
@@ -141,7 +146,9 @@ def test_generate_config(tmp_path: Path) -> None:
 def test_token_from_environment_and_generated(proxy_processes: list[ProxyProcess]) -> None:
     proxy = launch_trioproxy(["--port", "0"], env={"JUPYTER_TOKEN": "from-env"})
     proxy_processes.append(proxy)
-    assert proxy.url.endswith("?token=from-env")
+    assert proxy.url.endswith("?token=...")
+    assert "from-env" not in proxy.output()
+    assert httpx.get(proxy.base + "server-proxy/api/servers?token=from-env").status_code == 200
     env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
     generated = launch_trioproxy(["--port", "0"], env=env)
     proxy_processes.append(generated)
@@ -192,3 +199,87 @@ def test_children_die_when_trioproxy_is_killed(tmp_path: Path, proxy_processes: 
     killed_at = time.monotonic()
     wait_until(lambda: not pid_alive(pid), timeout=5)
     assert time.monotonic() - killed_at < 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prot", "18801"], "unknown option --prot (did you mean --port?)"),
+        (["--tokn=abc"], "unknown option --tokn (did you mean --token?)"),
+        (["--frobnicate", "1"], "unknown option --frobnicate; trioproxy --help lists the options"),
+    ],
+)
+def test_unknown_option_stops_start_up_with_a_suggestion(args: list[str], message: str) -> None:
+    result = subprocess.run([PY, "-m", "trioproxy", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"trioproxy: {message}" or message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "trioproxy is serving" not in result.stdout
+
+
+def test_one_start_up_url(proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    assert httpx.get(proxy.base + "?token=t").status_code == 200
+    assert proxy.stop() == 0
+    output = proxy.output()
+    assert output.count("http://") == 1, output  # not Hypercorn's "Running on" as well
+
+
+def _request_with_head_of(size: int) -> bytes:
+    head = b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: token t\r\nX-Filler: \r\n\r\n"
+    filler = b"a" * (size - len(head))
+    return head.replace(b"X-Filler: ", b"X-Filler: " + filler)
+
+
+def _status_of(address: tuple[str, int], request: bytes, trickle: bool) -> int:
+    with socket.create_connection(address, timeout=10) as sock:
+        if trickle:
+            for i in range(0, len(request), 1024):
+                try:
+                    sock.sendall(request[i : i + 1024])
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # refused before the end of the head
+                time.sleep(0.001)
+        else:
+            sock.sendall(request)
+        answer = b""
+        while b"\r\n" not in answer:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ")[1])
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["one-write", "trickled"])
+def test_request_heads_are_limited_to_64_kib(trickle: bool, proxy_processes: list[ProxyProcess]) -> None:
+    proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    host, port = proxy.base.split("//")[1].rstrip("/").split(":")
+    address = (host, int(port))
+    assert _status_of(address, _request_with_head_of(63 * 1024), trickle) == 200
+    assert _status_of(address, _request_with_head_of(64 * 1024), trickle) == 200
+    assert _status_of(address, _request_with_head_of(64 * 1024 + 1), trickle) == 431
+    assert _status_of(address, _request_with_head_of(65 * 1024), trickle) == 431
+    assert _status_of(address, _request_with_head_of(127 * 1024), trickle) == 431
+
+
+def test_unix_socket_directory_removed_when_trioproxy_is_killed(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    config = {"ServerProxy": {"servers": {"echo": {"command": echo_command(unix=True), "unix_socket": True}}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    proxy = launch_trioproxy(["--config", str(tmp_path / "cfg.json"), "--port", "0", "--token", "t"])
+    proxy_processes.append(proxy)
+    assert httpx.get(proxy.base + "echo/?token=t").status_code == 200
+    status = servers(proxy, "t")["echo"]
+    directory = os.path.dirname(status["unix_socket"])
+    assert os.path.isdir(directory)
+    proxy.process.kill()
+    proxy.process.wait()
+    wait_until(lambda: not os.path.exists(directory), timeout=3)
+    assert not pid_alive(status["pid"])

@@ -70,7 +70,8 @@ async def test_autostart_starts_at_boot(nursery: trio.Nursery, tmp_path: Path) -
     supervisors = await run_supervisors(
         nursery, {"web": {"command": serve_command(tmp_path), "autostart": True}}
     )
-    await wait_for(lambda: supervisors["web"].state is State.READY)
+    with trio.fail_after(10):
+        await supervisors["web"].wait_for_state(State.READY)
     assert len(starts(tmp_path)) == 1
 
 
@@ -173,7 +174,8 @@ async def test_crash_loop_backs_off_then_fails(nursery: trio.Nursery, tmp_path: 
         {"loop": {"command": command, "max_failures": 4, "backoff_initial": 0.1, "autostart": True}},
     )
     loop = supervisors["loop"]
-    await wait_for(lambda: loop.state is State.FAILED, timeout=15)
+    with trio.fail_after(15):
+        await loop.wait_for_state(State.FAILED)
     assert record.read_text() == "xxxx"
     assert "gave up after 4 failures" in loop.reason
     states_seen = loop.reason
@@ -206,7 +208,8 @@ async def test_exit_zero_is_stopped_and_starts_again_on_demand(nursery: trio.Nur
     backend = (await once.ensure_ready()).backend
     first = once.pid
     assert await get(backend.port) == 200
-    await wait_for(lambda: once.state is State.STOPPED)
+    with trio.fail_after(10):
+        await once.wait_for_state(State.STOPPED)
     assert once.last_exit_code == 0 and once.restarts == 0
     await once.ensure_ready()
     assert once.pid != first and once.state is State.READY
@@ -376,7 +379,8 @@ async def test_idle_timeout_stops_and_next_use_restarts(nursery: trio.Nursery, t
     )
     idle = supervisors["idle"]
     await idle.ensure_ready()
-    await wait_for(lambda: idle.state is State.STOPPED, timeout=5)
+    with trio.fail_after(5):
+        await idle.wait_for_state(State.STOPPED)
     await idle.ensure_ready()
     assert len(starts(tmp_path)) == 2
 
@@ -403,7 +407,8 @@ async def test_stop_clears_a_failed_server(nursery: trio.Nursery) -> None:
     bad = supervisors["bad"]
     with pytest.raises(ServerUnavailable):
         await bad.ensure_ready()
-    await wait_for(lambda: bad.state is State.FAILED)
+    with trio.fail_after(10):
+        await bad.wait_for_state(State.FAILED)
     assert "not restarting (restart: never)" in bad.reason
     await bad.stop()
     assert bad.state is State.STOPPED
@@ -425,7 +430,8 @@ async def test_start_while_stopping_is_not_lost(nursery: trio.Nursery, tmp_path:
     await web.ensure_ready()
     first = web.pid
     nursery.start_soon(web.stop)
-    await wait_for(lambda: web.state is State.STOPPING)
+    with trio.fail_after(10):
+        await web.wait_for_state(State.STOPPING)
     await web.start(wait=False)
     await wait_for(lambda: web.state is State.READY and web.pid not in (None, first))
 
@@ -460,7 +466,8 @@ async def test_idle_culling_waits_for_requests_in_flight(nursery: trio.Nursery, 
     await trio.sleep(1.0)
     assert idle.state is State.READY
     idle.active -= 1
-    await wait_for(lambda: idle.state is State.STOPPED, timeout=5)
+    with trio.fail_after(5):
+        await idle.wait_for_state(State.STOPPED)
     assert idle.reason == "idle for 0.3 s"
 
 

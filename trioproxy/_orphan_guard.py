@@ -1,11 +1,13 @@
 """The orphan guard's own process: ``python -m trioproxy._orphan_guard``.
 
-Reads ``+PGID`` and ``-PGID`` lines on stdin from trioproxy. When stdin reaches its end,
-trioproxy is gone: every group still registered gets SIGTERM, then SIGKILL shortly after.
+Reads ``+PGID`` and ``-PGID`` lines on stdin from trioproxy, and ``>PATH`` for a directory
+trioproxy made (for Unix sockets). When stdin reaches its end, trioproxy is gone: every group
+still registered gets SIGTERM, then SIGKILL shortly after, and the directories are removed.
 """
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,7 +28,11 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     groups: set[int] = set()
+    directories: set[str] = set()
     for line in sys.stdin.buffer:
+        if line.startswith(b">"):
+            directories.add(os.fsdecode(line[1:].rstrip(b"\n")))
+            continue
         text = line.strip()
         try:
             pgid = int(text[1:])
@@ -42,6 +48,9 @@ def main() -> None:
         time.sleep(0.05)
         groups = _kill(groups, 0)
     _kill(groups, signal.SIGKILL)
+    # Once the servers are gone, so nothing recreates a socket in them.
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path, PurePosixPath
 from string import Template
 from typing import Any, cast
@@ -220,9 +221,13 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
             except ServerUnavailable as exc:
                 return _error(exc.status, str(exc), server=name, output=exc.output)
         outcome = _Outcome()
-        # The action runs beside the request, not in it: a client that goes away must not
-        # leave a restart half done (stopped, never started again).
-        current_app.add_background_task(_run_action, supervisor, action, outcome)
+        # The action runs in the supervisor's nursery, not in the request: a client that goes
+        # away must not leave a restart half done (stopped, never started again), and a
+        # shutdown ends it with the server.
+        try:
+            supervisor.spawn(partial(_run_action, supervisor, action, outcome))
+        except ServerUnavailable as exc:
+            return _error(exc.status, str(exc), server=name)
         if not wait:
             return jsonify(status(name)), 202
         await outcome.done.wait()
@@ -407,10 +412,16 @@ def _base_href(headers: Any, public_base: str) -> str:
     return f"<base href='{html.escape(public_base)}'>"
 
 
+# jupyter-server-proxy's default category puts entries in JupyterLab's "Notebook" section;
+# on a page of its own that heading says nothing. servers-info still reports the category.
+_HEADINGS = {"Notebook": "Servers", "": "Other"}
+
+
 def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
-        category = supervisor.process.launcher.category or "Other"
+        category = supervisor.process.launcher.category
+        category = _HEADINGS.get(category, category)
         categories.setdefault(category, []).append(_server_item(name, supervisor))
     sections = "\n".join(
         f"<section><h2>{html.escape(category)}</h2>\n<ul class='servers'>\n" + "\n".join(items) + "\n</ul></section>"

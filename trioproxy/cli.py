@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import errno
 import ipaddress
 import logging
 import os
@@ -15,25 +17,42 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
-
-if sys.version_info < (3, 11):
-    pass
-
 from traitlets import Bool, Float, Int, List, Unicode, default
 from traitlets.config import Application, Config
-from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
+from traitlets.config.loader import (
+    ConfigFileNotFound,
+    JSONFileConfigLoader,
+    KVArgParseConfigLoader,
+    PyFileConfigLoader,
+)
 
 from . import __version__
-from .auth import TokenAuth, generate_token
+from .auth import MaskingFormatter, TokenAuth, generate_token
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
 from .errors import sole_exception
-from .logs import setup_logging
+from .logs import BatchedHandler, setup_logging
 
 log = logging.getLogger("trioproxy")
 
 DEFAULT_SERVER = "files"
 # Largest request head (request line and headers) accepted; larger ones get 431.
 MAX_REQUEST_HEAD = 64 * 1024
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported in one line, with the fix where one is likely."""
+
+
+class _StrictArgParser(KVArgParseConfigLoader):
+    """traitlets' command-line parser, which only warns about an unknown option and runs on."""
+
+    def _handle_unrecognized_alias(self, arg: str) -> None:
+        known = [name for name in (*self.aliases, *self.flags) if isinstance(name, str) and len(name) > 1]
+        message = f"unknown option --{arg}"
+        close = difflib.get_close_matches(arg, known, n=1)
+        if close:
+            message += f" (did you mean --{close[0]}?)"
+        raise UsageError(message + "; trioproxy --help lists the options")
 
 
 class TrioProxy(Application):
@@ -82,7 +101,13 @@ class TrioProxy(Application):
     body_timeout = Float(
         60.0, help="Seconds a client may pause while sending a request body before getting 408."
     ).tag(config=True)
+    graceful_timeout = Float(
+        5.0,
+        help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
+    ).tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
+    # The token trioproxy made up, if it did: only that one is shown in the start-up URL.
+    generated_token: str | None = None
     # Without --config: (path, error or None) for each jupyter_server_config file found on the
     # Jupyter config path, logged once logging is set up (see load_jupyter_config).
     loaded_jupyter_configs: List[Any] = List()
@@ -93,6 +118,7 @@ class TrioProxy(Application):
         "port": "TrioProxy.port",
         "base-url": "TrioProxy.base_url",
         "token": "TrioProxy.token",
+        "graceful-timeout": "TrioProxy.graceful_timeout",
         "log-level": "Application.log_level",
     }
     flags = {
@@ -115,6 +141,9 @@ class TrioProxy(Application):
     @default("log_format")
     def _default_log_format(self) -> str:
         return "[%(levelname)1.1s %(asctime)s %(name)s] %(message)s"
+
+    def _create_loader(self, argv: Any, aliases: Any, flags: Any, classes: Any) -> KVArgParseConfigLoader:
+        return _StrictArgParser(argv, aliases, flags, classes=classes, log=self.log, subcommands=self.subcommands)
 
     def load_file(self, path: str) -> None:
         directory, filename = os.path.split(os.path.abspath(path))
@@ -295,7 +324,10 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
                 )
             token = None
         else:
-            token = app.token or os.environ.get("JUPYTER_TOKEN") or generate_token()
+            token = app.token or os.environ.get("JUPYTER_TOKEN")
+            if not token:
+                token = generate_token()
+                app.generated_token = token
         auth = TokenAuth(token, base_url=base_url)
 
     settings = Settings(
@@ -338,7 +370,8 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     # Relayed responses carry the backend's own Date and Server headers.
     hconfig.include_date_header = False
     hconfig.include_server_header = False
-    hconfig.graceful_timeout = 1
+    # On SIGTERM or SIGINT, requests under way get this long before they are cut off.
+    hconfig.graceful_timeout = app.graceful_timeout
     _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
 
@@ -354,36 +387,68 @@ def _as_list(value: Any) -> list[Any]:
     return list(value or [])
 
 
-async def serve(app: TrioProxy) -> None:
+async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: BatchedHandler) -> None:
     from .server import run_app
 
-    formatter, access_log = setup_logging(cast(int, app.log_level), app.log_format)
     _log_jupyter_config(app)
     hconfig, supervisors, asgi_app = build(app)
     auth = asgi_app.extensions["trioproxy"].settings.auth
     formatter.known.extend(auth.known_secrets())
     asgi_app.extensions["trioproxy"].services.append(access_log.run)
+    shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(run_app, asgi_app, hconfig)
-            base_url = auth.base_url
-            token = getattr(auth, "token", None)
+
+            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+                await run_app(asgi_app, hconfig, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            try:
+                binds = await nursery.start(run)
+            except BaseException as exc:
+                error = sole_exception(exc)
+                if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+                    address = hconfig.bind[0]
+                    raise OSError(
+                        error.errno,
+                        f"cannot listen on {address}: the address is already in use (by another "
+                        "trioproxy or a Jupyter server?); choose another port with --port N "
+                        "(--port 0 picks a free one)",
+                    ) from None
+                raise
             for bind in binds:
-                url = bind + base_url
-                if token:
-                    # The only place the token is shown: logs mask it.
-                    url += f"?token={token}"
+                url = _start_url(app, auth, bind)
                 print(f"trioproxy is serving {len(supervisors)} server(s) at: {url}", flush=True)
             if not auth.enabled:
                 log.warning(
                     "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server",
                     ", ".join(binds),
                 )
-            async for signum in signals:
-                log.info("received %s: stopping every server", signal.Signals(signum).name)
-                break
-            nursery.cancel_scope.cancel()
+            nursery.start_soon(_shut_down_on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope)
     log.info("stopped")
+
+
+def _start_url(app: TrioProxy, auth: Any, bind: str) -> str:
+    """The URL to open. A token the user chose is theirs to know and stays out of the terminal
+    (and of whatever records it), as Jupyter Server does; a generated one must be shown."""
+    url = bind + auth.base_url
+    if getattr(auth, "token", None):
+        url += f"?token={app.generated_token}" if app.generated_token else "?token=..."
+    return url
+
+
+async def _shut_down_on_signals(
+    signals: Any, shutdown: trio.Event, grace: float, everything: trio.CancelScope
+) -> None:
+    """The first SIGINT or SIGTERM shuts down gracefully; a second one cuts it short."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not shutdown.is_set():
+            log.info("received %s: finishing requests under way (up to %g s), then stopping every server", name, grace)
+            shutdown.set()
+        else:
+            log.info("received %s again: stopping every server now", name)
+            everything.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -402,13 +467,19 @@ def main(argv: list[str] | None = None) -> None:
                 file.write(app.generate_config_file())
             print(f"wrote {path}")
             return
+        formatter, access_log, writer = setup_logging(cast(int, app.log_level), app.log_format)
         try:
-            trio.run(serve, app)
+            trio.run(serve, app, formatter, access_log)
         except BaseException as exc:
             # Errors from inside nurseries come wrapped in exception groups.
             raise sole_exception(exc) from None
+        finally:
+            writer.close()
     except ConfigError as exc:
         print(f"trioproxy: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except UsageError as exc:
+        print(f"trioproxy: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
         print(f"trioproxy: {exc.strerror or exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -31,6 +32,12 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def _refresh(retry_after: float | None) -> str:
+    if retry_after is None:
+        return ""
+    return f"<meta http-equiv='refresh' content='{max(1, math.ceil(retry_after))}'>"
+
+
 def render_error(
     status: int,
     message: str,
@@ -38,8 +45,13 @@ def render_error(
     as_json: bool,
     server: str | None = None,
     output: list[str] | None = None,
+    retry_after: float | None = None,
 ) -> tuple[bytes, bytes]:
-    """(content type, body) for an error."""
+    """(content type, body) for an error.
+
+    ``retry_after``: the condition is passing (a server starting or backing off): an HTML page
+    reloads itself after that many seconds, so a browser lands on the server once it is ready.
+    """
     if as_json:
         document: dict[str, Any] = {"status": status, "error": _phrase(status), "message": message}
         if server is not None:
@@ -52,7 +64,7 @@ def render_error(
     last_output = f"<h2>Last output</h2><pre>{lines}</pre>" if lines else ""
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
+        f"{_refresh(retry_after)}<title>{html.escape(title)}</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
         "pre{background:#f4f4f4;padding:1em;overflow:auto}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>{last_output}"
@@ -70,9 +82,11 @@ async def send_error(
     server: str | None = None,
     output: list[str] | None = None,
     extra_headers: Headers | None = None,
+    retry_after: float | None = None,
 ) -> None:
+    """Send an error response; with ``retry_after``, also as ``Retry-After`` (RFC 9110 10.2.3)."""
     content_type, body = render_error(
-        status, message, as_json=wants_json(request_headers), server=server, output=output
+        status, message, as_json=wants_json(request_headers), server=server, output=output, retry_after=retry_after
     )
     headers = [
         (b"content-type", content_type),
@@ -80,6 +94,8 @@ async def send_error(
         (b"cache-control", b"no-store"),
         *(extra_headers or []),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

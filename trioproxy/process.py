@@ -4,7 +4,7 @@ A child never outlives trioproxy: stopping sends SIGTERM to the child's process 
 after a grace period, and whatever the group leader leaves behind when it exits is killed with
 it. If trioproxy itself is killed with SIGKILL it cannot do that, so an :class:`OrphanGuard`
 process (started once) holds the other end of a pipe and kills every registered group when the
-pipe closes.
+pipe closes, and removes the directories registered with it.
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ class OrphanGuard:
 
     def unwatch(self, pgid: int) -> None:
         self._send(f"-{pgid}")
+
+    def remove_on_exit(self, directory: str) -> None:
+        """Have the guard remove ``directory`` (and what is in it) once trioproxy has gone,
+        should trioproxy not get to do it itself."""
+        if "\n" in directory:
+            raise ValueError(f"cannot register a path with a newline: {directory!r}")
+        self._send(f">{directory}")
 
     def close(self) -> None:
         if self._fd is not None:

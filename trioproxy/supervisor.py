@@ -163,6 +163,8 @@ class ServerSupervisor:
         self._owned_socket_dir: str | None = None
         self._port = process.port
         self._unix_socket = self._resolve_unix_socket()
+        if guard is not None and self._owned_socket_dir:
+            guard.remove_on_exit(self._owned_socket_dir)  # even if trioproxy is killed
         self.has_command = bool(process.command)
         if not self.has_command:
             self.state = State.READY
@@ -241,6 +243,13 @@ class ServerSupervisor:
         if client is not None:
             client.close()
             self._notify()
+
+    async def wait_for_state(self, *states: State) -> State:
+        """Wait until the server is in one of ``states``; return that state. No timeout: wrap
+        the call in ``trio.fail_after`` or ``move_on_after``."""
+        while self.state not in states:
+            await self._changed.wait()
+        return self.state
 
     def touch(self) -> None:
         """Record activity (idle culling counts from the last one)."""
@@ -365,6 +374,24 @@ class ServerSupervisor:
         await self._stop()
         self.policy.reset()
         await self.start(wait)
+
+    def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
+        """Run ``action`` (e.g. a start asked for by the API) in this supervisor's own nursery,
+        so that it lives as long as the supervisor, not as long as the request that asked.
+
+        Raises ServerUnavailable (503) once trioproxy is shutting down. An error in ``action``
+        is logged; it does not end the supervisor.
+        """
+        if self._nursery is None:
+            raise ServerUnavailable(self.name, 503, "trioproxy is shutting down")
+
+        async def logged() -> None:
+            try:
+                await action()
+            except Exception:
+                self.log.exception("%s: action failed", self.name)
+
+        self._nursery.start_soon(logged)
 
     # -- the process cycle ----------------------------------------------------------------
 
