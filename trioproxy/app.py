@@ -18,6 +18,7 @@ from urllib.parse import unquote
 from quart_trio import QuartTrio
 
 from .auth import Identity, TokenAuth, mask_secrets, strip_token_from_query
+from .backend import Backend
 from .body import BodyGuard
 from .config import ServerProcess
 from .errors import send_error, send_redirect
@@ -26,7 +27,6 @@ from .relay.headers import Headers, forwarded_headers, replace_headers, requote_
 from .relay.http import BackendError, ConnectionPool, RelayTarget, relay_http
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
 from .routing import Route, resolve
-from .backend import Backend
 from .supervisor import ServerUnavailable, Supervisors
 from .templating import TemplateError, call_with_asked_args, expand_dict
 

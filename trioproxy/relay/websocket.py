@@ -33,8 +33,8 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
-from ..errors import render_error, sole_exception
 from ..backend import Backend, connect
+from ..errors import render_error, sole_exception
 from .headers import Headers, header_value, strip_hop_by_hop, wants_json
 
 if sys.version_info < (3, 11):
