@@ -1,4 +1,5 @@
-"""Running the app: supervisors and Hypercorn in one nursery, torn down together."""
+"""Running the app: supervisors and the listener (Hypercorn, plus the WebSocket fast path) in
+one nursery, torn down together."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ async def run_app(
 ) -> None:
     """Serve ``app`` (from :func:`trioproxy.app.create_app`) until cancelled.
 
-    Reports Hypercorn's bound addresses once it listens. On cancellation Hypercorn stops,
+    Reports the bound addresses once it listens. Connections are served by Hypercorn, except
+    those that open with a WebSocket upgrade to a relayed route (:mod:`trioproxy.fastpath`). On cancellation Hypercorn stops,
     every server is stopped concurrently, and pooled backend connections are closed.
     """
-    import hypercorn.trio
+    from .fastpath import WebSocketFastPath
+    from .listener import serve
 
     dispatcher = app.extensions["trioproxy"]
     try:
@@ -25,7 +28,13 @@ async def run_app(
             for service in dispatcher.services:
                 await nursery.start(service)
             binds = await nursery.start(
-                partial(hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=trio.sleep_forever)
+                partial(
+                    serve,
+                    app,
+                    hypercorn_config,
+                    upgrade_handler=WebSocketFastPath(dispatcher),
+                    shutdown_trigger=trio.sleep_forever,
+                )
             )
             task_status.started(binds)
     finally:
