@@ -163,7 +163,7 @@ class WebSocketFastPath:
             on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
             close_timeout=self.close_timeout,
         )
-        dispatcher.metrics.websocket_opened(label)
+        dispatcher.metrics.websocket_tunnelled(label)
         self.tunnels.add(tunnel)
         if supervisor is not None:
             supervisor.active += 1
