@@ -29,6 +29,7 @@ PANELS = [  # row id, title, threshold for trioproxy (or None)
     ("down_rss_mib", "download: proxy peak RSS (MiB) ↓", 100),
     ("ws_seq_rate", "WebSocket echo, 1 conn (msg/s) ↑", None),
     ("ws_conc_rate", "WebSocket echo, 100 conns (msg/s) ↑", None),
+    ("ws_large_deflate_mbps", "WebSocket 0.9 MB JSON, deflate offered (MB/s) ↑", None),
     ("sse_plain_max_ms", "SSE without Accept: slowest event (ms) ↓", None),
     ("crash_spawns_per_min", "crash loop: spawns/min ↓", 10),
     ("startup_ms", "start-up (ms) ↓", 1000),

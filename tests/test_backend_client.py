@@ -124,7 +124,9 @@ async def test_odd_heads_give_at_most_one_clean_request(nursery: trio.Nursery, s
     proxy = await logged_proxy(nursery, backend)
     answer = await raw_request(proxy_port(proxy), shape, timeout=2)
     assert statuses(answer)[:1] in ([200], [400]), answer[:300]
-    assert len(backend.requests) == statuses(answer).count(200) <= 1
+    # (Bytes after a Connection: close request make Hypercorn answer 400 itself while the
+    # request is already being relayed; still, nothing but that one request reaches the backend.)
+    assert statuses(answer).count(200) <= len(backend.requests) <= 1
     for request in backend.requests:
         assert request.target == "/a"
         assert request.header("x-forwarded-for") == "127.0.0.1"

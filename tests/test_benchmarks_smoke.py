@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["startup", "cold-start", "restart", "crash-loop", "small", "large", "websocket", "sse"]
+SCENARIOS = ["startup", "cold-start", "restart", "crash-loop", "small", "large", "websocket", "websocket-large", "sse"]
 
 
 def test_quick_benchmark_run_completes(tmp_path: Path) -> None:

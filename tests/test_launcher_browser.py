@@ -160,3 +160,46 @@ async def test_launcher_works_behind_another_proxys_prefix(nursery: trio.Nursery
         await trio.to_thread.run_sync(drive_behind_prefix, f"{outer.url}proxy/{inner_port}/?token={TOKEN}")
     assert inner.supervisors["echo"].state is State.STOPPED
     assert inner.supervisors["echo"].starts == 1
+
+
+PANEL_APP = """\
+import panel as pn
+
+count = pn.widgets.IntInput(name="count", value=0)
+button = pn.widgets.Button(name="Add one")
+button.on_click(lambda event: setattr(count, "value", count.value + 1))
+pn.Column("Hello from Panel in Chromium", button, pn.bind(lambda n: f"Clicked {n} times", count)).servable()
+"""
+
+
+def drive_panel(url: str) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            # The document arrives over Bokeh's WebSocket; a click goes back over it, and
+            # the server's answer comes back over it again.
+            expect(page.get_by_text("Hello from Panel in Chromium")).to_be_visible()
+            page.get_by_role("button", name="Add one").click()
+            expect(page.get_by_text("Clicked 1 times")).to_be_visible()
+        finally:
+            browser.close()
+
+
+@pytest.mark.e2e
+async def test_chromium_drives_a_panel_app_through_the_websocket_fast_path(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    expect.set_options(timeout=30_000)
+    (tmp_path / "app.py").write_text(PANEL_APP)
+    command = [
+        PY, "-m", "panel", "serve", str(tmp_path / "app.py"),
+        "--port", "{port}", "--allow-websocket-origin=*", "--prefix", "{base_url}panel",
+    ]  # fmt: skip
+    servers = {"panel": {"command": command, "absolute_url": True, "timeout": 25, "cwd": str(tmp_path)}}
+    proxy = await start_proxy(nursery, servers)
+    with trio.fail_after(90):
+        await trio.to_thread.run_sync(drive_panel, f"{proxy.url}panel/app?token={TOKEN}")
+    metrics = proxy.app.extensions["trioproxy"].metrics
+    assert metrics.websockets_tunnelled.get("panel", 0) >= 1  # the browser's WebSocket took the fast path

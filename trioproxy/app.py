@@ -23,6 +23,7 @@ from .backend import Backend, BackendClient, BackendError, ClientOptions, ProxyT
 from .body import BodyGuard
 from .config import ServerProcess
 from .errors import send_error, send_redirect
+from .listener import CLIENT_SOCKET
 from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_access
 from .relay.framing import FramingError, declared_length
 from .relay.headers import Headers
@@ -311,6 +312,7 @@ class Dispatcher:
             request_host=next((v.decode("latin-1") for n, v in headers_in if n == b"host"), None),
             # A request rides through restarts of its server until its timeout.
             replacement=supervisor.replacement(began + supervisor.process.timeout) if supervisor else None,
+            client_socket=scope.get(CLIENT_SOCKET),
         )
         exchange = send
         if identity.set_cookie is not None:

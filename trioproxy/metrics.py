@@ -50,6 +50,7 @@ class Metrics:
         self.http: dict[tuple[str, int], list[int]] = {}
         self.websockets_open: dict[str, int] = {}
         self.websockets_total: dict[str, int] = {}
+        self.websockets_tunnelled: dict[str, int] = {}  # of those, relayed as bytes (fast path)
 
     def request_done(self, server: str, status: int, received: int, sent: int) -> None:
         key = (server, status // 100)
@@ -63,6 +64,10 @@ class Metrics:
     def websocket_opened(self, server: str) -> None:
         self.websockets_open[server] = self.websockets_open.get(server, 0) + 1
         self.websockets_total[server] = self.websockets_total.get(server, 0) + 1
+
+    def websocket_tunnelled(self, server: str) -> None:
+        self.websocket_opened(server)
+        self.websockets_tunnelled[server] = self.websockets_tunnelled.get(server, 0) + 1
 
     def websocket_closed(self, server: str) -> None:
         self.websockets_open[server] -= 1
@@ -195,6 +200,12 @@ def _lines(metrics: Metrics, supervisors: Mapping[str, Any]) -> Iterator[str]:
         "counter",
         "WebSocket connections accepted.",
         [({"server": s}, metrics.websockets_total.get(s, 0)) for s in ws_servers],
+    )
+    yield from _family(
+        "trioproxy_websockets_tunnelled_total",
+        "counter",
+        "WebSocket connections relayed as bytes (the fast path), of those accepted.",
+        [({"server": s}, metrics.websockets_tunnelled.get(s, 0)) for s in ws_servers],
     )
     yield from _server_lines(supervisors)
 

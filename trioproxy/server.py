@@ -1,4 +1,4 @@
-"""Running the app: supervisors, Hypercorn's connection handling in our own serve loop, and the
+"""Running the app: supervisors, the listener (Hypercorn, plus the WebSocket fast path), and the
 order of a graceful shutdown.
 
 :func:`run_app` nests the lifetimes: the supervisors outlive the HTTP server, so the requests
@@ -7,19 +7,15 @@ stops accepting connections, closes idle keep-alive connections, closes WebSocke
 (going away), gives in-flight HTTP requests up to Hypercorn's ``graceful_timeout`` to finish,
 and only then stops the servers. Cancelling :func:`run_app` instead stops everything at once.
 
-The serve loop is :func:`hypercorn.trio.serve`'s, minus what trioproxy does not use (QUIC,
-statsd, ``max_requests``, the "Running on" log line: the command prints the one URL to open),
-so that each connection runs in :class:`_Connection`.
+Connections are accepted by :mod:`trioproxy.listener`; what comes through Hypercorn passes the
+ASGI middlewares here (the head limit, the WebSocket closer) before the app.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import trio
-from hypercorn.events import Closed, Updated
-from hypercorn.trio.tcp_server import TCPServer
 
 GOING_AWAY = 1001
 
@@ -38,13 +34,17 @@ async def run_app(
     gracefully (see the module's docstring) and returns; on cancellation Hypercorn stops and
     every server is stopped concurrently. Pooled backend connections are closed either way.
     """
+    from .fastpath import WebSocketFastPath
+
     dispatcher = app.extensions["trioproxy"]
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.supervisors.run)
             for service in dispatcher.services:
                 await nursery.start(service)
-            binds = await nursery.start(_serve_then_stop, app, hypercorn_config, shutdown, nursery.cancel_scope)
+            binds = await nursery.start(
+                _serve_then_stop, app, hypercorn_config, shutdown, WebSocketFastPath(dispatcher), nursery.cancel_scope
+            )
             task_status.started(binds)
     finally:
         dispatcher.proxy_targets.close()
@@ -54,11 +54,12 @@ async def _serve_then_stop(
     app: Any,
     config: Any,
     shutdown: trio.Event | None,
+    fast_path: Any,
     everything: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_http(app, config, shutdown=shutdown, task_status=task_status)
+    await serve_http(app, config, shutdown=shutdown, upgrade_handler=fast_path, task_status=task_status)
     everything.cancel()  # the HTTP server is done: now the supervisors stop their servers
 
 
@@ -67,6 +68,7 @@ async def serve_http(
     config: Any,
     *,
     shutdown: trio.Event | None = None,
+    upgrade_handler: Any = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` with Hypercorn's ``config`` until ``shutdown`` is set, then shut
@@ -75,73 +77,17 @@ async def serve_http(
 
     Raises OSError if an address cannot be bound.
     """
-    from hypercorn.trio.lifespan import Lifespan
-    from hypercorn.trio.worker_context import WorkerContext
-    from hypercorn.typing import ConnectionState
-    from hypercorn.utils import repr_socket_addr, wrap_app
+    from .listener import serve
 
     websockets = WebSocketCloser(app)
-    asgi = wrap_app(cast(Any, HeadLimit(websockets, config.h11_max_incomplete_size)), config.wsgi_max_body_size, "asgi")
-    lifespan_state: dict[str, Any] = {}
-    lifespan = Lifespan(asgi, config, lifespan_state)
-    context = WorkerContext(None)
-
-    async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.handle_lifespan)
-        await lifespan.wait_for_startup()
-        async with trio.open_nursery() as connections:
-            sockets = config.create_sockets()
-            listeners: list[Any] = []
-            binds = []
-            ssl_context = config.create_ssl_context()
-            for sock in sockets.secure_sockets:
-                sock.listen(config.backlog)
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                listeners.append(trio.SSLListener(listener, ssl_context, https_compatible=True))
-                binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            handler = partial(_Connection, asgi, config, context, ConnectionState(lifespan_state.copy()))
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=connections))
-                task_status.started(binds)
-                if shutdown is None:
-                    await trio.sleep_forever()
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()  # closes the listeners: new connections are refused
-            # Idle keep-alive connections close now, busy ones once their response is sent.
-            await context.terminated.set()
-            websockets.close_all()
-            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
-        await lifespan.wait_for_shutdown()
-        lifespan_nursery.cancel_scope.cancel()
-
-
-class _Connection(TCPServer):
-    """Hypercorn's handler of one client connection, which lets go of it when the client has.
-
-    Hypercorn runs a keep-alive timer task beside an idle connection and closes the socket only
-    once every task of the connection has ended; when the client closes an idle connection, the
-    reader stops but the timer runs on, so the socket (a file descriptor, in CLOSE_WAIT) stayed
-    open until ``keep_alive_timeout``. Once nothing more can be read, the timer has nothing to
-    wait for: stop it. (A request still being answered stopped the timer already; its end
-    closes the connection, as the client's side is gone.)
-    """
-
-    _client_gone = False
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        self._client_gone = True
-        await self.idle_task.stop()
-
-    async def protocol_send(self, event: Any) -> None:
-        # A response that ends after the client left would start the timer again.
-        if self._client_gone and isinstance(event, Updated) and event.idle:
-            event = Closed()
-        await super().protocol_send(event)
+    await serve(
+        HeadLimit(websockets, config.h11_max_incomplete_size),
+        config,
+        upgrade_handler=upgrade_handler,
+        shutdown_trigger=shutdown.wait if shutdown is not None else None,
+        on_shutdown=websockets.close_all,
+        task_status=task_status,
+    )
 
 
 class HeadLimit:

@@ -232,15 +232,16 @@ def wait_listening(port: int, timeout: float, interval: float = 0.001) -> float:
 # -- WebSocket framing (client side: masked) --------------------------------------------------
 
 
-def ws_frame(opcode: int, payload: bytes) -> bytes:
+def ws_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     n = len(payload)
     mask = os.urandom(4)
+    first = 0x80 | opcode | (0x40 if rsv1 else 0)
     if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
+        head = bytes((first, 0x80 | n))
     elif n < 65536:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     if n:
         key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
         payload = (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
@@ -263,8 +264,19 @@ def ws_handshake_request(path: str, host: str, headers: dict[str, str] | None) -
 class WebSocket:
     """A blocking WebSocket client connection."""
 
-    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+        offer_deflate: bool = False,
+    ) -> None:
+        """``offer_deflate``: offer ``permessage-deflate`` as browsers do; used if accepted."""
         self.conn = HTTPConnection(port, timeout=timeout)
+        headers = dict(headers or {})
+        if offer_deflate:
+            headers["Sec-WebSocket-Extensions"] = "permessage-deflate; client_max_window_bits"
         request, _ = ws_handshake_request(path, self.conn.host, headers)
         self.conn.sock.sendall(request)
         response = self.conn.read_response()
@@ -276,6 +288,13 @@ class WebSocket:
                 pass
             self.conn.close()
             raise ProtocolFailure(f"handshake answered {response.status} {body!r}")
+        # The server's choice; RFC 7692 §7: raw deflate, each message ends with an empty
+        # stored block whose 4 trailing bytes are left out on the wire.
+        self.extensions = response.headers.get("sec-websocket-extensions", "")
+        self.deflate = "permessage-deflate" in self.extensions
+        if self.deflate:
+            self._compress = zlib.compressobj(wbits=-15)
+            self._decompress = zlib.decompressobj(wbits=-15)
 
     def _read_exact(self, n: int) -> bytes:
         out = bytearray()
@@ -287,6 +306,10 @@ class WebSocket:
         return bytes(out)
 
     def send(self, payload: bytes, opcode: int = 0x2) -> None:
+        if self.deflate and opcode in (0x1, 0x2):
+            data = self._compress.compress(payload) + self._compress.flush(zlib.Z_SYNC_FLUSH)
+            self.conn.sock.sendall(ws_frame(opcode, data[:-4], rsv1=True))
+            return
         self.conn.sock.sendall(ws_frame(opcode, payload))
 
     def receive(self) -> tuple[int, bytes]:
@@ -298,7 +321,12 @@ class WebSocket:
             length = int.from_bytes(self._read_exact(8), "big")
         if b1 & 0x80:
             raise ProtocolFailure("server frames must not be masked")
-        return b0 & 0x0F, self._read_exact(length) if length else b""
+        payload = self._read_exact(length) if length else b""
+        if b0 & 0x40:  # RSV1: a compressed message
+            if not self.deflate:
+                raise ProtocolFailure("a compressed frame without permessage-deflate negotiated")
+            payload = self._decompress.decompress(payload + b"\x00\x00\xff\xff")
+        return b0 & 0x0F, payload
 
     def close(self) -> None:
         try:

@@ -104,6 +104,7 @@ TARGETS: dict[str, tuple[str, Callable[..., tuple[bool | None, str]]]] = {
     "up_exact": ("exact", _verdict),
     "ws_seq_rate": ("≥ 1.5× jsp", _versus(JSP, 1.5)),
     "ws_conc_rate": ("≥ 1.5× jsp", _versus(JSP, 1.5)),
+    "ws_large_deflate_mbps": ("≥ 2× jsp, ≥ 0.75× direct", _all(_versus(JSP, 2), _versus(DIRECT, 0.75))),
     "sse_accept_incremental": ("incremental", _verdict),
     "sse_plain_incremental": ("incremental", _verdict),
 }

@@ -68,6 +68,9 @@ class Plan:
     ws_reps: int = 5
     ws_connections: int = 100
     ws_size: int = 1024
+    ws_large_size: int = 900_000  # bytes of JSON text per message, as a plot's data update
+    ws_large_duration: float = 3.0
+    ws_large_reps: int = 5
     sse_events: int = 20
     sse_interval: float = 0.05
     sse_reps: int = 5
@@ -95,6 +98,9 @@ class Plan:
             ws_duration=0.5,
             ws_reps=1,
             ws_connections=20,
+            ws_large_size=200_000,
+            ws_large_duration=0.5,
+            ws_large_reps=1,
             sse_events=5,
             sse_interval=0.03,
             sse_reps=1,
@@ -887,6 +893,89 @@ def websocket(ctx: Context) -> None:
             )
 
 
+def json_message(size: int) -> bytes:
+    """A JSON document of about ``size`` bytes: rows of numbers and names, as a plot update."""
+    rows, n = [], 0
+    while n < size:
+        row = {"x": n * 0.25, "y": (n * 7919) % 1000 / 3, "label": f"point-{n}", "ok": n % 3 == 0}
+        rows.append(row)
+        n += len(json.dumps(row)) + 2
+    return json.dumps({"data": rows}).encode()
+
+
+def ws_large(target: Target, duration: float, message: bytes, offer_deflate: bool, proxy_pid: int | None) -> dict[str, Any]:
+    """Echo ``message`` one round trip at a time; MB/s of message bytes each way, proxy CPU/MB."""
+    ws = WebSocket(target.port, target.path("/ws"), target.headers, timeout=30, offer_deflate=offer_deflate)
+    count = 0
+    try:
+        cpu0 = sum(cpu_seconds(proxy_pid)) if proxy_pid else 0.0
+        start = time.perf_counter()
+        end = start + duration
+        while time.perf_counter() < end:
+            ws.send(message, opcode=0x1)
+            opcode, data = ws.receive()
+            if opcode != 0x1 or data != message:
+                raise ProtocolFailure(f"wrong echo (opcode {opcode}, {len(data)} bytes)")
+            count += 1
+        elapsed = time.perf_counter() - start
+        cpu = (sum(cpu_seconds(proxy_pid)) - cpu0) if proxy_pid else None
+    finally:
+        ws.close()
+    megabytes = count * len(message) / 1e6
+    return {
+        "mbps": megabytes / elapsed,
+        "cpu_ms_per_mb": None if cpu is None else cpu * 1000 / megabytes,
+        "negotiated": ws.extensions or "none",
+    }
+
+
+def websocket_large(ctx: Context) -> None:
+    plan = ctx.plan
+    names = ctx.want(DIRECT, *PROXIES)
+    modes = ("plain", "deflate")
+    message = json_message(plan.ws_large_size)
+    figures = {(n, m, k): [] for n in names for m in modes for k in ("mbps", "cpu_ms_per_mb")}
+    fails = {(n, m): [] for n in names for m in modes}
+    negotiated: dict[str, set[str]] = {}
+    with running(ctx, names) as (started, errors):
+        for name, error in errors.items():
+            for m in modes:
+                fails[name, m].append(error)
+        for name, target in list(started.items()):
+            if name in PROXIES:
+                try:
+                    warm(target)
+                except Exception as exc:
+                    for m in modes:
+                        fails[name, m].append(failure(exc))
+                    del started[name]
+        for mode in modes:
+            for _ in range(plan.ws_large_reps):
+                for name, target in started.items():
+                    pid = target.pid if name in PROXIES else None
+                    try:
+                        figure = ws_large(target, plan.ws_large_duration, message, mode == "deflate", pid)
+                    except Exception as exc:
+                        fails[name, mode].append(failure(exc))
+                        continue
+                    figures[name, mode, "mbps"].append(figure["mbps"])
+                    if figure["cpu_ms_per_mb"] is not None:
+                        figures[name, mode, "cpu_ms_per_mb"].append(figure["cpu_ms_per_mb"])
+                    negotiated.setdefault(f"{name} {mode}", set()).add(figure["negotiated"])
+    ctx.raw["websocket_large"] = {"message_bytes": len(message), "negotiated": {k: sorted(v) for k, v in negotiated.items()}}
+    size = f"{len(message) / 1e6:.1f} MB"
+    for mode, label in (("plain", "client without compression"), ("deflate", "client offering permessage-deflate")):
+        ctx.rows.add(
+            f"ws_large_{mode}_mbps", "websocket-large", f"WebSocket {size} JSON echo, {label}", "MB/s",
+            {n: summary(figures[n, mode, "mbps"], fails[n, mode]) for n in names},
+        )
+        ctx.rows.add(
+            f"ws_large_{mode}_cpu", "websocket-large", f"WebSocket {size} JSON echo, {label}: proxy CPU per MB", "ms/MB",
+            {n: summary(figures[n, mode, "cpu_ms_per_mb"], fails[n, mode]) for n in names if n in PROXIES},
+            better="lower",
+        )
+
+
 # -- server-sent events --------------------------------------------------------------------------
 
 
@@ -976,5 +1065,6 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "small": small_requests,
     "large": large_transfers,
     "websocket": websocket,
+    "websocket-large": websocket_large,
     "sse": server_sent_events,
 }

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from ..backend import BackendClient, BackendConnection, BackendError
+from ..listener import client_gone
 from .framing import body_framing
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
 from .http1 import LAST_CHUNK, ProtocolError, ResponseReader, encode_chunk, encode_request_head
@@ -45,6 +46,8 @@ FIRST_READ = 65536
 LARGEST_READ = 1 << 20
 # Most responses are complete this soon; only a slower one gets a task watching the client.
 QUICK_ANSWER = 0.05
+# How often that task looks at the client's socket.
+CLIENT_POLL = 0.2
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 # Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are sent
@@ -67,6 +70,7 @@ class RelayTarget:
     request_host: str | None = None  # the client's Host header, for Location rewriting
     on_bytes: Callable[[int, int], None] | None = None  # (sent to backend, received) counters
     replacement: Replacement | None = None  # for a supervised server
+    client_socket: Any = None  # the client connection's socket, polled to notice it leaving
 
 
 async def relay_http(scope: dict[str, Any], receive: Receive, send: Send, target: RelayTarget) -> None:
@@ -268,9 +272,21 @@ async def _upload(
 
 
 async def _watch_disconnect(exchange: _Exchange, scope: trio.CancelScope) -> None:
-    message = await exchange.receive()
-    while message["type"] != "http.disconnect":
+    """Cancel ``scope`` when the client leaves.
+
+    Hypercorn reads nothing from an HTTP/1.1 connection while its request is being answered,
+    so no ``http.disconnect`` comes until it writes to the dead connection, which a backend
+    that has not answered yet never makes it do; the socket itself tells (see
+    :func:`trioproxy.listener.client_gone`).
+    """
+    sock = exchange.target.client_socket
+    if sock is not None:
+        while not client_gone(sock):  # noqa: ASYNC110 - a socket poll, no event to wait on
+            await trio.sleep(CLIENT_POLL)
+    else:
         message = await exchange.receive()
+        while message["type"] != "http.disconnect":
+            message = await exchange.receive()
     log.debug("%s: client went away; closing the backend stream", exchange.target.server)
     scope.cancel()
 

@@ -1,0 +1,320 @@
+"""Accepting connections: a look at each connection's first request, then Hypercorn.
+
+Hypercorn serves every connection here as ``hypercorn.trio.serve`` would, with its own
+per-connection server (``TCPServer``), lifespan and worker context, composed as its
+``trio/run.py: worker_serve`` composes them. The one difference: before a connection is handed
+over, its first request head is read (bounded in size and time) and, when it is an HTTP/1.1
+WebSocket upgrade, offered to an *upgrade handler* (:mod:`trioproxy.fastpath`), which may take
+the connection for itself. Everything else, and every upgrade the handler declines, goes to
+Hypercorn with the bytes already read replayed first, so Hypercorn sees the connection exactly
+as the client sent it. Only connections that start with ``GET`` are held back for a head; any
+other first bytes (another method, HTTP/2's preface, TLS with ``h2`` chosen) go over at once.
+
+Graceful shutdown follows Hypercorn's: on ``shutdown_trigger`` the listening sockets close,
+Hypercorn's connections are told to finish (its worker context), the upgrade handler is told to
+close what it holds, and connections get ``graceful_timeout`` before they are cancelled.
+
+Not used by trioproxy, and so left out of Hypercorn's loop: QUIC, statsd, ``max_requests``,
+and the "Running on" log line (the command prints the one URL to open).
+
+Each request's ASGI scope carries its connection's socket (:data:`CLIENT_SOCKET`), so that a
+relay waiting for a backend can notice a client that left: Hypercorn stops reading a
+connection while its request is being answered, so no ``http.disconnect`` would tell.
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, cast
+
+import h11
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Updated
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
+
+from .relay.headers import Headers
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # noqa: F401
+
+READ_SIZE = 65536
+# Scope key: the client connection's socket (a trio socket), for :func:`client_gone`.
+CLIENT_SOCKET = "trioproxy.client_socket"
+
+
+@dataclass
+class RequestHead:
+    """A connection's first request, when it asks for a WebSocket upgrade over HTTP/1.1."""
+
+    target: bytes  # path and query, as sent
+    headers: Headers  # lower-case names, as ASGI gives them
+    trailing: bytes  # what the client sent after the head
+    client: tuple[str, int] | None
+    server: tuple[str, int | None] | None
+    tls: bool
+
+
+class UpgradeHandler(Protocol):
+    async def __call__(self, stream: trio.abc.Stream, request: RequestHead) -> bool:
+        """Serve the connection and return True, or return False having read nothing more."""
+
+    def shut_down(self) -> None:
+        """Close every connection taken, promptly (a graceful shutdown has begun)."""
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that gives back bytes already read from it before reading on.
+
+    Hypercorn's ``TCPServer`` finds out whether its stream is TLS by trying the TLS
+    methods, so everything but reading is the wrapped stream's own.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()  # type: ignore[attr-defined]  # AttributeError for TLS, as TCPServer expects
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def serve(
+    app: Any,
+    config: Config,
+    *,
+    upgrade_handler: UpgradeHandler | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` as ``hypercorn.trio.serve`` does; reports the bound addresses.
+
+    ``on_shutdown`` is called once a graceful shutdown has begun (new connections refused).
+    """
+    asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(asgi, config, lifespan_state)
+    context = WorkerContext(None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            listeners, binds = _listen(config)
+            state = ConnectionState(lifespan_state.copy())
+
+            def hypercorn(stream: trio.abc.Stream, sock: Any) -> TCPServer:
+                # (Hypercorn's annotations ask for its own types; any trio stream will do.)
+                return _Connection(cast(Any, _WithClientSocket(asgi, sock)), config, context, state, cast(Any, stream))
+
+            handler = partial(_connection, hypercorn, config, upgrade_handler)
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+                    )
+                    await (shutdown_trigger or trio.sleep_forever)()
+                    accepting.cancel_scope.cancel()  # closes the listening sockets
+            finally:
+                await context.terminated.set()
+                if on_shutdown is not None:
+                    on_shutdown()
+                if upgrade_handler is not None:
+                    upgrade_handler.shut_down()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+def _listen(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
+    sockets = config.create_sockets()
+    listeners: list[trio.abc.Listener[Any]] = []
+    binds: list[str] = []
+    ssl_context = config.create_ssl_context() if sockets.secure_sockets else None
+    for sock in sockets.secure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(
+            trio.SSLListener(
+                trio.SocketListener(trio.socket.from_stdlib_socket(sock)), ssl_context, https_compatible=True  # type: ignore[arg-type]
+            )
+        )
+        binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    return listeners, binds
+
+
+async def _connection(
+    hypercorn: Callable[[trio.abc.Stream, Any], TCPServer],
+    config: Config,
+    upgrade_handler: UpgradeHandler | None,
+    stream: trio.abc.Stream,
+) -> None:
+    tls = isinstance(stream, trio.SSLStream)
+    sock = stream.transport_stream.socket if tls else stream.socket  # type: ignore[attr-defined]
+    if upgrade_handler is None:
+        await hypercorn(stream, sock).run()
+        return
+    try:
+        if isinstance(stream, trio.SSLStream):
+            with trio.fail_after(config.ssl_handshake_timeout):
+                await stream.do_handshake()
+            if stream.selected_alpn_protocol() not in (None, "http/1.1"):
+                await hypercorn(stream, sock).run()  # HTTP/2: Hypercorn's, from the first byte
+                return
+        # An unfinished head is dropped when Hypercorn's idle timer would drop it.
+        with trio.fail_after(config.keep_alive_timeout):
+            read, request = await read_first_head(stream, config.h11_max_incomplete_size, tls)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        await trio.aclose_forcefully(stream)
+        return
+    if not read:
+        await trio.aclose_forcefully(stream)  # connected and left without a word
+        return
+    if request is not None and await upgrade_handler(stream, request):
+        return
+    await hypercorn(ReplayStream(stream, read), sock).run()
+
+
+class _WithClientSocket:
+    """Hypercorn's wrapped app for one connection: puts the connection's socket in each scope."""
+
+    __slots__ = ("app", "sock")
+
+    def __init__(self, app: Any, sock: Any) -> None:
+        self.app = app
+        self.sock = sock
+
+    async def __call__(self, scope: dict[str, Any], *args: Any) -> None:
+        scope[CLIENT_SOCKET] = self.sock
+        await self.app(scope, *args)
+
+
+class _Connection(TCPServer):
+    """Hypercorn's handler of one client connection, which lets go of it when the client has.
+
+    Hypercorn runs a keep-alive timer task beside an idle connection and closes the socket only
+    once every task of the connection has ended; when the client closes an idle connection, the
+    reader stops but the timer runs on, so the socket (a file descriptor, in CLOSE_WAIT) stayed
+    open until ``keep_alive_timeout``. Once nothing more can be read, the timer has nothing to
+    wait for: stop it. (A request still being answered stopped the timer already; its end
+    closes the connection, as the client's side is gone.)
+    """
+
+    _client_gone = False
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        self._client_gone = True
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event: Any) -> None:
+        # A response that ends after the client left would start the timer again.
+        if self._client_gone and isinstance(event, Updated) and event.idle:
+            event = Closed()
+        await super().protocol_send(event)
+
+
+def client_gone(sock: Any) -> bool:
+    """Whether the client of a connection has closed (or reset) it.
+
+    The socket is only polled, never read: Hypercorn owns its bytes. A client that shut its
+    sending side is gone too, as nginx takes it (an HTTP client half-closes only to leave).
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
+async def read_first_head(stream: trio.abc.Stream, limit: int, tls: bool) -> tuple[bytes, RequestHead | None]:
+    """What was read of the first request, and its head if it asks for a WebSocket upgrade.
+
+    Reads only as long as the request may be one: a first request that is not a GET is
+    known from its first bytes. A head over ``limit``, or one that does not parse, is left
+    to Hypercorn, which answers it as it always has (400).
+    """
+    data = b""
+    while True:
+        chunk = await stream.receive_some(READ_SIZE)
+        if not chunk:
+            return data, None
+        data += chunk
+        if not b"GET ".startswith(data[:4]):
+            return data, None
+        end = _head_end(data)
+        if end is not None:
+            return data, _upgrade_request(stream, data, end, tls)
+        if len(data) > limit:
+            return data, None
+
+
+def _head_end(data: bytes) -> int | None:
+    # The head ends with an empty line; h11, like most servers, also takes bare LF.
+    ends = [index for index in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if index >= 0]
+    if not ends:
+        return None
+    index = min(ends)
+    return index + (4 if data[index : index + 4] == b"\r\n\r\n" else 2)
+
+
+def _upgrade_request(stream: trio.abc.Stream, data: bytes, end: int, tls: bool) -> RequestHead | None:
+    head = data[:end]
+    if b"upgrade" not in head.lower():
+        return None  # the cheap test first: most first requests are ordinary
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
+    try:
+        parser.receive_data(head)
+        event = parser.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request) or event.method != b"GET" or event.http_version != b"1.1":
+        return None
+    headers = list(event.headers)
+    upgrade = _tokens(headers, b"upgrade")
+    if b"websocket" not in upgrade or b"upgrade" not in _tokens(headers, b"connection"):
+        return None
+    sock = stream.transport_stream.socket if tls else stream.socket  # type: ignore[attr-defined]
+    return RequestHead(
+        target=event.target,
+        headers=headers,
+        trailing=data[end:],
+        client=parse_socket_addr(sock.family, sock.getpeername()),
+        server=parse_socket_addr(sock.family, sock.getsockname()),
+        tls=tls,
+    )
+
+
+def _tokens(headers: Headers, name: bytes) -> set[bytes]:
+    return {
+        token.strip().lower() for key, value in headers if key == name for token in value.split(b",")
+    }

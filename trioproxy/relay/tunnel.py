@@ -1,0 +1,380 @@
+"""The WebSocket tunnel: a client's WebSocket passed to a backend as bytes, not as messages.
+
+Once a backend has answered ``101``, a WebSocket is two byte streams that already suit their
+readers: the client masks its frames as a server expects, the backend leaves its own unmasked
+as a client expects, and whatever extensions (``permessage-deflate``) the two ends agreed on
+apply end to end. So the tunnel copies bytes, one task per direction, each waiting for its
+``send_all`` before reading more (backpressure), and close codes, pings and compressed frames
+pass unchanged by construction (RFC 6455 §5).
+
+It still reads every frame *header* (:class:`FrameCursor`, a few bytes per frame), for three
+things a byte copy cannot do: know where a frame ends, so that a close frame of its own can be
+put between two frames (a client that vanished, a backend that died, a shutdown, a message
+over the size limit); know that a close frame went by, so that the end of a stream after it
+is a clean end; and count a message's size on the wire.
+
+:func:`open_backend` sends the upgrade request and reads the backend's answer; :class:`Tunnel`
+copies. Both are used by :mod:`trioproxy.fastpath`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from .headers import Headers
+
+# Large reads: a 1 MiB message crosses in a few reads, and one read costs the same whatever
+# its size (measured in benchmarks/README.md).
+READ_SIZE = 256 * 1024
+MAX_ANSWER_HEAD = 64 * 1024  # the backend's handshake answer, as Hypercorn bounds requests
+MAX_REFUSAL_BODY = 1024 * 1024  # a refusal's body is an error page: read this much at most
+
+OP_CONTINUATION = 0x0
+OP_CLOSE = 0x8
+
+# RFC 6455 §7.4.1 codes the tunnel sends itself.
+GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+
+Stream = trio.abc.Stream
+
+
+class BackendFailed(Exception):
+    """The backend could not be reached or did not answer the upgrade as HTTP.
+
+    ``status`` is what the client gets instead (502, or 504 for a timeout).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Switched:
+    """The backend accepted: its answer's head as it sent it, and the bytes that followed."""
+
+    head: bytes
+    trailing: bytes
+
+
+@dataclass
+class Refusal:
+    """The backend answered the upgrade with an ordinary HTTP response."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    body: bytes
+
+
+async def open_backend(stream: Stream, target: bytes, headers: Headers) -> Switched | Refusal:
+    """Send the upgrade request on ``stream``; the backend's answer.
+
+    ``headers`` are those to forward; the handshake's own (Sec-WebSocket-Key, -Version,
+    -Protocol, -Extensions) are the client's, passed as they are, so that the two ends
+    negotiate with each other. Raises :class:`BackendFailed`; the caller bounds the time.
+    """
+    connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+    request = h11.Request(
+        method="GET",
+        target=target,
+        headers=[*headers, (b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
+    )
+    try:
+        head = (connection.send(request) or b"") + (connection.send(h11.EndOfMessage()) or b"")
+    except h11.LocalProtocolError as exc:
+        raise BackendFailed(500, f"cannot build the WebSocket request: {exc}") from None
+    received = bytearray()
+    try:
+        await stream.send_all(head)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(READ_SIZE)
+                if not data and not received:
+                    raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake")
+                received += data
+                connection.receive_data(bytes(data))
+            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                trailing = connection.trailing_data[0]
+                return Switched(bytes(received[: len(received) - len(trailing)]), trailing)
+            elif isinstance(event, h11.Response):
+                return await _refusal(stream, connection, event)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake")
+            # any other 1xx: wait for the final answer
+    except h11.RemoteProtocolError:
+        if not received:
+            raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake") from None
+        raise BackendFailed(502, "the backend's answer to the WebSocket upgrade is not a valid handshake") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake") from None
+
+
+async def _refusal(stream: Stream, connection: h11.Connection, response: h11.Response) -> Refusal:
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(bytes(await stream.receive_some(READ_SIZE)))
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_REFUSAL_BODY:
+                raise BackendFailed(502, "the backend refused the WebSocket upgrade with an oversized answer")
+        else:  # EndOfMessage, or the connection closed after a close-delimited body
+            break
+    headers = [(name, value) for name, value in response.headers.raw_items()]
+    return Refusal(response.status_code, bytes(response.reason), headers, bytes(body))
+
+
+class FrameCursor:
+    """Where frame boundaries fall in one direction's bytes (RFC 6455 §5.2); headers only.
+
+    :meth:`advance` takes what was read and returns what may be passed on: all of it, except
+    a frame header split across reads (held back until complete, so that a frame of the
+    tunnel's own can still go before it) and what follows a boundary where it must stop.
+    """
+
+    __slots__ = ("remaining", "partial", "message_size", "limit", "close_passed", "too_big")
+
+    def __init__(self, limit: int) -> None:
+        self.remaining = 0  # payload bytes of the current frame not yet seen
+        self.partial = b""  # the start of a frame header, held back
+        self.message_size = 0  # wire bytes of the fragmented data message under way
+        self.limit = limit
+        self.close_passed = False
+        self.too_big = False  # the next frame would take its message over the limit
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.remaining == 0
+
+    def advance(self, data: bytes, stop: bool = False) -> bytes:
+        """What of ``data`` to pass on; with ``stop``, up to the first frame boundary only."""
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        size = len(data)
+        position = 0
+        remaining = self.remaining
+        while True:
+            if remaining:
+                if size - position <= remaining:
+                    self.remaining = remaining - (size - position)
+                    return data
+                position += remaining
+                remaining = 0
+            self.remaining = 0
+            if position == size:
+                return data
+            if stop:
+                return data[:position]
+            header = _frame_header(data, position)
+            if header is None:
+                self.partial = data[position:]
+                return data[:position]
+            header_size, payload_size, opcode, final = header
+            if opcode >= OP_CLOSE:  # a control frame, maybe between a message's fragments
+                if opcode == OP_CLOSE:
+                    self.close_passed = True
+            else:
+                total = payload_size + (self.message_size if opcode == OP_CONTINUATION else 0)
+                if total > self.limit:
+                    self.too_big = True
+                    return data[:position]
+                self.message_size = 0 if final else total
+            position += header_size
+            remaining = payload_size
+
+
+def _frame_header(data: bytes, at: int) -> tuple[int, int, int, bool] | None:
+    """(header size, payload size, opcode, FIN) of the frame starting at ``at``, if complete."""
+    available = len(data) - at
+    if available < 2:
+        return None
+    first, second = data[at], data[at + 1]
+    size = second & 0x7F
+    header_size = 2
+    if size == 126:
+        header_size = 4
+        if available < 4:
+            return None
+        size = int.from_bytes(data[at + 2 : at + 4], "big")
+    elif size == 127:
+        header_size = 10
+        if available < 10:
+            return None
+        size = int.from_bytes(data[at + 2 : at + 10], "big")
+    if second & 0x80:
+        header_size += 4  # the masking key
+    return header_size, size, first & 0x0F, bool(first & 0x80)
+
+
+def close_frame(code: int, reason: str, masked: bool) -> bytes:
+    """A close frame; clients must mask theirs (RFC 6455 §5.3), servers must not."""
+    encoded = reason.encode("utf-8")[:123]  # control payloads are at most 125 bytes
+    payload = code.to_bytes(2, "big") + encoded.decode("utf-8", "ignore").encode("utf-8")
+    if not masked:
+        return bytes([0x80 | OP_CLOSE, len(payload)]) + payload
+    key = os.urandom(4)
+    masked_payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+    return bytes([0x80 | OP_CLOSE, 0x80 | len(payload)]) + key + masked_payload
+
+
+class _Direction:
+    """One way through the tunnel: who reads, who writes, and where its frames stand."""
+
+    def __init__(self, source: Stream, sink: Stream, masked: bool, limit: int, gone: tuple[int, str]) -> None:
+        self.source = source
+        self.sink = sink
+        self.masked = masked  # frames toward a backend are masked
+        self.cursor = FrameCursor(limit)
+        self.gone = gone  # the close to send the sink when the source ends without one
+        self.stop_with: tuple[int, str] | None = None  # a close of our own to send at a boundary
+        self.closed = False  # a close frame went to the sink (passed on, or ours)
+        self.ended = False
+        self.receiving: trio.CancelScope | None = None
+
+    def request_close(self, code: int, reason: str) -> None:
+        if self.stop_with is None and not self.closed:
+            self.stop_with = (code, reason)
+            if self.cursor.at_boundary and self.receiving is not None:
+                self.receiving.cancel()
+
+
+class Tunnel:
+    """Copy bytes between a client and a backend after a ``101`` until both have closed.
+
+    ``to_backend`` and ``to_client`` are bytes already read from each side after its
+    handshake (frames sent at once). Never raises for either side's failure.
+    """
+
+    def __init__(
+        self,
+        client: Stream,
+        backend: Stream,
+        *,
+        max_message_size: int,
+        on_activity: Callable[[], None] | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.client_to_backend = _Direction(
+            client, backend, True, max_message_size, (GOING_AWAY, "")
+        )
+        self.backend_to_client = _Direction(
+            backend, client, False, max_message_size, (INTERNAL_ERROR, "the backend closed the connection abruptly")
+        )
+        self.max_message_size = max_message_size
+        self.on_activity = on_activity
+        self.close_timeout = close_timeout
+        self._scope: trio.CancelScope | None = None
+        self._shutdown_pending: tuple[int, str] | None = None
+
+    async def run(self, to_backend: bytes = b"", to_client: bytes = b"") -> None:
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            if self._shutdown_pending is not None:
+                self.shut_down(*self._shutdown_pending)
+            nursery.start_soon(self._pump, self.client_to_backend, self.backend_to_client, to_backend)
+            nursery.start_soon(self._pump, self.backend_to_client, self.client_to_backend, to_client)
+
+    def shut_down(self, code: int = GOING_AWAY, reason: str = "the proxy is shutting down") -> None:
+        """Close both ends with ``code`` (each at its next frame boundary), then end."""
+        if self._scope is None:
+            self._shutdown_pending = (code, reason)
+            return
+        self.client_to_backend.request_close(code, reason)
+        self.backend_to_client.request_close(code, reason)
+        self._hurry()
+
+    def _hurry(self) -> None:
+        """Whatever happens, end within the close timeout from now."""
+        assert self._scope is not None
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + self.close_timeout)
+
+    async def _pump(self, way: _Direction, other: _Direction, data: bytes) -> None:
+        clean = True
+        try:
+            clean = await self._copy(way, other, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            clean = False  # the sink's side is gone; the other pump learns it from its source
+            way.ended = True
+            self._finish(way, other, abnormal=True)
+            return
+        way.ended = True
+        if not clean and way.cursor.at_boundary and not way.closed:
+            # The source went without a close frame: tell the sink's end as a WebSocket would.
+            try:
+                await way.sink.send_all(close_frame(*way.gone, masked=way.masked))
+                way.closed = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self._finish(way, other, abnormal=not clean)
+
+    async def _copy(self, way: _Direction, other: _Direction, data: bytes) -> bool:
+        """Pass frames on until the source ends; whether it ended cleanly (after a close)."""
+        cursor = way.cursor
+        on_activity = self.on_activity
+        while True:
+            if data:
+                out = cursor.advance(data, way.stop_with is not None)
+                if out:
+                    await way.sink.send_all(out)
+                if cursor.close_passed:
+                    way.closed = True
+                if cursor.too_big and way.stop_with is None:
+                    self._too_big(way, other)
+                if on_activity is not None:
+                    on_activity()
+            if way.stop_with is not None and cursor.at_boundary and not way.closed:
+                await way.sink.send_all(close_frame(*way.stop_with, masked=way.masked))
+                way.closed = True
+                await self._drain(way.source)
+                return True
+            received: bytes | bytearray | None = None
+            with trio.CancelScope() as way.receiving:
+                try:
+                    received = await way.source.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return False
+            way.receiving = None
+            if received is None:  # cancelled to stop at this boundary
+                data = b""
+                continue
+            if not received:
+                return way.closed
+            data = bytes(received) if isinstance(received, bytearray) else received
+
+    async def _drain(self, source: Stream) -> None:
+        """After our own close: read (and drop) until the other end closes too."""
+        try:
+            while await source.receive_some(READ_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _too_big(self, way: _Direction, other: _Direction) -> None:
+        limit = f"message over {self.max_message_size} bytes"
+        if way is self.client_to_backend:
+            way.stop_with = (GOING_AWAY, "the client sent a message over the size limit")
+            other.request_close(MESSAGE_TOO_BIG, limit)
+        else:
+            way.stop_with = (MESSAGE_TOO_BIG, limit)
+            other.request_close(MESSAGE_TOO_BIG, "the backend sent a " + limit)
+        self._hurry()
+
+    def _finish(self, way: _Direction, other: _Direction, *, abnormal: bool) -> None:
+        assert self._scope is not None
+        if abnormal or other.ended or (way.closed and other.closed):
+            self._scope.cancel()
+        else:
+            # A clean end one way: the other end's close is on its way; wait a little for it.
+            self._hurry()
