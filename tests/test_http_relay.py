@@ -369,9 +369,14 @@ async def test_backend_dying_mid_response_breaks_the_client_response(nursery: tr
     proxy = await echo_proxy(nursery)
     async with proxy.client() as client:
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.get("echo/die?after=5000")
+            await client.get("echo/die?after=2000000")  # well under way when the backend breaks
         # The pool did not keep the broken connection; the next request works.
         assert (await client.get("echo/ok")).status_code == 200
+        # Broken before anything reached the client (the head is held back for a moment):
+        # a clean 502 instead of a truncated response.
+        early = await client.get("echo/die?after=5000")
+        assert early.status_code == 502
+        assert "broke off mid-response" in early.text
 
 
 async def test_backend_connections_are_reused(nursery: trio.Nursery) -> None:

@@ -56,6 +56,7 @@ class ResponseReader:
         "headers_done",
         "complete",
         "_body",
+        "buffered",
         "_delimited",
         "_interim",
         "_extra",
@@ -76,6 +77,7 @@ class ResponseReader:
         self.headers_done = False
         self.complete = False
         self._body: list[bytes] = []
+        self.buffered = 0  # bytes of body parsed and not yet taken
         self._delimited = False  # length or chunks mark the end (not the connection closing)
         self._interim = False
         self._keep_alive = False
@@ -123,6 +125,7 @@ class ResponseReader:
 
     def on_body(self, data: bytes) -> None:
         self._body.append(data)
+        self.buffered += len(data)
 
     def on_message_complete(self) -> None:
         if not self._interim and not self._extra:
@@ -161,6 +164,7 @@ class ResponseReader:
 
     def take_body(self) -> list[bytes]:
         parts, self._body = self._body, []
+        self.buffered = 0
         return parts
 
     @property
