@@ -19,7 +19,7 @@ import trio
 
 from trioproxy.backend import ClientOptions
 
-from .conftest import PY, TOKEN, Proxy, echo_command, start_proxy
+from .conftest import PY, TOKEN, Proxy, ProxyProcess, echo_command, launch_trioproxy, start_proxy
 from .recording_backend import RecordingBackend
 
 AUTH = f"Authorization: token {TOKEN}\r\n".encode()
@@ -488,3 +488,19 @@ async def test_forwarded_headers_are_trusted_only_from_allowed_addresses(
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="relies on Linux loopback and listen-queue behaviour")
+
+
+def test_forwarded_allow_ips_from_the_environment(tmp_path: Any, proxy_processes: list[ProxyProcess]) -> None:
+    config = tmp_path / "config.py"
+    config.write_text(f"c.ServerProxy.servers = {{'echo': {{'command': {echo_command()!r}}}}}\n")
+    proxy = launch_trioproxy(
+        ["--config", str(config), "--port", "0", "--token", TOKEN], env={"FORWARDED_ALLOW_IPS": "127.0.0.0/8"}
+    )
+    proxy_processes.append(proxy)
+    port = int(proxy.base.split(":")[2].split("/")[0])
+    head = (
+        b"GET /echo/ HTTP/1.1\r\nHost: h\r\n" + AUTH + b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
+    )
+    answer = trio.run(raw_request, port, head, 10, "127.0.0.2")
+    assert statuses(answer) == [200]
+    assert b'["x-forwarded-proto", "https"]' in answer

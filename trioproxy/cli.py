@@ -101,6 +101,19 @@ class TrioProxy(Application):
     body_timeout = Float(
         60.0, help="Seconds a client may pause while sending a request body before getting 408."
     ).tag(config=True)
+    forwarded_allow_ips = List(
+        Unicode(),
+        help="Client addresses (or networks, or '*') whose X-Forwarded-* headers are believed: the "
+        "proxies in front of trioproxy. Default: $FORWARDED_ALLOW_IPS (comma-separated), else loopback.",
+    ).tag(config=True)
+
+    @default("forwarded_allow_ips")
+    def _default_forwarded_allow_ips(self) -> list[str]:
+        from .relay.upstream import DEFAULT_FORWARDED_ALLOW
+
+        listed = os.environ.get("FORWARDED_ALLOW_IPS", "")
+        return [ip.strip() for ip in listed.split(",") if ip.strip()] or list(DEFAULT_FORWARDED_ALLOW)
+
     graceful_timeout = Float(
         5.0,
         help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
@@ -342,6 +355,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         allow_origin_pat=app.allow_origin_pat,
         max_body_size=app.max_body_size,
         body_timeout=app.body_timeout,
+        forwarded_allow_ips=tuple(app.forwarded_allow_ips),
     )
     supervisors = Supervisors(servers, base_url=base_url)
     asgi_app = create_app(settings, supervisors)
