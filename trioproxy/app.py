@@ -394,6 +394,7 @@ class Dispatcher:
         target = WebSocketTarget(
             server=route.name or f"{route.host}:{route.port}",
             backend=client.backend,
+            connect_timeout=client.options.connect_timeout,
             target=upstream.target,
             headers=[(n, v) for n, v in upstream.headers if n not in _WS_HANDSHAKE_HEADERS],
             subprotocols=list(scope.get("subprotocols") or []),

@@ -1,6 +1,6 @@
 """ServerSupervisor: one configured server's process, from first request to shutdown.
 
-States and their transitions::
+States and their transitions (the table the code checks is :data:`TRANSITIONS`)::
 
     stopped ──start──▶ starting ──port answers──▶ ready
        ▲                  │  ▲                      │
@@ -15,19 +15,15 @@ cancelling that cancels and reaps everything.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-import shutil
-import socket
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import Enum
 from typing import Any
 
 import trio
 
+from .addresses import ServerAddress
 from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess
 from .histogram import Histogram
@@ -41,7 +37,6 @@ READY_POLL_FIRST = 0.005
 READY_POLL_LONGEST = 0.1
 # How long a request whose backend broke off waits to see whether its process exited.
 EXIT_GRACE = 0.5
-PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
 MAX_PORT_RETRIES = 3
 
 
@@ -54,6 +49,25 @@ class State(str, Enum):
     STOPPING = "stopping"
 
 
+# Every change of state a supervisor makes, and only those (as h11's _state.py keeps its
+# transitions): _set_state refuses any other as a bug. Restating a state with a new reason
+# (STARTING "restarting", ...) is always allowed.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    # ready; exited (restart at once, back off, give up, done with exit 0); stopped by request
+    State.STARTING: frozenset({State.READY, State.BACKOFF, State.FAILED, State.STOPPED, State.STOPPING}),
+    State.READY: frozenset({State.STARTING, State.BACKOFF, State.FAILED, State.STOPPED, State.STOPPING}),
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
+    State.FAILED: frozenset({State.STARTING, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A supervisor tried a change of state that is not in TRANSITIONS (a bug)."""
+
+
+
 class ServerUnavailable(Exception):
     """A server that cannot take requests now: 503 (failed or exited) or 504 (too slow)."""
 
@@ -63,12 +77,6 @@ class ServerUnavailable(Exception):
         self.status = status
         self.reason = reason
         self.output = output or []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
@@ -169,44 +177,31 @@ class ServerSupervisor:
             max_connections=process.max_connections,
             pool_idle_timeout=process.pool_idle_timeout,
         )
-        self._owned_socket_dir: str | None = None
-        self._port = process.port
-        self._unix_socket = self._resolve_unix_socket()
-        if guard is not None and self._owned_socket_dir:
-            guard.remove_on_exit(self._owned_socket_dir)  # even if trioproxy is killed
+        self.address = ServerAddress(process.port, process.unix_socket)
+        if guard is not None and self.address.owned_dir:
+            guard.remove_on_exit(self.address.owned_dir)  # even if trioproxy is killed
         self.has_command = bool(process.command)
         if not self.has_command:
             self.state = State.READY
 
     # -- addresses ------------------------------------------------------------------------
 
-    def _resolve_unix_socket(self) -> str | None:
-        value = self.process.unix_socket
-        if value is True:
-            self._owned_socket_dir = tempfile.mkdtemp(prefix="trioproxy-")
-            return os.path.join(self._owned_socket_dir, "socket")
-        if isinstance(value, str) and value:
-            return value
-        return None
-
     @property
     def backend(self) -> Backend:
-        if self._unix_socket:
-            return Backend(unix_socket=self._unix_socket)
-        return Backend(port=self._port)
+        return self.address.backend
 
     @property
     def port(self) -> int:
-        return self._port
+        return self.address.port
 
     @property
     def unix_socket(self) -> str | None:
-        return self._unix_socket
+        return self.address.unix_socket
 
     def template_variables(self) -> dict[str, Any]:
         return {
-            "port": self._port,
-            "unix_socket": self._unix_socket or "",
+            "port": self.address.port,
+            "unix_socket": self.address.unix_socket or "",
             "base_url": self.base_url,
         }
 
@@ -230,12 +225,13 @@ class ServerSupervisor:
             self._drop_client()
             if self.has_command and self.state is not State.STOPPED:
                 self._set_state(State.STOPPED, "trioproxy stopped")
-            if self._owned_socket_dir:
-                shutil.rmtree(self._owned_socket_dir, ignore_errors=True)
+            self.address.close()
 
     def _set_state(self, state: State, reason: str = "") -> None:
         if state is self.state and reason == self.reason:
             return
+        if state is not self.state and state not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"{self.name}: {self.state.value} -> {state.value} ({reason})")
         previous, self.state, self.reason = self.state, state, reason
         self.log.info(
             "%s: %s -> %s%s", self.name, previous.value, state.value, f" ({reason})" if reason else ""
@@ -434,11 +430,11 @@ class ServerSupervisor:
                 self._early_failures += 1
                 self._set_state(State.FAILED, str(exc))
                 return
-            if not was_ready and not not_ready and exit_code != 0 and self._port_was_taken():
+            if not was_ready and not not_ready and exit_code != 0 and self.address.taken(self.output.tail(10)):
                 port_retries += 1
                 if port_retries <= MAX_PORT_RETRIES:
-                    self.log.warning("%s: port %d was taken; trying another", self.name, self._port)
-                    self._port = 0
+                    self.log.warning("%s: port %d was taken; trying another", self.name, self.address.port)
+                    self.address.choose_another_port()
                     continue
             port_retries = 0
             detail = _describe_exit(exit_code)
@@ -474,14 +470,8 @@ class ServerSupervisor:
             else:
                 self._set_state(State.STARTING, f"{detail}; restarting")
 
-    def _port_was_taken(self) -> bool:
-        if self.process.port != 0 or self._unix_socket:
-            return False
-        return any(PORT_IN_USE.search(line) for line in self.output.tail(10))
-
     def _spec(self) -> ChildSpec:
-        if not self._unix_socket and self._port == 0:
-            self._port = free_port()
+        self.address.prepare()
         variables = self.template_variables()
         try:
             argv = expand_list(self.process.command, variables)
@@ -505,9 +495,6 @@ class ServerSupervisor:
         becoming ready within ``timeout``.
         """
         spec = self._spec()
-        if self._unix_socket:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_socket)  # a stale socket would look ready
         started_at = trio.current_time()
         self._last_ready_for = 0.0
         start_error: str | None = None
@@ -592,8 +579,8 @@ class ServerSupervisor:
             "state": self.state.value,
             "reason": self.reason,
             "pid": self.pid,
-            "port": None if self._unix_socket else (self._port or None),
-            "unix_socket": self._unix_socket,
+            "port": None if self.address.unix_socket else (self.address.port or None),
+            "unix_socket": self.address.unix_socket,
             "restarts": self.restarts,
             "uptime": (now - self.ready_since) if self.ready_since is not None else None,
             "last_exit_code": self.last_exit_code,

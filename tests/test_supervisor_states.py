@@ -1,0 +1,59 @@
+"""The supervisor's table of states and its addresses, without processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from trioproxy.addresses import ServerAddress
+from trioproxy.config import make_server_process
+from trioproxy.supervisor import TRANSITIONS, InvalidTransition, ServerSupervisor, State
+
+
+def supervisor() -> ServerSupervisor:
+    return ServerSupervisor(make_server_process("web", {"command": ["true"]}))
+
+
+def test_every_state_has_a_row_and_stopping_only_ends() -> None:
+    assert set(TRANSITIONS) == set(State)
+    assert TRANSITIONS[State.STOPPING] == {State.STOPPED}
+    assert State.READY not in TRANSITIONS[State.STOPPED]  # a server is started before it is ready
+
+
+def test_a_transition_outside_the_table_is_refused() -> None:
+    web = supervisor()
+    with pytest.raises(InvalidTransition, match="stopped -> ready"):
+        web._set_state(State.READY, "never started")
+    web._set_state(State.STARTING)
+    web._set_state(State.STARTING, "restarting")  # restated with a reason: fine
+    web._set_state(State.FAILED, "broken")
+    with pytest.raises(InvalidTransition, match="failed -> stopping"):
+        web._set_state(State.STOPPING)
+    assert web.state is State.FAILED and web.reason == "broken"
+
+
+def test_a_chosen_port_is_kept_and_replaced_only_when_taken() -> None:
+    address = ServerAddress(0, False)
+    address.prepare()
+    first = address.port
+    assert first != 0
+    address.prepare()
+    assert address.port == first  # kept across restarts
+    assert address.taken(["OSError: [Errno 98] Address already in use"])
+    assert not address.taken(["ImportError: no module named x"])
+    address.choose_another_port()
+    address.prepare()
+    assert address.port != 0
+    assert not ServerAddress(8123, False).taken(["Address already in use"])  # a configured port stays
+
+
+def test_a_private_socket_directory_is_removed_on_close(tmp_path: object) -> None:
+    address = ServerAddress(0, True)
+    assert address.owned_dir is not None and address.unix_socket is not None
+    open(address.unix_socket, "w").close()  # a stale socket file
+    address.prepare()
+    assert not os.path.exists(address.unix_socket)
+    address.close()
+    assert not os.path.exists(address.owned_dir)
+    assert ServerAddress(0, "/tmp/given.sock").owned_dir is None
