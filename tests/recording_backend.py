@@ -4,7 +4,7 @@ It runs in the test's own trio run on a real loopback socket and parses what arr
 as a strict HTTP/1.1 server would: a request smuggled inside another one's body shows up as a
 request of its own. ``mode`` decides how it answers: ``answer`` (200, keep-alive), ``hang``
 (reads the request, never answers), ``close`` (reads the request, then closes without
-answering), ``answer-once`` (answers a connection's first request; reads the next one and
+answering), ``stall`` (answers a head and a first chunk, then nothing), ``answer-once`` (answers a connection's first request; reads the next one and
 closes without answering), or ``close-idle`` (answers, then closes the connection after ``idle_close`` s of
 keep-alive idleness, as many servers do).
 """
@@ -107,6 +107,15 @@ class RecordingBackend:
             self.requests.append(
                 Received(number, event.method.decode(), event.target.decode("latin-1"), raw_names, body)
             )
+            if self.mode == "stall":
+                # The head and a first chunk, then nothing: an event stream with nothing to say.
+                await stream.send_all(
+                    connection.send(h11.Response(status_code=200, headers=[("transfer-encoding", "chunked")]))
+                    + connection.send(h11.Data(data=b"first"))
+                )
+                while await stream.receive_some(65536):
+                    continue
+                return
             if self.mode == "hang":
                 while await stream.receive_some(65536):
                     continue  # never answer; notice when the proxy closes the connection

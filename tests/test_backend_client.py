@@ -420,6 +420,21 @@ async def test_clients_that_give_up_before_the_head_close_their_backend_connecti
             await trio.sleep(0.01)
 
 
+async def test_a_client_that_leaves_a_quiet_stream_closes_its_backend_connection(nursery: trio.Nursery) -> None:
+    backend = RecordingBackend(mode="stall")
+    proxy = await logged_proxy(nursery, backend)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy_port(proxy))
+    await stream.send_all(b"GET /logged/events HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n")
+    received = b""
+    while b"first" not in received:
+        received += await stream.receive_some(65536)
+    assert backend.open == 1
+    await stream.aclose()
+    with trio.fail_after(1):
+        while backend.open:
+            await trio.sleep(0.02)
+
+
 # -- the pool -------------------------------------------------------------------------------------
 
 
