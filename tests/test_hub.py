@@ -150,6 +150,27 @@ async def test_oauth_round_trip(nursery: trio.Nursery, monkeypatch: pytest.Monke
             assert (await replay.get("server-proxy/api/servers")).status_code == 403
 
 
+@pytest.mark.parametrize(("address", "secure"), [("127.0.0.2", False), ("127.0.0.1", True)])
+async def test_cookies_are_secure_behind_https_only_by_a_trusted_proxys_word(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub, address: str, secure: bool
+) -> None:
+    # X-Forwarded-Proto is believed from 127.0.0.1 (forwarded_allow_ips' default), not from
+    # any client: a Secure cookie the browser then withholds over http would lock it out.
+    proxy = await start_hub_proxy(nursery, monkeypatch, tmp_path, hub)
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    async with proxy.client(transport=transport, headers={"X-Forwarded-Proto": "https"}) as client:
+        started = await client.get("login", params={"next": PREFIX + "echo/"})
+        assert started.status_code == 302
+        state_cookie = started.headers["set-cookie"]
+        assert ("; Secure" in state_cookie) is secure, state_cookie
+        if not secure:
+            # The whole round trip works over plain http, and the session cookie is not Secure.
+            response = await log_in(proxy, client, "echo/")
+            assert response.status_code == 200, response.text
+            session = response.history[-1].headers["set-cookie"]
+            assert session.startswith(proxy.auth.cookie_name + "=") and "Secure" not in session
+
+
 @pytest.mark.parametrize(("user", "status"), [("admin", 200), ("bob", 403), ("nobody", 403), ("ghost", 403)])
 async def test_only_users_with_access_scopes_get_in(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub, user: str, status: int

@@ -19,11 +19,12 @@ import trio
 from quart import Blueprint, Response, current_app, jsonify, make_response, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
-from .auth import Identity, local_redirect, mask_secrets
+from .auth import Identity, LoginAnswer, LoginRequest, local_redirect, mask_secrets
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .origin import origin_allowed
+from .relay.upstream import trusted_forwarded
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
 from .throttle import LoginThrottle
 
@@ -44,6 +45,30 @@ def _known_secrets() -> list[str]:
     # A server's output may echo its URL (?token=…) or its environment; never pass it on raw.
     auth = current_app.extensions["trioproxy"].settings.auth
     return list(auth.known_secrets()) if hasattr(auth, "known_secrets") else []
+
+
+def _login_response(answer: LoginAnswer) -> Response:
+    """A step of a login through another site, as a response: a redirect or an error page."""
+    if answer.location:
+        response = Response("", status=answer.status, headers={"Location": answer.location})
+    else:
+        content_type, body = render_error(answer.status, answer.message, as_json=False)
+        response = Response(body, status=answer.status, content_type=content_type.decode())
+    for cookie in answer.cookies:
+        if cookie.max_age == 0:
+            response.delete_cookie(cookie.name, path=cookie.path)
+        else:
+            response.set_cookie(
+                cookie.name,
+                cookie.value,
+                max_age=cookie.max_age,
+                path=cookie.path,
+                httponly=True,
+                samesite="Lax",
+                secure=cookie.secure,
+            )
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
@@ -90,8 +115,8 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
     async def login() -> Any:
         if not getattr(auth, "enabled", True):
             return redirect(safe_next(request.args.get("next")))
-        if hasattr(auth, "oauth_login"):
-            return await auth.oauth_login(request)
+        if auth.oauth is not None:
+            return _login_response(await auth.oauth.begin(login_request()))
         message = ""
         if request.method == "POST":
             form = await request.form
@@ -132,11 +157,17 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
             response.delete_cookie(cookie, path=base_url)
         return response
 
-    if hasattr(auth, "oauth_callback"):
+    if auth.oauth is not None:
 
         @bp.route("/oauth_callback")
         async def oauth_callback() -> Any:
-            return await auth.oauth_callback(request)
+            return _login_response(await auth.oauth.finish(login_request()))
+
+    def login_request() -> LoginRequest:
+        https = request.scheme == "https" or trusted_forwarded(
+            cast(dict[str, Any], request.scope), b"x-forwarded-proto", settings.forwarded_allow_ips
+        ) == "https"
+        return LoginRequest(args=request.args, cookies=request.cookies, https=https)
 
     # -- servers-info and icons (jupyter-server-proxy's shapes) ---------------------------
 
@@ -209,7 +240,8 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
     async def control_action(name: str, action: str) -> Any:
         """Start, restart or stop; answer when done, or at once (202) with ``?wait=0``."""
         supervisor = supervisors[name]
-        if not origin_allowed(cast(dict[str, Any], request.scope), settings.allow_origin, settings.allow_origin_pat):
+        scope = cast(dict[str, Any], request.scope)
+        if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
             # A browser sends the cookie with a form posted from another site's page.
             return _error(403, "Cross-origin request refused.", server=name)
         if not supervisor.has_command:

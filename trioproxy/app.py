@@ -412,7 +412,8 @@ class Dispatcher:
     def _origin_allowed(self, scope: dict[str, Any]) -> bool:
         from .origin import origin_allowed
 
-        return origin_allowed(scope, self.settings.allow_origin, self.settings.allow_origin_pat)
+        settings = self.settings
+        return origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips)
 
 
 def relayed_request(scope: dict[str, Any]) -> RelayedRequest:
