@@ -15,12 +15,12 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import trio
 
-from ..auth import Identity, authorization_token, parse_cookies, remove_cookie
+from ..auth import Authenticator, Identity, authorization_token, parse_cookies, remove_cookie
 from ..relay.headers import Headers
 from .activity import hub_reporter, latest_of, report_activity_forever
 from .client import HubClient, HubUnavailable
@@ -166,3 +166,7 @@ class HubAuth:
             await report_activity_forever(
                 self.settings.activity_interval, latest_of(*sources), hub_reporter(self.client)
             )
+
+
+if TYPE_CHECKING:
+    _: type[Authenticator] = HubAuth  # mypy checks that it is one
