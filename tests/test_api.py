@@ -65,13 +65,13 @@ async def server_status(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-async def wait_for_state(client: httpx.AsyncClient, name: str, state: str, timeout: float = 10) -> dict[str, Any]:
+async def wait_for_state(proxy: Proxy, client: httpx.AsyncClient, name: str, state: str, timeout: float = 10) -> dict[str, Any]:
+    """Wait for the supervisor to reach ``state``; its status as the API then tells it."""
     with trio.fail_after(timeout):
-        while True:
-            status = await server_status(client, name)
-            if status["state"] == state:
-                return status
-            await trio.sleep(0.02)
+        await proxy.supervisors[name].wait_for_state(State(state))
+    status = await server_status(client, name)
+    assert status["state"] == state, status
+    return status
 
 
 def assert_consistent(proxy: Proxy, name: str, tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ async def test_start_waits_until_ready_or_answers_at_once(nursery: trio.Nursery,
         response = await client.post(f"{API}/web/start", params={"wait": "0"})
         assert trio.current_time() - began < 0.4
         assert response.status_code == 202 and response.json()["state"] == "starting"
-        await wait_for_state(client, "web", "ready")
+        await wait_for_state(proxy, client, "web", "ready")
 
         began = trio.current_time()
         response = await client.post(f"{API}/web/restart")
@@ -276,7 +276,7 @@ async def test_many_starts_at_once_start_one_process(nursery: trio.Nursery, tmp_
         async with trio.open_nursery() as starts:
             for index in range(8):
                 starts.start_soon(start, "0" if index % 4 == 0 else "1")
-        await wait_for_state(client, "web", "ready")
+        await wait_for_state(proxy, client, "web", "ready")
     waited = [answer for answer in answers if answer.status_code == 200]
     assert len(waited) == 6 and len(answers) == 8
     assert {answer.json()["pid"] for answer in waited} == set(started_pids(tmp_path))
@@ -336,7 +336,7 @@ async def test_start_while_stopping_starts_it_again(nursery: trio.Nursery, tmp_p
             await wait_for(lambda: supervisor.state is State.STOPPING)
             response = await client.post(f"{API}/web/start", params={"wait": wait})
         assert response.status_code == (202 if wait == "0" else 200)
-        second = (await wait_for_state(client, "web", "ready"))["pid"]
+        second = (await wait_for_state(proxy, client, "web", "ready"))["pid"]
     assert second != first and not pid_alive(first)
     assert_consistent(proxy, "web", tmp_path)
 
@@ -375,7 +375,7 @@ async def test_a_restart_finishes_when_its_client_goes_away(nursery: trio.Nurser
         first = (await client.post(f"{API}/web/start")).json()["pid"]
         with pytest.raises(httpx.ReadTimeout):
             await client.post(f"{API}/web/restart", timeout=0.1)
-        status = await wait_for_state(client, "web", "ready")
+        status = await wait_for_state(proxy, client, "web", "ready")
     assert status["pid"] != first
     assert_consistent(proxy, "web", tmp_path)
 
@@ -390,14 +390,14 @@ async def test_failing_server_answers_503_with_its_output(nursery: trio.Nursery)
         assert document["server"] == "bad"
         assert "exited before it was ready (exit code 3)" in document["message"]
         assert document["output"] == ["missing config file"]
-        failed = await wait_for_state(client, "bad", "failed")
+        failed = await wait_for_state(proxy, client, "bad", "failed")
         assert failed["last_exit_code"] == 3 and "gave up" in failed["reason"]
 
         response = await client.post(f"{API}/bad/restart")
         assert response.status_code == 503 and "exit code 3" in response.json()["message"]
         response = await client.post(f"{API}/bad/start", params={"wait": "0"})
         assert response.status_code == 202 and response.json()["state"] == "starting"
-        await wait_for_state(client, "bad", "failed")
+        await wait_for_state(proxy, client, "bad", "failed")
 
 
 async def test_server_not_ready_in_time_is_504_and_can_be_stopped(nursery: trio.Nursery) -> None:
@@ -538,7 +538,7 @@ async def test_metrics_count_restarts_after_a_crash(nursery: trio.Nursery, tmp_p
         pid = (await client.post(f"{API}/web/start")).json()["pid"]
         os.kill(pid, signal.SIGKILL)
         await wait_for(lambda: proxy.supervisors["web"].restarts == 1)
-        await wait_for_state(client, "web", "ready")
+        await wait_for_state(proxy, client, "web", "ready")
         found = samples((await client.get("server-proxy/metrics")).text)
     assert found[("trioproxy_server_restarts_total", (("server", "web"),))] == 1
     assert found[("trioproxy_server_starts_total", (("server", "web"),))] == 2
@@ -692,8 +692,9 @@ async def test_an_idle_server_is_stopped_and_the_next_request_starts_it(nursery:
         first = proxy.supervisors["web"].pid
         assert first is not None
         began = trio.current_time()
-        stopped = await wait_for_state(client, "web", "stopped", timeout=5)
-        assert 0.5 <= trio.current_time() - began < 3
+        stopped = await wait_for_state(proxy, client, "web", "stopped", timeout=5)
+        assert trio.current_time() - began >= 0.5  # not before it was idle that long
+        assert stopped["reason"] == "idle for 0.6 s"  # exact schedule: test_idle_culling_on_virtual_time
         assert stopped["pid"] is None and not pid_alive(first)
         assert (await client.get("web/")).status_code == 200
         assert proxy.supervisors["web"].pid not in (None, first)

@@ -17,3 +17,9 @@ def test_importing_the_package_loads_no_server_stack() -> None:
     code = "import sys, trioproxy; print(sorted(m for m in ('quart', 'hypercorn', 'httpx', 'traitlets') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_hub_authenticator_does_not_load_the_web_framework() -> None:
+    code = "import sys, trioproxy.hub; print(sorted(m for m in ('quart', 'hypercorn') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

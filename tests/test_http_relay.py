@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PY, TOKEN, Proxy, echo_command, free_port, start_proxy
+from .conftest import PY, TOKEN, Proxy, echo_command, free_port, start_proxy, wait_for
 
 PATTERN = bytes(range(256)) * 256
 
@@ -558,23 +558,17 @@ async def test_killing_the_backend_under_load_fails_no_request(nursery: trio.Nur
     async with proxy.client() as client, trio.open_nursery() as inner:
         for _ in range(4):
             inner.start_soon(load, client)
-        await wait_until(lambda: len(statuses) > 50)
+        await wait_for(lambda: len(statuses) > 50, timeout=20)
         for _ in range(3):
             pid = supervisor.pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            await wait_until(lambda: supervisor.pid not in (None, pid))
+            await wait_for(lambda: supervisor.pid not in (None, pid), timeout=20)
             before = len(statuses)
-            await wait_until(lambda: len(statuses) > before + 50)
+            await wait_for(lambda: len(statuses) > before + 50, timeout=20)
         stop.set()
     assert supervisor.restarts == 3
     assert set(statuses) == {200}, {code: statuses.count(code) for code in set(statuses)}
-
-
-async def wait_until(predicate: Any, timeout: float = 20) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 async def test_a_request_the_dead_backend_had_seen_is_replayed_only_if_idempotent(nursery: trio.Nursery) -> None:
@@ -583,7 +577,7 @@ async def test_a_request_the_dead_backend_had_seen_is_replayed_only_if_idempoten
     async with proxy.client() as client:
         post = await client.post("echo/crash", content=b"order #1")
         assert post.status_code == 502  # never sent twice: the backend may have acted on it
-        await wait_until(lambda: supervisor.restarts == 1 and supervisor.state.value == "ready")
+        await wait_for(lambda: supervisor.restarts == 1 and supervisor.state.value == "ready", timeout=20)
         await trio.sleep(0.3)
         assert supervisor.restarts == 1
         get = await client.get("echo/crash")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import ssl
@@ -15,11 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from trioproxy.auth import TokenAuth
 from trioproxy.cli import TrioProxy, build
 from trioproxy.config import ConfigError
 from trioproxy.hub import HubAuth, scopes_allow
+from trioproxy.hub.activity import latest_of, report_activity_forever
 from trioproxy.server import run_app
 
 from .conftest import ProxyProcess, echo_command, free_port, launch_trioproxy, wait_for
@@ -148,6 +151,27 @@ async def test_oauth_round_trip(nursery: trio.Nursery, monkeypatch: pytest.Monke
         await client.get("logout")
         async with httpx.AsyncClient(base_url=proxy.url, cookies=cookie) as replay:
             assert (await replay.get("server-proxy/api/servers")).status_code == 403
+
+
+@pytest.mark.parametrize(("address", "secure"), [("127.0.0.2", False), ("127.0.0.1", True)])
+async def test_cookies_are_secure_behind_https_only_by_a_trusted_proxys_word(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub, address: str, secure: bool
+) -> None:
+    # X-Forwarded-Proto is believed from 127.0.0.1 (forwarded_allow_ips' default), not from
+    # any client: a Secure cookie the browser then withholds over http would lock it out.
+    proxy = await start_hub_proxy(nursery, monkeypatch, tmp_path, hub)
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    async with proxy.client(transport=transport, headers={"X-Forwarded-Proto": "https"}) as client:
+        started = await client.get("login", params={"next": PREFIX + "echo/"})
+        assert started.status_code == 302
+        state_cookie = started.headers["set-cookie"]
+        assert ("; Secure" in state_cookie) is secure, state_cookie
+        if not secure:
+            # The whole round trip works over plain http, and the session cookie is not Secure.
+            response = await log_in(proxy, client, "echo/")
+            assert response.status_code == 200, response.text
+            session = response.history[-1].headers["set-cookie"]
+            assert session.startswith(proxy.auth.cookie_name + "=") and "Secure" not in session
 
 
 @pytest.mark.parametrize(("user", "status"), [("admin", 200), ("bob", 403), ("nobody", 403), ("ghost", 403)])
@@ -303,6 +327,39 @@ async def test_unreachable_hub_fails_closed(nursery: trio.Nursery, monkeypatch: 
 
 
 # -- activity -----------------------------------------------------------------------------------
+
+
+async def test_activity_schedule_on_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    # Each interval: the latest activity if it is news; a report the Hub refused is news still.
+    latest = -math.inf
+    taken = True
+    reports: list[tuple[float, float]] = []  # (when sent, the activity it reports), from t0
+
+    async def report(when: float) -> bool:
+        reports.append((trio.current_time() - t0, when - t0))
+        return taken
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report_activity_forever, 10.0, lambda: latest, report)
+        await trio.sleep(25)
+        assert reports == []  # ticks at 10 and 20: nothing happened
+        latest = trio.current_time()  # 25
+        await trio.sleep(30)
+        assert reports == [(pytest.approx(30), pytest.approx(25))]  # once, at the next tick
+        taken = False
+        latest = trio.current_time()  # 55
+        await trio.sleep(20)
+        taken = True
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    assert [r[0] for r in reports] == pytest.approx([30, 60, 70, 80])  # refused at 60, 70
+    assert [r[1] for r in reports] == pytest.approx([25, 55, 55, 55])
+
+
+def test_latest_activity_of_several_sources() -> None:
+    assert latest_of(lambda: None, lambda: -math.inf)() == -math.inf
+    assert latest_of(lambda: 0.0, lambda: None, lambda: -3.0)() == 0.0
 
 
 async def test_activity_is_reported_only_after_traffic(

@@ -166,14 +166,17 @@ async def start_canary(nursery: trio.Nursery) -> Canary:
 
 
 @asynccontextmanager
-async def open_ws(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+async def open_ws(
+    url: str, headers: list[tuple[bytes, bytes]], local_address: str | None = None
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A trio-websocket client on a TCP stream held here: trio-websocket's own
     ``open_websocket_url`` leaves its socket open when the handshake is refused."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     resource = parts.path + ("?" + parts.query if parts.query else "")
     with trio.fail_after(10):
-        async with await trio.open_tcp_stream(parts.hostname, parts.port) as stream, trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port, local_address=local_address)
+        async with stream, trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(nursery, stream, parts.netloc, resource, extra_headers=headers)
             try:
                 yield ws
@@ -182,10 +185,10 @@ async def open_ws(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator
                 nursery.cancel_scope.cancel()
 
 
-async def ws_refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None) -> int:
+async def ws_refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None, local_address: str | None = None) -> int:
     """The HTTP status a WebSocket handshake to ``url`` is refused with."""
     try:
-        async with open_ws(url, headers or []):
+        async with open_ws(url, headers or [], local_address):
             pass
     except BaseExceptionGroup as group:
         sole = sole_exception(group)
@@ -196,8 +199,8 @@ async def ws_refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None)
     raise AssertionError(f"the upgrade to {url} was accepted")
 
 
-async def ws_echoes(url: str, headers: list[tuple[bytes, bytes]]) -> bool:
-    async with open_ws(url, headers) as ws:
+async def ws_echoes(url: str, headers: list[tuple[bytes, bytes]], local_address: str | None = None) -> bool:
+    async with open_ws(url, headers, local_address) as ws:
         await ws.send_message("ping")
         return await ws.get_message() == "ping"
 
@@ -655,6 +658,23 @@ async def test_allowed_origins(nursery: trio.Nursery) -> None:
         assert await ws_refusal(url, [*auth, (b"origin", origin.encode())]) == 403, origin
     everyone = await start_proxy(nursery, allow_origin="*")
     assert await ws_echoes(ws_url(everyone, f"proxy/{echo.port}/"), [*auth, (b"origin", b"https://anything.example")])
+
+
+async def test_forwarded_host_counts_for_the_origin_only_from_trusted_proxies(nursery: trio.Nursery) -> None:
+    # Behind a proxy on 127.0.0.1 (trusted by default), the browser's Host is in
+    # X-Forwarded-Host; any other client could name the attacker's site there.
+    echo = await start_ws_echo(nursery)
+    proxy = await start_proxy(nursery)
+    url = ws_url(proxy, f"proxy/{echo.port}/")
+    headers = [
+        (b"authorization", f"token {TOKEN}".encode()),
+        (b"origin", b"https://public.example"),
+        (b"x-forwarded-host", b"public.example"),
+    ]
+    assert await ws_refusal(url, headers, local_address="127.0.0.2") == 403
+    assert await ws_echoes(url, headers, local_address="127.0.0.1")
+    trusting = await start_proxy(nursery, forwarded_allow_ips=("127.0.0.0/8",))
+    assert await ws_echoes(ws_url(trusting, f"proxy/{echo.port}/"), headers, local_address="127.0.0.2")
 
 
 def test_an_invalid_origin_pattern_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from trioproxy.config import make_server_process
-from trioproxy.supervisor import ServerUnavailable, State, Supervisors
+from trioproxy.supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 
 from .conftest import PY, echo_command, pid_alive, wait_for
 
@@ -456,19 +457,29 @@ async def test_a_stop_fails_the_requests_waiting_for_the_start(nursery: trio.Nur
     assert web.state is State.STOPPED  # the waiting request did not start it again
 
 
-async def test_idle_culling_waits_for_requests_in_flight(nursery: trio.Nursery, tmp_path: Path) -> None:
-    supervisors = await run_supervisors(
-        nursery, {"idle": {"command": serve_command(tmp_path), "idle_timeout": 0.3}}
-    )
-    idle = supervisors["idle"]
-    await idle.ensure_ready()
-    idle.active += 1  # as the dispatcher does while a response streams
-    await trio.sleep(1.0)
-    assert idle.state is State.READY
-    idle.active -= 1
-    with trio.fail_after(5):
-        await idle.wait_for_state(State.STOPPED)
-    assert idle.reason == "idle for 0.3 s"
+async def test_idle_culling_on_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    # The culling schedule alone: no process (its cycle is a bare cancel scope here).
+    idle = ServerSupervisor(make_server_process("idle", {"command": [PY, "-c", "pass"], "idle_timeout": 30}))
+    cycle = idle._cycle_scope = trio.CancelScope()
+    t0 = idle.last_activity = trio.current_time()
+    culled_at: list[float] = []
+
+    async def cull() -> None:
+        await idle._cull_when_idle()
+        culled_at.append(trio.current_time() - t0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cull)
+        await trio.sleep(10)
+        idle.touch()  # idle from 10: due at 40
+        await trio.sleep(10)
+        idle.active += 1  # a response streams from 20 to 50: not idle meanwhile
+        await trio.sleep(30)
+        assert culled_at == []
+        idle.active -= 1
+        idle.touch()  # as the dispatcher does when a response ends: due at 80
+    assert culled_at == [pytest.approx(80)]
+    assert cycle.cancel_called and idle.state is State.STOPPING and idle.reason == "idle for 30 s"
 
 
 async def test_a_child_printing_as_it_stops_is_read_to_the_end(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -1,5 +1,10 @@
 """trioproxy's own pages and API (a Quart blueprint): login, launcher, servers-info, icons,
-the management API, logs and metrics."""
+the management API, logs and metrics.
+
+:data:`ROUTES` lists every route and the :class:`Pages` method that serves it. Pages work with
+any :class:`~trioproxy.auth.Authenticator`: the token's login form, or a login through another
+site (its ``oauth`` flow, e.g. JupyterHub's), whose answers are turned into responses here.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,24 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
 from string import Template
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import trio
 from quart import Blueprint, Response, current_app, jsonify, make_response, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
-from .auth import Identity, local_redirect, mask_secrets
+from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .origin import origin_allowed
+from .relay.upstream import trusted_forwarded
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
 from .throttle import LoginThrottle
+
+if TYPE_CHECKING:
+    from .app import Settings
 
 IDENTITY = "trioproxy.identity"  # where a request's Identity is kept in its scope
 
@@ -42,106 +51,178 @@ def _error(status: int, message: str, server: str | None = None, output: list[st
 
 def _known_secrets() -> list[str]:
     # A server's output may echo its URL (?token=…) or its environment; never pass it on raw.
-    auth = current_app.extensions["trioproxy"].settings.auth
-    return list(auth.known_secrets()) if hasattr(auth, "known_secrets") else []
+    return list(current_app.extensions["trioproxy"].settings.auth.known_secrets())
 
 
-def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
+def _login_response(answer: LoginAnswer) -> Response:
+    """A step of a login through another site, as a response: a redirect or an error page."""
+    if answer.location:
+        response = Response("", status=answer.status, headers={"Location": answer.location})
+    else:
+        content_type, body = render_error(answer.status, answer.message, as_json=False)
+        response = Response(body, status=answer.status, content_type=content_type.decode())
+    for cookie in answer.cookies:
+        if cookie.max_age == 0:
+            response.delete_cookie(cookie.name, path=cookie.path)
+        else:
+            response.set_cookie(
+                cookie.name,
+                cookie.value,
+                max_age=cookie.max_age,
+                path=cookie.path,
+                httponly=True,
+                samesite="Lax",
+                secure=cookie.secure,
+            )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# Every route of the blueprint: (rule, Pages method, HTTP methods). Quart adds HEAD to GET.
+ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("/login", "login", ("GET", "POST")),
+    ("/logout", "logout", ("GET",)),
+    ("/oauth_callback", "oauth_callback", ("GET",)),
+    ("/server-proxy/servers-info", "servers_info", ("GET",)),
+    ("/server-proxy/icon/<name>", "icon", ("GET",)),
+    ("/server-proxy/api/servers", "list_servers", ("GET",)),
+    ("/server-proxy/api/servers/<name>", "one_server", ("GET", "DELETE")),
+    ("/server-proxy/api/servers/<name>/<action>", "control", ("POST",)),
+    ("/server-proxy/api/servers/<name>/logs", "logs", ("GET",)),
+    ("/server-proxy/metrics", "metrics", ("GET",)),
+    ("/server-proxy/static/<path:filename>", "static_file", ("GET",)),
+    ("/", "launcher", ("GET",)),
+)
+# Reachable without logging in (the login itself).
+_OPEN_PATHS = ("/login", "/logout", "/oauth_callback")
+
+
+def make_blueprint(settings: Settings, supervisors: Supervisors) -> Blueprint:
+    pages = Pages(settings, supervisors)
     bp = Blueprint("trioproxy", __name__)
-    base_url: str = settings.base_url
-    auth = settings.auth
-    throttle = LoginThrottle()
+    bp.before_request(pages.require_login)
+    bp.after_request(pages.add_cookie)
+    for rule, endpoint, methods in ROUTES:
+        bp.add_url_rule(rule, endpoint, getattr(pages, endpoint), methods=list(methods))
+    bp.app_errorhandler(HTTPException)(pages.http_error)
+    return bp
 
-    def public_base() -> str:
+
+class Pages:
+    """trioproxy's own pages and API: one method per route of :data:`ROUTES`, and the hooks."""
+
+    def __init__(self, settings: Settings, supervisors: Supervisors) -> None:
+        self.settings = settings
+        self.supervisors = supervisors
+        self.base_url: str = settings.base_url
+        self.auth: Authenticator = settings.auth
+        self.throttle = LoginThrottle()
+
+    def public_base(self) -> str:
         # Behind another proxy (Jupyter's /proxy/<port>/), links must carry its prefix too.
         prefix = request.headers.get("X-Forwarded-Prefix") or request.headers.get("X-Forwarded-Context")
         if prefix:
-            return prefix.rstrip("/") + base_url
-        return base_url
+            return prefix.rstrip("/") + self.base_url
+        return self.base_url
 
-    @bp.before_request
-    async def require_login() -> Any:
+    # -- hooks ------------------------------------------------------------------------------
+
+    async def require_login(self) -> Any:
+        base_url = self.base_url
         path = request.path[len(base_url) - 1 :] if base_url != "/" else request.path
-        if path.startswith(("/login", "/logout", "/oauth_callback")):
+        if path.startswith(_OPEN_PATHS):
             return None
-        identity = await auth.authenticate(request.scope)
+        identity = await self.auth.authenticate(cast(dict[str, Any], request.scope))
         if identity is not None:
             cast(dict[str, Any], request.scope)[IDENTITY] = identity
             return None
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
-            return redirect(auth.login_url(request.full_path.rstrip("?")))
+            return redirect(self.auth.login_url(request.full_path.rstrip("?")))
         return _error(403, "Authentication required: a valid token is needed.")
 
-    @bp.after_request
-    async def add_cookie(response: Response) -> Response:
+    async def add_cookie(self, response: Response) -> Response:
         identity: Identity | None = cast(dict[str, Any], request.scope).get(IDENTITY)
         if identity is not None and identity.set_cookie:
             response.headers.add("Set-Cookie", identity.set_cookie.decode("latin-1"))
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    async def http_error(self, exc: HTTPException) -> Response:
+        # Quart's own 404 and 405, in trioproxy's error format (JSON for API clients).
+        response = _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:
+            response.headers["Allow"] = allow
+        return response
+
     # -- login ------------------------------------------------------------------------------
 
-    def safe_next(value: str | None) -> str:
+    def safe_next(self, value: str | None) -> str:
         """Only local paths under the base URL: no open redirect to another site."""
-        return local_redirect(value, base_url)
+        return local_redirect(value, self.base_url)
 
-    @bp.route("/login", methods=["GET", "POST"])
-    async def login() -> Any:
-        if not getattr(auth, "enabled", True):
-            return redirect(safe_next(request.args.get("next")))
-        if hasattr(auth, "oauth_login"):
-            return await auth.oauth_login(request)
+    def login_request(self) -> LoginRequest:
+        forwarded = trusted_forwarded(
+            cast(dict[str, Any], request.scope), b"x-forwarded-proto", self.settings.forwarded_allow_ips
+        )
+        https = request.scheme == "https" or forwarded == "https"
+        return LoginRequest(args=request.args, cookies=request.cookies, https=https)
+
+    async def login(self) -> Any:
+        auth = self.auth
+        if not auth.enabled:
+            return redirect(self.safe_next(request.args.get("next")))
+        if auth.oauth is not None:
+            return _login_response(await auth.oauth.begin(self.login_request()))
+        if not isinstance(auth, TokenAuth):
+            raise NotFound()  # an authenticator with neither a form nor a flow: no login page
+        return await self._token_form(auth)
+
+    async def _token_form(self, auth: TokenAuth) -> Any:
         message = ""
         if request.method == "POST":
             form = await request.form
-            next_url = safe_next(form.get("next"))
+            next_url = self.safe_next(form.get("next"))
             address = request.remote_addr or "?"
             now = trio.current_time()
-            wait = throttle.retry_after(address, now)
+            wait = self.throttle.retry_after(address, now)
             if wait > 0:
                 refusal = _error(429, f"Too many failed logins; try again in {wait:.0f} s.")
                 refusal.headers["Retry-After"] = str(int(wait) + 1)
                 return refusal
             if auth.check_token(form.get("token", "")):
-                throttle.succeeded(address)
+                self.throttle.succeeded(address)
                 response = redirect(next_url)
                 response.headers.add("Set-Cookie", auth.make_cookie().decode("latin-1"))
                 return response
-            throttle.failed(address, now)
+            self.throttle.failed(address, now)
             message = "That token is not valid."
             status = 403
         else:
-            next_url = safe_next(request.args.get("next"))
+            next_url = self.safe_next(request.args.get("next"))
             status = 200
         page = Template(_LOGIN_PAGE).substitute(
-            action=html.escape(public_base() + "login"),
+            action=html.escape(self.public_base() + "login"),
             next=html.escape(next_url),
             message=f"<p class='error'>{html.escape(message)}</p>" if message else "",
         )
         return Response(page, status=status, content_type="text/html; charset=utf-8")
 
-    @bp.route("/logout")
-    async def logout() -> Any:
-        end_session = getattr(auth, "end_session", None)
-        if end_session is not None:  # a server-side session (JupyterHub mode) ends here too
-            end_session(cast(dict[str, Any], request.scope)["headers"])
-        response = redirect(base_url + "login")
-        cookie = getattr(auth, "cookie_name", None)
-        if cookie:
-            response.delete_cookie(cookie, path=base_url)
+    async def logout(self) -> Any:
+        self.auth.end_session(cast(dict[str, Any], request.scope)["headers"])
+        response = redirect(self.base_url + "login")
+        response.delete_cookie(self.auth.cookie_name, path=self.base_url)
         return response
 
-    if hasattr(auth, "oauth_callback"):
-
-        @bp.route("/oauth_callback")
-        async def oauth_callback() -> Any:
-            return await auth.oauth_callback(request)
+    async def oauth_callback(self) -> Any:
+        if self.auth.oauth is None:
+            raise NotFound()
+        return _login_response(await self.auth.oauth.finish(self.login_request()))
 
     # -- servers-info and icons (jupyter-server-proxy's shapes) ---------------------------
 
-    def launcher_info(name: str) -> dict[str, Any]:
-        process = supervisors[name].process
+    def launcher_info(self, name: str) -> dict[str, Any]:
+        process = self.supervisors[name].process
         entry = process.launcher
         info: dict[str, Any] = {
             "enabled": entry.enabled,
@@ -150,15 +231,14 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
             "category": entry.category,
         }
         if entry.icon_path:
-            info["icon_url"] = f"{public_base()}server-proxy/icon/{quote(name, safe='')}"
+            info["icon_url"] = f"{self.public_base()}server-proxy/icon/{quote(name, safe='')}"
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
-    @bp.route("/server-proxy/servers-info")
-    async def servers_info() -> Any:
-        return jsonify({"server_processes": [launcher_info(name) for name in supervisors]})
+    async def servers_info(self) -> Any:
+        return jsonify({"server_processes": [self.launcher_info(name) for name in self.supervisors]})
 
-    @bp.route("/server-proxy/icon/<name>")
-    async def icon(name: str) -> Any:
+    async def icon(self, name: str) -> Any:
+        supervisors = self.supervisors
         if name not in supervisors or not supervisors[name].process.launcher.icon_path:
             return _error(404, f"No icon for {name!r}.")
         path = supervisors[name].process.launcher.icon_path
@@ -175,41 +255,37 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     # -- management API ---------------------------------------------------------------------
 
-    def status(name: str) -> dict[str, Any]:
-        supervisor = supervisors[name]
+    def status(self, name: str) -> dict[str, Any]:
+        supervisor = self.supervisors[name]
         info = supervisor.status()
         info["last_activity"] = _timestamp_ago(info["idle_seconds"])
         info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
-        info["url"] = f"{public_base()}{quote(name, safe='')}/"
+        info["url"] = f"{self.public_base()}{quote(name, safe='')}/"
         return info
 
-    def unknown(name: str) -> Response:
-        return _error(404, f"No server named {name!r}.")
+    async def list_servers(self) -> Any:
+        return jsonify({"servers": [self.status(name) for name in self.supervisors]})
 
-    @bp.route("/server-proxy/api/servers")
-    async def list_servers() -> Any:
-        return jsonify({"servers": [status(name) for name in supervisors]})
-
-    @bp.route("/server-proxy/api/servers/<name>", methods=["GET", "DELETE"])
-    async def one_server(name: str) -> Any:
-        if name not in supervisors:
-            return unknown(name)
+    async def one_server(self, name: str) -> Any:
+        if name not in self.supervisors:
+            return _unknown(name)
         if request.method == "DELETE":
-            return await control_action(name, "stop")
-        return jsonify(status(name))
+            return await self.control_action(name, "stop")
+        return jsonify(self.status(name))
 
-    @bp.route("/server-proxy/api/servers/<name>/<action>", methods=["POST"])
-    async def control(name: str, action: str) -> Any:
-        if name not in supervisors:
-            return unknown(name)
+    async def control(self, name: str, action: str) -> Any:
+        if name not in self.supervisors:
+            return _unknown(name)
         if action not in _ACTIONS:
             return _error(404, f"Unknown action {action!r}: use start, restart or stop.")
-        return await control_action(name, action)
+        return await self.control_action(name, action)
 
-    async def control_action(name: str, action: str) -> Any:
+    async def control_action(self, name: str, action: str) -> Any:
         """Start, restart or stop; answer when done, or at once (202) with ``?wait=0``."""
-        supervisor = supervisors[name]
-        if not origin_allowed(cast(dict[str, Any], request.scope), settings.allow_origin, settings.allow_origin_pat):
+        settings = self.settings
+        supervisor = self.supervisors[name]
+        scope = cast(dict[str, Any], request.scope)
+        if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
             # A browser sends the cookie with a form posted from another site's page.
             return _error(403, "Cross-origin request refused.", server=name)
         if not supervisor.has_command:
@@ -229,18 +305,17 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         except ServerUnavailable as exc:
             return _error(exc.status, str(exc), server=name)
         if not wait:
-            return jsonify(status(name)), 202
+            return jsonify(self.status(name)), 202
         await outcome.done.wait()
         failure = outcome.error
         if failure is not None:
             return _error(failure.status, str(failure), server=name, output=failure.output)
-        return jsonify(status(name))
+        return jsonify(self.status(name))
 
-    @bp.route("/server-proxy/api/servers/<name>/logs")
-    async def logs(name: str) -> Any:
-        if name not in supervisors:
-            return unknown(name)
-        output = supervisors[name].output
+    async def logs(self, name: str) -> Any:
+        if name not in self.supervisors:
+            return _unknown(name)
+        output = self.supervisors[name].output
         tail = request.args.get("tail", "")
         if tail and not tail.isdigit():
             return _error(400, f"tail must be a number of lines, not {tail!r}.", server=name)
@@ -270,15 +345,13 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     # -- metrics ----------------------------------------------------------------------------
 
-    @bp.route("/server-proxy/metrics")
-    async def metrics() -> Any:
-        text = render_metrics(current_app.extensions["trioproxy"].metrics, supervisors)
+    async def metrics(self) -> Any:
+        text = render_metrics(current_app.extensions["trioproxy"].metrics, self.supervisors)
         return Response(text, content_type=METRICS_CONTENT_TYPE)
 
     # -- launcher page and its files ------------------------------------------------------
 
-    @bp.route("/server-proxy/static/<path:filename>")
-    async def static_file(filename: str) -> Any:
+    async def static_file(self, filename: str) -> Any:
         content_type = _STATIC_TYPES.get(PurePosixPath(filename).suffix)
         if content_type is None:
             return _error(404, f"No static file {filename!r}.")
@@ -290,25 +363,17 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    @bp.route("/")
-    async def launcher() -> Any:
-        entries = [
-            (name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled
-        ]
-        response = Response(_launcher_page(entries, _base_href(request.headers, public_base())), content_type="text/html; charset=utf-8")
+    async def launcher(self) -> Any:
+        supervisors = self.supervisors
+        entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
+        page = _launcher_page(entries, _base_href(request.headers, self.public_base()))
+        response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
 
-    @bp.app_errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        # Quart's own 404 and 405, in trioproxy's error format (JSON for API clients).
-        response = _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
-        allow = dict(exc.get_headers()).get("Allow")
-        if allow:
-            response.headers["Allow"] = allow
-        return response
 
-    return bp
+def _unknown(name: str) -> Response:
+    return _error(404, f"No server named {name!r}.")
 
 
 _STYLE = (

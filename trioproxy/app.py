@@ -160,6 +160,7 @@ class Dispatcher:
         *,
         server: str | None = None,
         output: list[str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         """An error page with secrets masked: a server's output may echo ?token= or its env."""
         known = self.settings.auth.known_secrets() if hasattr(self.settings.auth, "known_secrets") else []
@@ -170,6 +171,13 @@ class Dispatcher:
             mask_secrets(message, known),
             server=server,
             output=[mask_secrets(line, known) for line in output] if output else output,
+            retry_after=retry_after,
+        )
+
+    async def _unavailable(self, send: Any, request_headers: Headers, exc: ServerUnavailable) -> None:
+        # A page for a server that is starting or backing off refreshes itself until it is up.
+        await self._send_error(
+            send, request_headers, exc.status, str(exc), server=exc.server, output=exc.output, retry_after=exc.retry_after
         )
 
     async def _too_many_headers(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -290,7 +298,7 @@ class Dispatcher:
         try:
             client, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
-            await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
+            await self._unavailable(send, headers_in, exc)
             return
         try:
             upstream = self._upstream(scope, route, process)
@@ -322,7 +330,7 @@ class Dispatcher:
         try:
             await relay_http(scope, body, send, target)
         except ServerUnavailable as exc:  # its replacement could not start
-            await self._send_error(send, headers_in, exc.status, str(exc), server=exc.server, output=exc.output)
+            await self._unavailable(send, headers_in, exc)
         except BackendError as exc:
             if exchange.started:
                 return
@@ -382,7 +390,7 @@ class Dispatcher:
         try:
             client, process = await self._backend_for(route, scope)
         except ServerUnavailable as exc:
-            await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output)
+            await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output, exc.retry_after)
             return
         try:
             upstream = self._upstream(scope, route, process)
@@ -413,7 +421,8 @@ class Dispatcher:
     def _origin_allowed(self, scope: dict[str, Any]) -> bool:
         from .origin import origin_allowed
 
-        return origin_allowed(scope, self.settings.allow_origin, self.settings.allow_origin_pat)
+        settings = self.settings
+        return origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips)
 
 
 def relayed_request(scope: dict[str, Any]) -> RelayedRequest:

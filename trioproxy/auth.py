@@ -21,11 +21,11 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .relay.headers import Headers
@@ -47,7 +47,14 @@ class Authenticator(Protocol):
     def enabled(self) -> bool: ...
 
     @property
+    def base_url(self) -> str: ...
+
+    @property
     def cookie_name(self) -> str: ...
+
+    @property
+    def oauth(self) -> OAuthFlow | None:
+        """The login flow through another site, or None: trioproxy's own login form."""
 
     async def authenticate(self, scope: dict[str, Any]) -> Identity | None: ...
 
@@ -56,6 +63,50 @@ class Authenticator(Protocol):
     def strip_credentials(self, headers: Headers) -> Headers: ...
 
     def known_secrets(self) -> list[str]: ...
+
+    def end_session(self, headers: Headers) -> None:
+        """Forget the session the request's cookie stands for, if it is kept here (logout)."""
+
+
+# -- logging in through another site (OAuth), in terms of no web framework -------------------
+
+
+@dataclass(frozen=True)
+class CookieSpec:
+    """A cookie to set (HttpOnly, SameSite=Lax) or, with ``max_age=0``, to delete."""
+
+    name: str
+    value: str
+    path: str
+    max_age: int | None = None  # None: for the browser session
+    secure: bool = False
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    """What a login step gets to see of a request."""
+
+    args: Mapping[str, str]  # the query
+    cookies: Mapping[str, str]
+    https: bool  # as the browser sees it (X-Forwarded-Proto only from trusted proxies)
+
+
+@dataclass(frozen=True)
+class LoginAnswer:
+    """A login step's answer: a redirect to ``location``, or an error page with ``message``."""
+
+    status: int
+    location: str = ""
+    message: str = ""
+    cookies: tuple[CookieSpec, ...] = ()
+
+
+class OAuthFlow(Protocol):
+    """The two steps of a login through another site: off there, and back."""
+
+    async def begin(self, request: LoginRequest) -> LoginAnswer: ...
+
+    async def finish(self, request: LoginRequest) -> LoginAnswer: ...
 
 
 def generate_token() -> str:
@@ -169,6 +220,13 @@ class TokenAuth:
     def check_token(self, candidate: str) -> bool:
         return self._matches(candidate)
 
+    @property
+    def oauth(self) -> None:
+        return None  # the login form takes the token
+
+    def end_session(self, headers: Headers) -> None:
+        pass  # the cookie is the whole session: deleting it (logout) ends it
+
     def known_secrets(self) -> list[str]:
         return [self.token] if self.token else []
 
@@ -249,3 +307,7 @@ class MaskingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return mask_secrets(super().format(record), self.known)
+
+
+if TYPE_CHECKING:
+    _: type[Authenticator] = TokenAuth  # mypy checks that it is one

@@ -2,17 +2,27 @@
 
 Browsers let any page open a WebSocket to any site and send that site's cookies along, so a
 WebSocket whose Origin is another site is refused unless configured otherwise. Clients that
-send no Origin (not browsers) are let through; they must still authenticate.
+send no Origin (not browsers) are let through; they must still authenticate. Behind another
+proxy, the Host the browser used is in X-Forwarded-Host, believed only from the addresses
+allowed to send forwarded headers.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import urlsplit
 
+from .relay.upstream import DEFAULT_FORWARDED_ALLOW, trusted_forwarded
 
-def origin_allowed(scope: dict[str, Any], allow_origin: str = "", allow_origin_pat: str = "") -> bool:
+
+def origin_allowed(
+    scope: dict[str, Any],
+    allow_origin: str = "",
+    allow_origin_pat: str = "",
+    forwarded_allow: Collection[str] = DEFAULT_FORWARDED_ALLOW,
+) -> bool:
     headers = scope["headers"]
     origin = next((v.decode("latin-1") for n, v in headers if n == b"origin"), None)
     if origin is None:
@@ -24,9 +34,6 @@ def origin_allowed(scope: dict[str, Any], allow_origin: str = "", allow_origin_p
     if allow_origin_pat and re.fullmatch(allow_origin_pat, origin):
         return True
     host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
-    forwarded_host = next((v.decode("latin-1") for n, v in headers if n == b"x-forwarded-host"), None)
+    forwarded_host = trusted_forwarded(scope, b"x-forwarded-host", forwarded_allow)
     origin_host = urlsplit(origin).netloc.lower()
-    return bool(origin_host) and origin_host in {
-        (host or "").lower(),
-        (forwarded_host or "").split(",")[0].strip().lower(),
-    } - {""}
+    return bool(origin_host) and origin_host in {(host or "").lower(), forwarded_host or ""} - {""}

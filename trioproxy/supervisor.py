@@ -38,6 +38,8 @@ READY_POLL_LONGEST = 0.1
 # How long a request whose backend broke off waits to see whether its process exited.
 EXIT_GRACE = 0.5
 MAX_PORT_RETRIES = 3
+# When an error page for a server that is starting again tells the browser to try again (s).
+RETRY_WHILE_STARTING = 2.0
 
 
 class State(str, Enum):
@@ -69,14 +71,26 @@ class InvalidTransition(RuntimeError):
 
 
 class ServerUnavailable(Exception):
-    """A server that cannot take requests now: 503 (failed or exited) or 504 (too slow)."""
+    """A server that cannot take requests now: 503 (failed or exited) or 504 (too slow).
 
-    def __init__(self, server: str, status: int, reason: str, output: list[str] | None = None):
+    ``retry_after``: seconds after which a request may find it ready (it is starting, backing
+    off, or may be started again then), or None if nothing will change by itself.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        status: int,
+        reason: str,
+        output: list[str] | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"server {server!r}: {reason}")
         self.server = server
         self.status = status
         self.reason = reason
         self.output = output or []
+        self.retry_after = retry_after
 
 
 async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
@@ -166,6 +180,7 @@ class ServerSupervisor:
         self._stops = 0  # stops asked for by the API: they fail the requests waiting
         self._start_after_stop = False
         self._last_ready_for = 0.0  # how long the last process was ready before it exited
+        self._backoff_until = 0.0  # when the backoff under way ends (trio time)
         self._nursery: trio.Nursery | None = None
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
@@ -283,7 +298,19 @@ class ServerSupervisor:
             f"not ready within {self.process.timeout:g} s (state: {self.state.value}); "
             "raise the server's 'timeout' if it needs longer to start",
             self.output.tail(20),
+            self._retry_after(),
         )
+
+    def _retry_after(self) -> float | None:
+        """For a request that failed now: when another might not (see ServerUnavailable)."""
+        now = trio.current_time()
+        if self.state is State.BACKOFF:
+            return max(self._backoff_until - now, 0.0) or RETRY_WHILE_STARTING
+        if self.state is State.STARTING:
+            return RETRY_WHILE_STARTING
+        if self.state is State.FAILED:
+            return self.policy.retry_after(now) or None
+        return None
 
     async def _wait_ready(self) -> BackendClient:
         failures_seen = self._early_failures
@@ -292,7 +319,7 @@ class ServerSupervisor:
             if self.state is State.READY and self.client is not None:
                 return self.client
             if self._early_failures != failures_seen and not self._cycle_was_ready:
-                raise ServerUnavailable(self.name, 503, self.reason, self.output.tail(20))
+                raise ServerUnavailable(self.name, 503, self.reason, self.output.tail(20), self._retry_after())
             if self._stops != stops_seen:
                 raise ServerUnavailable(self.name, 503, "stopped on request")
             if self.state is State.STOPPED:
@@ -305,6 +332,7 @@ class ServerSupervisor:
                         503,
                         f"{self.reason}; will retry on a request in {wait:.1f} s",
                         self.output.tail(20),
+                        wait,
                     )
                 self._request_start()
             await self._changed.wait()
@@ -465,6 +493,7 @@ class ServerSupervisor:
                 return
             self.restarts += 1
             if decision.delay > 0:
+                self._backoff_until = trio.current_time() + decision.delay
                 self._set_state(State.BACKOFF, f"{detail}; restarting in {decision.delay:.2f} s")
                 await trio.sleep(decision.delay)
             else:

@@ -59,6 +59,17 @@ def trusted_proxy(client: Any, allow: Collection[str]) -> bool:
     return False
 
 
+def trusted_forwarded(scope: Mapping[str, Any], name: bytes, allow: Collection[str]) -> str | None:
+    """The first value of the forwarded header ``name`` (e.g. ``b"x-forwarded-proto"``),
+    lower-cased, if the client may tell it (:func:`trusted_proxy`); else None."""
+    if not trusted_proxy(scope.get("client"), allow):
+        return None
+    value = next((v for n, v in scope["headers"] if n == name), None)
+    if value is None:
+        return None
+    return value.decode("latin-1").split(",")[0].strip().lower() or None
+
+
 def upstream_path(route: Route, absolute: bool, raw_path: bytes, mappath: Any) -> bytes:
     """The path the backend gets: below the prefix or whole, mapped, requoted."""
     path = raw_path if absolute else route.upstream_path

@@ -17,6 +17,7 @@ written to it as bytes and what it sends comes back as binary messages.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class _Refused(Exception):
         headers: Headers | None = None,
         body: bytes | None = None,
         output: list[str] | None = None,
+        retry_after: float | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -93,6 +95,7 @@ class _Refused(Exception):
         self.headers = headers
         self.body = body
         self.output = output  # a server's last output lines, for a server that failed
+        self.retry_after = retry_after  # seconds, for a server that is starting or backing off
 
     @classmethod
     def from_rejection(cls, rejection: ConnectionRejected) -> _Refused:
@@ -153,8 +156,11 @@ class _Client:
                 as_json=wants_json(self.scope["headers"]),
                 server=server,
                 output=refusal.output,
+                retry_after=refusal.retry_after,
             )
             headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+            if refusal.retry_after is not None:
+                headers.append((b"retry-after", str(max(1, math.ceil(refusal.retry_after))).encode()))
         else:
             headers, body = refusal.headers or [], refusal.body
         headers = [*headers, (b"content-length", str(len(body)).encode())]
@@ -237,6 +243,7 @@ async def refuse_websocket(
     message: str,
     server: str | None = None,
     output: list[str] | None = None,
+    retry_after: float | None = None,
 ) -> None:
     """Answer an upgrade that trioproxy itself refuses with an HTTP status and a short page.
 
@@ -245,7 +252,8 @@ async def refuse_websocket(
     """
     if (await receive())["type"] != "websocket.connect":
         return
-    await _Client(scope, send).refuse(_Refused(status, message, output=output), server or "trioproxy")
+    refusal = _Refused(status, message, output=output, retry_after=retry_after)
+    await _Client(scope, send).refuse(refusal, server or "trioproxy")
 
 
 async def _connect(target: WebSocketTarget) -> trio.SocketStream:
