@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +260,15 @@ async def test_refused_upgrades_never_reach_the_backend(nursery: trio.Nursery, e
 
 
 # -- failures mid-stream --------------------------------------------------------------------
+
+
+async def test_an_upgrade_to_a_server_backing_off_says_when_to_retry(nursery: trio.Nursery) -> None:
+    crash = {"command": [sys.executable, "-c", "import sys; sys.exit(3)"], "timeout": 1, "max_failures": 10}
+    proxy = await start_proxy(nursery, {"crash": crash})
+    stream, head, _ = await raw_handshake(proxy_port(proxy.url), "crash/ws", f"Authorization: token {TOKEN}")
+    await stream.aclose()
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert header(head, b"retry-after") == b"2"
 
 
 async def test_a_client_that_vanishes_mid_message_ends_the_backend_connection(nursery: trio.Nursery) -> None:

@@ -18,6 +18,7 @@ a request.
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -102,7 +103,9 @@ class WebSocketFastPath:
         try:
             client, process = await dispatcher._backend_for(route, scope)
         except ServerUnavailable as exc:
-            return await self._refuse(stream, scope, exc.status, str(exc), server=exc.server, output=exc.output)
+            return await self._refuse(
+                stream, scope, exc.status, str(exc), server=exc.server, output=exc.output, retry_after=exc.retry_after
+            )
         try:
             upstream = dispatcher._upstream(scope, route, process)
         except Exception as exc:
@@ -186,6 +189,7 @@ class WebSocketFastPath:
         *,
         server: str | None = None,
         output: list[str] | None = None,
+        retry_after: float | None = None,
     ) -> int:
         """Answer the upgrade with an error page (secrets masked) and close."""
         auth = self.dispatcher.settings.auth
@@ -196,8 +200,11 @@ class WebSocketFastPath:
             as_json=wants_json(scope["headers"]),
             server=server,
             output=[mask_secrets(line, known) for line in output] if output else output,
+            retry_after=retry_after,
         )
         headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
         reason = HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b"Error"
         await _send_quietly(stream, _response_bytes(status, reason, headers, body))
         return status
