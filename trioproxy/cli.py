@@ -13,6 +13,7 @@ import ssl
 import sys
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ from traitlets.config.loader import (
 
 from . import __version__
 from .auth import MaskingFormatter, TokenAuth, generate_token
+from .commands import COMMANDS
 from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
 from .errors import sole_exception
 from .logs import BatchedHandler, setup_logging
@@ -66,7 +68,9 @@ class TrioProxy(Application):
         "c.ServerProxy.servers = {...} in a file given with --config; without --config,\n"
         "jupyter_server_config.py (or .json) from the Jupyter config path (jupyter --paths).\n\n"
         "  trioproxy --config cfg.py --port 8888\n"
-        "  trioproxy --port 8888 -- python3 -m http.server {port}"
+        "  trioproxy --port 8888 -- python3 -m http.server {port}\n\n"
+        "Commands for a running trioproxy (found by its runtime file; each has --help):\n"
+        + "".join(f"  trioproxy {name:<8} {text}\n" for name, text in COMMANDS.items())
     )
     classes = [ServerProxy, ServerProcess, LauncherEntry]
 
@@ -416,6 +420,8 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                         "(--port 0 picks a free one)",
                     ) from None
                 raise
+            runtime_file = _write_runtime_file(app, auth, binds[0])
+            nursery.start_soon(_remove_on_exit, runtime_file)
             for bind in binds:
                 url = _start_url(app, auth, bind)
                 print(f"trioproxy is serving {len(supervisors)} server(s) at: {url}", flush=True)
@@ -426,6 +432,35 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                 )
             nursery.start_soon(_shut_down_on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope)
     log.info("stopped")
+
+
+def _write_runtime_file(app: TrioProxy, auth: Any, bind: str) -> Path | None:
+    """The runtime file that ``trioproxy list``, ``stop`` and ``servers`` find this one by."""
+    from . import runtime
+
+    instance = runtime.Instance(
+        url=bind + auth.base_url,
+        pid=os.getpid(),
+        port=int(urlsplit(bind).port or 0),
+        base_url=auth.base_url,
+        token=getattr(auth, "token", None),
+        version=__version__,
+    )
+    try:
+        return runtime.write(instance)
+    except OSError as exc:
+        log.warning("cannot write the runtime file (trioproxy list will not show this one): %s", exc)
+        return None
+
+
+async def _remove_on_exit(path: Path | None) -> None:
+    from .runtime import remove
+
+    try:
+        await trio.sleep_forever()
+    finally:
+        if path is not None:
+            remove(path)
 
 
 def _start_url(app: TrioProxy, auth: Any, bind: str) -> str:
@@ -452,6 +487,11 @@ async def _shut_down_on_signals(
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in COMMANDS:
+        from .commands import run
+
+        run(args[0], args[1:])
     app = TrioProxy()
     try:
         app.initialize(argv)
