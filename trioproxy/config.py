@@ -36,6 +36,8 @@ from traitlets import (
 )
 from traitlets.config import Configurable
 
+from .health import HealthCheck
+
 log = logging.getLogger("trioproxy.config")
 
 ENTRY_POINT_GROUP = "jupyter_serverproxy_servers"
@@ -187,6 +189,15 @@ class ServerProcess(Configurable):
         30.0, help="Seconds an idle keep-alive connection to the server is kept."
     ).tag(config=True)
 
+    health_check = Union(
+        [Bool(), Dict()],
+        default_value=None,
+        allow_none=True,
+        help="Restart the server when it stops answering: {'path': '/health' (none: a "
+        "connection is enough), 'interval': 10, 'timeout': 5, 'failures': 3 (in a row)}; "
+        "True for those defaults. Off by default.",
+    ).tag(config=True)
+
     @default("launcher_entry")
     def _default_launcher_entry(self) -> LauncherEntry:
         return LauncherEntry(parent=self, title=self.name, path_info=self.name + "/")
@@ -214,6 +225,19 @@ class ServerProcess(Configurable):
             return [re.compile(pattern) for pattern in proposal["value"]]
         except re.error as exc:
             raise TraitError(f"invalid regular expression: {exc}") from None
+
+    @validate("health_check")
+    def _validate_health_check(self, proposal: Any) -> Any:
+        try:
+            HealthCheck.parse(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+    @property
+    def health(self) -> HealthCheck | None:
+        """The health check asked for, or None."""
+        return HealthCheck.parse(self.health_check)
 
     @property
     def launcher(self) -> LauncherEntry:

@@ -30,6 +30,7 @@ import trio
 
 from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess
+from .health import FailureStreak, probe
 from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
@@ -153,6 +154,10 @@ class ServerSupervisor:
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
         self._cycle_was_ready = False  # a process of this start was ready once
+        self.health_check = process.health if process.command else None
+        self.health_failures = 0  # failed checks, all told
+        self.last_health_failure: str | None = None
+        self.unhealthy = 0  # processes stopped for failing their checks
         self.client: BackendClient | None = None  # the ready process's, closed when it exits
         self.client_options = ClientOptions(
             connect_timeout=process.connect_timeout,
@@ -341,7 +346,7 @@ class ServerSupervisor:
     async def start(self, wait: bool = True) -> None:
         if self.state is State.FAILED:
             self.policy.reset()
-        if self.state is State.STOPPING:
+        if self.state is State.STOPPING and self._cycle_scope is not None and self._cycle_scope.cancel_called:
             self._start_after_stop = True  # the stopping cycle starts a new one as it ends
         else:
             self._request_start()
@@ -418,7 +423,7 @@ class ServerSupervisor:
             if self.state is not State.STARTING:
                 self._set_state(State.STARTING)
             try:
-                exit_code, was_ready, not_ready = await self._run_once()
+                exit_code, was_ready, not_ready, unhealthy = await self._run_once()
             except _StartFailed as exc:
                 # Not found, not executable, a bad template: no retry would change that.
                 self.policy.on_exit(trio.current_time(), 127)
@@ -439,6 +444,9 @@ class ServerSupervisor:
                     "raise the server's 'timeout' if it needs longer to start"
                 )
                 exit_code = exit_code or 1  # a start that timed out failed, whatever it exited with
+            elif unhealthy is not None:
+                detail = f"unhealthy: {unhealthy}; stopped ({detail})"
+                exit_code = exit_code or 1  # it failed, however it took the SIGTERM
             elif not was_ready:
                 detail = f"exited before it was ready ({detail})"
             now = trio.current_time()
@@ -489,11 +497,12 @@ class ServerSupervisor:
             stop_timeout=self.process.stop_timeout,
         )
 
-    async def _run_once(self) -> tuple[int, bool, bool]:
+    async def _run_once(self) -> tuple[int, bool, bool, str | None]:
         """Start the process once.
 
-        Returns its exit code, whether it became ready, and whether it was stopped for not
-        becoming ready within ``timeout``.
+        Returns its exit code, whether it became ready, whether it was stopped for not
+        becoming ready within ``timeout``, and why it was stopped for failing its health
+        checks (None: it was not).
         """
         spec = self._spec()
         if self._unix_socket:
@@ -504,9 +513,10 @@ class ServerSupervisor:
         start_error: str | None = None
         was_ready = False
         not_ready = trio.CancelScope()  # cancelled when the start takes longer than timeout
+        unhealthy = _Unhealthy()
         child: trio.Process | None = None
         try:
-            with not_ready:
+            with not_ready, unhealthy.scope:
                 async with trio.open_nursery() as nursery:
                     try:
                         child = await nursery.start(run_child, spec, self.output, self._guard)
@@ -518,16 +528,17 @@ class ServerSupervisor:
                         self.starts += 1
                         self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
                         readiness = trio.CancelScope()
-                        nursery.start_soon(self._become_ready, readiness, child.pid, started_at, not_ready)
+                        nursery.start_soon(
+                            self._become_ready, readiness, child.pid, started_at, not_ready, unhealthy
+                        )
                         await child.wait()
-                        self._drop_client()
-                        was_ready = self.ready_since is not None
-                        if self.ready_since is not None:
-                            self._last_ready_for = trio.current_time() - self.ready_since
                         readiness.cancel()
         finally:
-            # Also when cancelled (a stop): by then trio has reaped the child.
+            # Also when cancelled (a stop, failed health checks): by then trio has reaped the child.
             self._drop_client()
+            if self.ready_since is not None:
+                was_ready = True
+                self._last_ready_for = trio.current_time() - self.ready_since
             if child is not None and child.returncode is not None:
                 self.last_exit_code = child.returncode
             self.pid = None
@@ -535,10 +546,15 @@ class ServerSupervisor:
         if start_error is not None:
             raise _StartFailed(start_error)
         assert child is not None and child.returncode is not None
-        return child.returncode, was_ready, not_ready.cancelled_caught
+        return child.returncode, was_ready, not_ready.cancelled_caught, unhealthy.reason
 
     async def _become_ready(
-        self, scope: trio.CancelScope, pid: int, started_at: float, not_ready: trio.CancelScope
+        self,
+        scope: trio.CancelScope,
+        pid: int,
+        started_at: float,
+        not_ready: trio.CancelScope,
+        unhealthy: _Unhealthy,
     ) -> None:
         with scope:
             with trio.move_on_after(self.process.timeout):
@@ -559,6 +575,33 @@ class ServerSupervisor:
                 nursery.start_soon(self.client.maintain)
                 if self.process.idle_timeout > 0:
                     nursery.start_soon(self._cull_when_idle)
+                if self.health_check is not None:
+                    nursery.start_soon(self._watch_health, pid, unhealthy)
+
+    async def _watch_health(self, pid: int, unhealthy: _Unhealthy) -> None:
+        """Check the ready process every interval; stop it once it fails enough in a row."""
+        check = self.health_check
+        assert check is not None
+        streak = FailureStreak(check)
+        while True:
+            await trio.sleep(check.interval)
+            failure = await probe(self.backend, check)
+            if failure is None:
+                streak.passed()
+                continue
+            self.health_failures += 1
+            self.last_health_failure = f"{check.what} {failure}"
+            self.log.warning("%s: health check of pid %d failed: %s %s", self.name, pid, check.what, failure)
+            reason = streak.failed(failure)
+            if reason is not None:
+                break
+        self.unhealthy += 1
+        unhealthy.reason = reason
+        # Synchronously, as for an idle stop: requests from now on wait for the next process,
+        # and the ones under way on this one end as it is stopped.
+        self._set_state(State.STOPPING, f"unhealthy: {reason}; stopping pid {pid}")
+        self._drop_client()
+        unhealthy.scope.cancel()
 
     async def _cull_when_idle(self) -> None:
         timeout = self.process.idle_timeout
@@ -589,7 +632,28 @@ class ServerSupervisor:
             "uptime": (now - self.ready_since) if self.ready_since is not None else None,
             "last_exit_code": self.last_exit_code,
             "idle_seconds": now - self.last_activity,
+            "health": self._health_status(),
         }
+
+    def _health_status(self) -> dict[str, Any] | None:
+        check = self.health_check
+        if check is None:
+            return None
+        return {
+            "check": check.what,
+            "interval": check.interval,
+            "checks_failed": self.health_failures,
+            "last_failure": self.last_health_failure,
+            "unhealthy": self.unhealthy,
+        }
+
+
+class _Unhealthy:
+    """How the health checks stop one process: its scope, and why they cancelled it."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.reason: str | None = None
 
 
 def _describe_exit(code: int) -> str:
