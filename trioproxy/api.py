@@ -20,6 +20,7 @@ from quart import Blueprint, Response, current_app, jsonify, make_response, redi
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Identity, local_redirect, mask_secrets
+from .config import ConfigError
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
@@ -188,7 +189,43 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
 
     @bp.route("/server-proxy/api/servers")
     async def list_servers() -> Any:
-        return jsonify({"servers": [status(name) for name in supervisors]})
+        # generation: changes when a reload adds, removes or replaces servers (the launcher
+        # then fetches itself again).
+        return jsonify({"servers": [status(name) for name in supervisors], "generation": supervisors.generation})
+
+    @bp.route("/server-proxy/api/reload", methods=["POST"])
+    async def reload() -> Any:
+        """Read the configuration again and apply it; ``?when=idle``: restart changed servers
+        only once nothing is under way on them."""
+        if not origin_allowed(cast(dict[str, Any], request.scope), settings.allow_origin, settings.allow_origin_pat):
+            return _error(403, "Cross-origin request refused.")
+        reloader = settings.reloader
+        if reloader is None:
+            return _error(501, "This trioproxy has no configuration to reload.")
+        when = request.args.get("when", "now")
+        if when not in ("now", "idle"):
+            return _error(400, f"when must be 'now' or 'idle', not {when!r}.")
+        outcome: dict[str, Any] = {}
+        done = trio.Event()
+
+        # In the supervisors' own nursery, like the actions: a client that goes away must not
+        # leave a reload half done.
+        async def apply() -> None:
+            try:
+                outcome["result"] = await reloader.reload(when_idle=when == "idle")
+            except ConfigError as exc:
+                outcome["error"] = str(exc)
+            finally:
+                done.set()
+
+        try:
+            supervisors.spawn(apply)
+        except ServerUnavailable as exc:
+            return _error(exc.status, str(exc))
+        await done.wait()
+        if "error" in outcome:
+            return _error(400, f"Reload failed, nothing changed: config error: {outcome['error']}")
+        return jsonify(outcome["result"])
 
     @bp.route("/server-proxy/api/servers/<name>", methods=["GET", "DELETE"])
     async def one_server(name: str) -> Any:
@@ -295,7 +332,8 @@ def make_blueprint(settings: Any, supervisors: Supervisors) -> Blueprint:
         entries = [
             (name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled
         ]
-        response = Response(_launcher_page(entries, _base_href(request.headers, public_base())), content_type="text/html; charset=utf-8")
+        page = _launcher_page(entries, _base_href(request.headers, public_base()), supervisors.generation)
+        response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
 
@@ -390,7 +428,7 @@ $base
 <body>
 <header><h1><img src="server-proxy/static/favicon.svg" alt="">trioproxy</h1>
 <p id="status" role="status" aria-live="polite"></p></header>
-<main>
+<main data-generation="$generation">
 $sections
 </main>
 <footer><a href="server-proxy/api/servers">API</a> · <a href="server-proxy/servers-info">servers-info</a>
@@ -417,7 +455,7 @@ def _base_href(headers: Any, public_base: str) -> str:
 _HEADINGS = {"Notebook": "Servers", "": "Other"}
 
 
-def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") -> str:
+def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "", generation: int = 0) -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
         category = supervisor.process.launcher.category
@@ -428,7 +466,7 @@ def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") 
         for category, items in categories.items()
     )
     return _LAUNCHER_PAGE.substitute(
-        base=base, sections=sections or "<p class='empty'>No servers are configured.</p>"
+        base=base, sections=sections or "<p class='empty'>No servers are configured.</p>", generation=generation
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import ipaddress
@@ -30,7 +31,15 @@ from traitlets.config.loader import (
 from . import __version__
 from .auth import MaskingFormatter, TokenAuth, generate_token
 from .commands import COMMANDS
-from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
+from .config import (
+    ConfigError,
+    LauncherEntry,
+    Reloader,
+    ServerProcess,
+    ServerProxy,
+    collect_servers,
+    make_server_process,
+)
 from .errors import sole_exception
 from .logs import BatchedHandler, setup_logging
 
@@ -283,6 +292,46 @@ def _check_origin_pattern(pattern: str) -> None:
         raise ConfigError(f"allow_origin_pat is not a valid regular expression: {exc}") from None
 
 
+ROOT_SERVER = "app"  # standalone mode's server, at the root of the base URL
+
+
+def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
+    """Every server to run: configured, from entry points, standalone, or the default one."""
+    servers = collect_servers(proxy)
+    if app.extra_args:
+        return {
+            ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
+            **{k: v for k, v in servers.items() if k != ROOT_SERVER},
+        }
+    if not servers:
+        servers[DEFAULT_SERVER] = make_server_process(
+            DEFAULT_SERVER,
+            {
+                "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+                "launcher_entry": {"title": f"Files in {os.getcwd()}"},
+                "new_browser_tab": False,
+            },
+            parent=proxy,
+        )
+        log.info("no servers configured: serving the current directory as %r", DEFAULT_SERVER)
+    return servers
+
+
+def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
+    """The servers as the configuration says now: the same command line, the files read
+    again (what a reload applies). Raises ConfigError."""
+    fresh = TrioProxy()
+    fresh.initialize(list(app.argv))
+    if fresh.config_file:
+        fresh.load_file(fresh.config_file)
+    else:
+        load_jupyter_config(fresh)
+        for _path, error in fresh.loaded_jupyter_configs:
+            if error is not None:
+                raise ConfigError(error)
+    return _servers(fresh, ServerProxy(parent=fresh))
+
+
 def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     """From a configured TrioProxy: (hypercorn config, supervisors, asgi app)."""
     from hypercorn.config import Config as HypercornConfig
@@ -294,25 +343,8 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     ip, port, base_url = _listen_address(app, hub)
     _check_origin_pattern(app.allow_origin_pat)
     proxy = ServerProxy(parent=app)
-    servers = collect_servers(proxy)
-    root_server = None
-    if app.extra_args:
-        root_server = "app"
-        servers = {
-            root_server: make_server_process(root_server, {"command": list(app.extra_args)}, parent=proxy),
-            **{k: v for k, v in servers.items() if k != root_server},
-        }
-    elif not servers:
-        servers[DEFAULT_SERVER] = make_server_process(
-            DEFAULT_SERVER,
-            {
-                "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
-                "launcher_entry": {"title": f"Files in {os.getcwd()}"},
-                "new_browser_tab": False,
-            },
-            parent=proxy,
-        )
-        log.info("no servers configured: serving the current directory as %r", DEFAULT_SERVER)
+    servers = _servers(app, proxy)
+    root_server = ROOT_SERVER if app.extra_args else None
 
     auth: Any
     if hub is not None:
@@ -348,6 +380,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         body_timeout=app.body_timeout,
     )
     supervisors = Supervisors(servers, base_url=base_url)
+    settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
         asgi_app.extensions["trioproxy"].services.append(
@@ -400,7 +433,13 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
     formatter.known.extend(auth.known_secrets())
     asgi_app.extensions["trioproxy"].services.append(access_log.run)
     shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    reloader = asgi_app.extensions["trioproxy"].settings.reloader
+
+    async def reload_logged() -> None:
+        with contextlib.suppress(ConfigError):  # logged by the reloader
+            await reloader.reload()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -430,7 +469,9 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                     "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server",
                     ", ".join(binds),
                 )
-            nursery.start_soon(_shut_down_on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope)
+            nursery.start_soon(
+                _on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope, reload_logged
+            )
     log.info("stopped")
 
 
@@ -472,18 +513,29 @@ def _start_url(app: TrioProxy, auth: Any, bind: str) -> str:
     return url
 
 
-async def _shut_down_on_signals(
-    signals: Any, shutdown: trio.Event, grace: float, everything: trio.CancelScope
+async def _on_signals(
+    signals: Any, shutdown: trio.Event, grace: float, everything: trio.CancelScope, reload: Any
 ) -> None:
-    """The first SIGINT or SIGTERM shuts down gracefully; a second one cuts it short."""
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if not shutdown.is_set():
-            log.info("received %s: finishing requests under way (up to %g s), then stopping every server", name, grace)
-            shutdown.set()
-        else:
-            log.info("received %s again: stopping every server now", name)
-            everything.cancel()
+    """SIGHUP reloads the configuration. The first SIGINT or SIGTERM shuts down gracefully;
+    a second one cuts it short."""
+    async with trio.open_nursery() as nursery:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                if not shutdown.is_set():
+                    log.info("received SIGHUP: reloading the configuration")
+                    nursery.start_soon(reload)
+                continue
+            _on_stop_signal(signum, shutdown, grace, everything)
+
+
+def _on_stop_signal(signum: int, shutdown: trio.Event, grace: float, everything: trio.CancelScope) -> None:
+    name = signal.Signals(signum).name
+    if not shutdown.is_set():
+        log.info("received %s: finishing requests under way (up to %g s), then stopping every server", name, grace)
+        shutdown.set()
+    else:
+        log.info("received %s again: stopping every server now", name)
+        everything.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:

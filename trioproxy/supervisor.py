@@ -44,6 +44,8 @@ READY_POLL_LONGEST = 0.1
 EXIT_GRACE = 0.5
 PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
 MAX_PORT_RETRIES = 3
+# How often a reload waiting for a server to be idle looks at its requests under way.
+IDLE_POLL = 0.1
 
 
 class State(str, Enum):
@@ -173,6 +175,9 @@ class ServerSupervisor:
         self.has_command = bool(process.command)
         if not self.has_command:
             self.state = State.READY
+        # Set when this supervisor replaces one being stopped (a reload): no process of this
+        # one starts before that one's is gone, since they may need the same port or socket.
+        self.predecessor_gone: trio.Event | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -418,6 +423,8 @@ class ServerSupervisor:
                 self._request_start()
 
     async def _keep_running(self) -> None:
+        if self.predecessor_gone is not None:
+            await self.predecessor_gone.wait()
         port_retries = 0
         while True:
             if self.state is not State.STARTING:
@@ -692,6 +699,11 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         self._processes = dict(processes)
         self.base_url = base_url
         self._supervisors: dict[str, ServerSupervisor] = {}
+        self._scopes: dict[ServerSupervisor, trio.CancelScope] = {}
+        self._waiting_for_idle: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._guard: OrphanGuard | None = None
+        self.generation = 0  # bumped by every reload that changes the set of servers
 
     def __getitem__(self, name: str) -> ServerSupervisor:
         return self._supervisors[name]
@@ -706,8 +718,106 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         """Run every supervisor until cancelled; then stop all servers concurrently."""
         async with open_orphan_guard() as guard:
             async with trio.open_nursery() as nursery:
-                for name, process in self._processes.items():
-                    supervisor = ServerSupervisor(process, base_url=self.base_url, guard=guard)
-                    await nursery.start(supervisor.run)
-                    self._supervisors[name] = supervisor
-                task_status.started()
+                self._nursery, self._guard = nursery, guard
+                try:
+                    for name, process in self._processes.items():
+                        self._supervisors[name] = await self._start_supervisor(process)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+
+    # -- reconfiguration (see trioproxy.config.Reloader) ------------------------------------
+
+    def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
+        """Run ``action`` (a reload) in the supervisors' nursery: it outlives the request that
+        asked. Raises ServerUnavailable (503) once trioproxy is shutting down."""
+        if self._nursery is None:
+            raise ServerUnavailable("*", 503, "trioproxy is shutting down")
+        self._nursery.start_soon(action)
+
+    def processes(self) -> dict[str, ServerProcess]:
+        return {name: supervisor.process for name, supervisor in self._supervisors.items()}
+
+    async def _start_supervisor(
+        self, process: ServerProcess, predecessor_gone: trio.Event | None = None
+    ) -> ServerSupervisor:
+        if self._nursery is None:
+            raise ServerUnavailable(process.name, 503, "trioproxy is shutting down")
+        supervisor = ServerSupervisor(process, base_url=self.base_url, guard=self._guard)
+        supervisor.predecessor_gone = predecessor_gone
+        scope = self._scopes[supervisor] = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await supervisor.run(task_status=task_status)
+            finally:
+                self._scopes.pop(supervisor, None)
+
+        await self._nursery.start(run)
+        return supervisor
+
+    async def _end(self, supervisor: ServerSupervisor) -> None:
+        """Stop a supervisor's process (gracefully), then the supervisor itself."""
+        await supervisor.stop()
+        scope = self._scopes.get(supervisor)
+        if scope is not None:
+            scope.cancel()
+
+    async def add(self, process: ServerProcess) -> None:
+        self._cancel_waiting(process.name)
+        self._supervisors[process.name] = await self._start_supervisor(process)
+        self.generation += 1
+
+    async def remove(self, name: str) -> None:
+        """Stop the server and forget it: its URL is a 404 from now on."""
+        self._cancel_waiting(name)
+        supervisor = self._supervisors.pop(name)
+        self.generation += 1
+        await self._end(supervisor)
+
+    async def replace(self, process: ServerProcess, *, when_idle: bool = False) -> None:
+        """Put a supervisor for ``process`` in place of the one of the same name, restarting
+        the server if it ran. ``when_idle``: once no request or WebSocket is under way, in the
+        background (this returns at once)."""
+        name = process.name
+        self._cancel_waiting(name)
+        if not when_idle:
+            await self._replace(process)
+            return
+        assert self._nursery is not None
+        scope = self._waiting_for_idle[name] = trio.CancelScope()
+
+        async def when_no_one_uses_it() -> None:
+            with scope:
+                # Polled: the dispatcher counts requests under way without telling anyone.
+                while self._supervisors[name].active:  # noqa: ASYNC110
+                    await trio.sleep(IDLE_POLL)
+                del self._waiting_for_idle[name]
+                await self._replace(process)
+
+        self._nursery.start_soon(when_no_one_uses_it)
+
+    def waiting_for_idle(self) -> list[str]:
+        return sorted(self._waiting_for_idle)
+
+    def _cancel_waiting(self, name: str) -> None:
+        scope = self._waiting_for_idle.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _replace(self, process: ServerProcess) -> None:
+        old = self._supervisors[process.name]
+        was_running = old.has_command and old.state in (State.STARTING, State.READY, State.BACKOFF)
+        old_gone = trio.Event()
+        # The new one takes the requests from now on; the old one's finish, or end as it stops.
+        new = await self._start_supervisor(process, predecessor_gone=old_gone)
+        self._supervisors[process.name] = new
+        self.generation += 1
+        if was_running:
+            await new.start(wait=False)
+        try:
+            await self._end(old)
+        finally:
+            old_gone.set()
