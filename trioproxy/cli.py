@@ -118,6 +118,8 @@ class TrioProxy(Application):
         5.0,
         help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
     ).tag(config=True)
+    certfile = Unicode("", help="Serve HTTPS (and HTTP/2) with this certificate file (PEM).").tag(config=True)
+    keyfile = Unicode("", help="The private key of --certfile (PEM).").tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
     # The token trioproxy made up, if it did: only that one is shown in the start-up URL.
     generated_token: str | None = None
@@ -132,6 +134,8 @@ class TrioProxy(Application):
         "base-url": "TrioProxy.base_url",
         "token": "TrioProxy.token",
         "graceful-timeout": "TrioProxy.graceful_timeout",
+        "certfile": "TrioProxy.certfile",
+        "keyfile": "TrioProxy.keyfile",
         "log-level": "Application.log_level",
     }
     flags = {
@@ -272,6 +276,33 @@ def _listen_address(app: TrioProxy, hub: Any) -> tuple[str, int, str]:
     return ip, port, base_url
 
 
+def _check_tls(app: TrioProxy) -> None:
+    """Try --certfile and --keyfile, so that a mistake is one line at start-up."""
+    if not app.certfile and not app.keyfile:
+        return
+    if not (app.certfile and app.keyfile):
+        given, missing = ("--certfile", "--keyfile") if app.certfile else ("--keyfile", "--certfile")
+        raise ConfigError(f"{given} needs {missing} as well")
+    for option, path in (("certfile", app.certfile), ("keyfile", app.keyfile)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{option} not found: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(app.certfile, app.keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ConfigError(f"cannot use {app.certfile} with {app.keyfile}: {reason}") from None
+
+
+def _tls(hconfig: Any, app: TrioProxy) -> None:
+    """HTTPS with --certfile and --keyfile; browsers then get HTTP/2 (ALPN), HTTP/1.1 clients
+    HTTP/1.1."""
+    if not app.certfile:
+        return
+    hconfig.certfile = os.path.abspath(app.certfile)
+    hconfig.keyfile = os.path.abspath(app.keyfile)
+    hconfig.alpn_protocols = ["h2", "http/1.1"]
+
+
 def _hub_tls(hconfig: Any, hub: Any) -> None:
     """Serve HTTPS when the Hub's internal SSL asks for it, requiring the Hub's client certs."""
     if hub is None or urlsplit(hub.service_url).scheme != "https":
@@ -342,6 +373,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     hub = _hub_settings(app, os.environ)
     ip, port, base_url = _listen_address(app, hub)
     _check_origin_pattern(app.allow_origin_pat)
+    _check_tls(app)
     proxy = ServerProxy(parent=app)
     servers = _servers(app, proxy)
     root_server = ROOT_SERVER if app.extra_args else None
@@ -364,7 +396,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
             if not token:
                 token = generate_token()
                 app.generated_token = token
-        auth = TokenAuth(token, base_url=base_url)
+        auth = TokenAuth(token, base_url=base_url, secure_cookie=bool(app.certfile))
 
     settings = Settings(
         base_url=base_url,
@@ -409,6 +441,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     hconfig.include_server_header = False
     # On SIGTERM or SIGINT, requests under way get this long before they are cut off.
     hconfig.graceful_timeout = app.graceful_timeout
+    _tls(hconfig, app)
     _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
 
@@ -486,6 +519,7 @@ def _write_runtime_file(app: TrioProxy, auth: Any, bind: str) -> Path | None:
         base_url=auth.base_url,
         token=getattr(auth, "token", None),
         version=__version__,
+        certfile=os.path.abspath(app.certfile) if app.certfile else None,
     )
     try:
         return runtime.write(instance)
