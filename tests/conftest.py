@@ -197,3 +197,15 @@ async def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) 
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(interval)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every trioproxy the tests start writes its runtime file here, not in the user's."""
+    saved = os.environ.get("JUPYTER_RUNTIME_DIR")
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    yield
+    if saved is None:
+        del os.environ["JUPYTER_RUNTIME_DIR"]
+    else:
+        os.environ["JUPYTER_RUNTIME_DIR"] = saved

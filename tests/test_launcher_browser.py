@@ -203,3 +203,43 @@ async def test_chromium_drives_a_panel_app_through_the_websocket_fast_path(
         await trio.to_thread.run_sync(drive_panel, f"{proxy.url}panel/app?token={TOKEN}")
     metrics = proxy.app.extensions["trioproxy"].metrics
     assert metrics.websockets_tunnelled.get("panel", 0) >= 1  # the browser's WebSocket took the fast path
+
+
+def drive_reload(url: str) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("li.server .title")).to_have_text(["Echo service", "Old one"])
+            page.evaluate("window.notReloaded = true")
+            # Someone else reloads trioproxy's configuration; the open page follows.
+            assert page.request.post(url.split("?")[0] + "server-proxy/api/reload").ok
+            expect(page.locator("li.server .title")).to_have_text(["Echo renamed", "Added one"])
+            assert page.evaluate("window.notReloaded") is True
+            added = page.locator("li.server[data-server='added']")
+            added.get_by_role("button", name="Start", exact=True).click()
+            expect(added).to_have_attribute("data-state", "ready")
+        finally:
+            browser.close()
+
+
+async def test_launcher_follows_a_reload_without_reloading_the_page(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from trioproxy.config import Reloader, make_server_process
+
+    expect.set_options(timeout=15_000)
+    before = {
+        "echo": {"command": echo_command(), "launcher_entry": {"title": "Echo service"}},
+        "old": {"command": echo_command(), "launcher_entry": {"title": "Old one"}},
+    }
+    after = {
+        "echo": {"command": echo_command(), "launcher_entry": {"title": "Echo renamed"}},
+        "added": {"command": echo_command(), "launcher_entry": {"title": "Added one"}},
+    }
+    proxy = await start_proxy(nursery, before)
+    load = lambda: {name: make_server_process(name, settings) for name, settings in after.items()}  # noqa: E731
+    proxy.app.extensions["trioproxy"].settings.reloader = Reloader(load, proxy.supervisors)
+    with trio.fail_after(90):
+        await trio.to_thread.run_sync(drive_reload, f"{proxy.url}?token={TOKEN}")
+    assert sorted(proxy.supervisors) == ["added", "echo"]
+    assert proxy.supervisors["added"].state is State.READY

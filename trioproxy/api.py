@@ -25,6 +25,7 @@ from quart import Blueprint, Response, current_app, jsonify, make_response, redi
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
+from .config import ConfigError
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
@@ -89,6 +90,7 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/server-proxy/api/servers/<name>", "one_server", ("GET", "DELETE")),
     ("/server-proxy/api/servers/<name>/<action>", "control", ("POST",)),
     ("/server-proxy/api/servers/<name>/logs", "logs", ("GET",)),
+    ("/server-proxy/api/reload", "reload", ("POST",)),
     ("/server-proxy/metrics", "metrics", ("GET",)),
     ("/server-proxy/static/<path:filename>", "static_file", ("GET",)),
     ("/", "launcher", ("GET",)),
@@ -264,7 +266,45 @@ class Pages:
         return info
 
     async def list_servers(self) -> Any:
-        return jsonify({"servers": [self.status(name) for name in self.supervisors]})
+        # generation: changes when a reload adds, removes or replaces servers (the launcher
+        # then fetches itself again).
+        servers = [self.status(name) for name in self.supervisors]
+        return jsonify({"servers": servers, "generation": self.supervisors.generation})
+
+    async def reload(self) -> Any:
+        """Read the configuration again and apply it; ``?when=idle``: restart changed servers
+        only once nothing is under way on them."""
+        settings = self.settings
+        scope = cast(dict[str, Any], request.scope)
+        if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
+            return _error(403, "Cross-origin request refused.")
+        reloader = settings.reloader
+        if reloader is None:
+            return _error(501, "This trioproxy has no configuration to reload.")
+        when = request.args.get("when", "now")
+        if when not in ("now", "idle"):
+            return _error(400, f"when must be 'now' or 'idle', not {when!r}.")
+        outcome: dict[str, Any] = {}
+        done = trio.Event()
+
+        # In the supervisors' own nursery, like the actions: a client that goes away must not
+        # leave a reload half done.
+        async def apply() -> None:
+            try:
+                outcome["result"] = await reloader.reload(when_idle=when == "idle")
+            except ConfigError as exc:
+                outcome["error"] = str(exc)
+            finally:
+                done.set()
+
+        try:
+            self.supervisors.spawn(apply)
+        except ServerUnavailable as exc:
+            return _error(exc.status, str(exc))
+        await done.wait()
+        if "error" in outcome:
+            return _error(400, f"Reload failed, nothing changed: config error: {outcome['error']}")
+        return jsonify(outcome["result"])
 
     async def one_server(self, name: str) -> Any:
         if name not in self.supervisors:
@@ -366,7 +406,7 @@ class Pages:
     async def launcher(self) -> Any:
         supervisors = self.supervisors
         entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
-        page = _launcher_page(entries, _base_href(request.headers, self.public_base()))
+        page = _launcher_page(entries, _base_href(request.headers, self.public_base()), supervisors.generation)
         response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
@@ -455,7 +495,7 @@ $base
 <body>
 <header><h1><img src="server-proxy/static/favicon.svg" alt="">trioproxy</h1>
 <p id="status" role="status" aria-live="polite"></p></header>
-<main>
+<main data-generation="$generation">
 $sections
 </main>
 <footer><a href="server-proxy/api/servers">API</a> · <a href="server-proxy/servers-info">servers-info</a>
@@ -482,7 +522,7 @@ def _base_href(headers: Any, public_base: str) -> str:
 _HEADINGS = {"Notebook": "Servers", "": "Other"}
 
 
-def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") -> str:
+def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "", generation: int = 0) -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
         category = supervisor.process.launcher.category
@@ -493,7 +533,7 @@ def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "") 
         for category, items in categories.items()
     )
     return _LAUNCHER_PAGE.substitute(
-        base=base, sections=sections or "<p class='empty'>No servers are configured.</p>"
+        base=base, sections=sections or "<p class='empty'>No servers are configured.</p>", generation=generation
     )
 
 

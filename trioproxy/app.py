@@ -61,6 +61,7 @@ class Settings:
     # Client addresses whose X-Forwarded-* headers are believed (addresses, networks, "*").
     forwarded_allow_ips: tuple[str, ...] = DEFAULT_FORWARDED_ALLOW
     proxy_client_options: ClientOptions = field(default_factory=ClientOptions)  # proxy/<port> targets
+    reloader: Any = None  # a trioproxy.config.Reloader: POST server-proxy/api/reload
 
 
 class Dispatcher:
@@ -101,8 +102,9 @@ class Dispatcher:
         server = exchange.server
         if server is not None:
             self.metrics.request_done(server, exchange.status, exchange.received, exchange.sent)
-            if scope.get(ACTIVITY):
-                self.supervisors[server].touch()  # a long response is activity until it ends
+            supervisor = self.supervisors.get(server)  # gone if a reload removed it meanwhile
+            if scope.get(ACTIVITY) and supervisor is not None:
+                supervisor.touch()  # a long response is activity until it ends
         log_access(scope, scope["method"], exchange.status, exchange.sent, exchange.began)
 
     async def _dispatch(

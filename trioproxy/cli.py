@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import ipaddress
@@ -13,6 +14,7 @@ import ssl
 import sys
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -28,7 +30,16 @@ from traitlets.config.loader import (
 
 from . import __version__
 from .auth import MaskingFormatter, TokenAuth, generate_token
-from .config import ConfigError, LauncherEntry, ServerProcess, ServerProxy, collect_servers, make_server_process
+from .commands import COMMANDS
+from .config import (
+    ConfigError,
+    LauncherEntry,
+    Reloader,
+    ServerProcess,
+    ServerProxy,
+    collect_servers,
+    make_server_process,
+)
 from .errors import sole_exception
 from .logs import BatchedHandler, setup_logging
 
@@ -66,7 +77,9 @@ class TrioProxy(Application):
         "c.ServerProxy.servers = {...} in a file given with --config; without --config,\n"
         "jupyter_server_config.py (or .json) from the Jupyter config path (jupyter --paths).\n\n"
         "  trioproxy --config cfg.py --port 8888\n"
-        "  trioproxy --port 8888 -- python3 -m http.server {port}"
+        "  trioproxy --port 8888 -- python3 -m http.server {port}\n\n"
+        "Commands for a running trioproxy (found by its runtime file; each has --help):\n"
+        + "".join(f"  trioproxy {name:<8} {text}\n" for name, text in COMMANDS.items())
     )
     classes = [ServerProxy, ServerProcess, LauncherEntry]
 
@@ -118,6 +131,8 @@ class TrioProxy(Application):
         5.0,
         help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
     ).tag(config=True)
+    certfile = Unicode("", help="Serve HTTPS (and HTTP/2) with this certificate file (PEM).").tag(config=True)
+    keyfile = Unicode("", help="The private key of --certfile (PEM).").tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
     # The token trioproxy made up, if it did: only that one is shown in the start-up URL.
     generated_token: str | None = None
@@ -132,6 +147,8 @@ class TrioProxy(Application):
         "base-url": "TrioProxy.base_url",
         "token": "TrioProxy.token",
         "graceful-timeout": "TrioProxy.graceful_timeout",
+        "certfile": "TrioProxy.certfile",
+        "keyfile": "TrioProxy.keyfile",
         "log-level": "Application.log_level",
     }
     flags = {
@@ -272,6 +289,33 @@ def _listen_address(app: TrioProxy, hub: Any) -> tuple[str, int, str]:
     return ip, port, base_url
 
 
+def _check_tls(app: TrioProxy) -> None:
+    """Try --certfile and --keyfile, so that a mistake is one line at start-up."""
+    if not app.certfile and not app.keyfile:
+        return
+    if not (app.certfile and app.keyfile):
+        given, missing = ("--certfile", "--keyfile") if app.certfile else ("--keyfile", "--certfile")
+        raise ConfigError(f"{given} needs {missing} as well")
+    for option, path in (("certfile", app.certfile), ("keyfile", app.keyfile)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{option} not found: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(app.certfile, app.keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ConfigError(f"cannot use {app.certfile} with {app.keyfile}: {reason}") from None
+
+
+def _tls(hconfig: Any, app: TrioProxy) -> None:
+    """HTTPS with --certfile and --keyfile; browsers then get HTTP/2 (ALPN), HTTP/1.1 clients
+    HTTP/1.1."""
+    if not app.certfile:
+        return
+    hconfig.certfile = os.path.abspath(app.certfile)
+    hconfig.keyfile = os.path.abspath(app.keyfile)
+    hconfig.alpn_protocols = ["h2", "http/1.1"]
+
+
 def _hub_tls(hconfig: Any, hub: Any) -> None:
     """Serve HTTPS when the Hub's internal SSL asks for it, requiring the Hub's client certs."""
     if hub is None or urlsplit(hub.service_url).scheme != "https":
@@ -292,26 +336,18 @@ def _check_origin_pattern(pattern: str) -> None:
         raise ConfigError(f"allow_origin_pat is not a valid regular expression: {exc}") from None
 
 
-def build(app: TrioProxy) -> tuple[Any, Any, Any]:
-    """From a configured TrioProxy: (hypercorn config, supervisors, asgi app)."""
-    from hypercorn.config import Config as HypercornConfig
+ROOT_SERVER = "app"  # standalone mode's server, at the root of the base URL
 
-    from .app import Settings, create_app
-    from .supervisor import Supervisors
 
-    hub = _hub_settings(app, os.environ)
-    ip, port, base_url = _listen_address(app, hub)
-    _check_origin_pattern(app.allow_origin_pat)
-    proxy = ServerProxy(parent=app)
+def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
+    """Every server to run: configured, from entry points, standalone, or the default one."""
     servers = collect_servers(proxy)
-    root_server = None
     if app.extra_args:
-        root_server = "app"
-        servers = {
-            root_server: make_server_process(root_server, {"command": list(app.extra_args)}, parent=proxy),
-            **{k: v for k, v in servers.items() if k != root_server},
+        return {
+            ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
+            **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
-    elif not servers:
+    if not servers:
         servers[DEFAULT_SERVER] = make_server_process(
             DEFAULT_SERVER,
             {
@@ -322,6 +358,38 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
             parent=proxy,
         )
         log.info("no servers configured: serving the current directory as %r", DEFAULT_SERVER)
+    return servers
+
+
+def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
+    """The servers as the configuration says now: the same command line, the files read
+    again (what a reload applies). Raises ConfigError."""
+    fresh = TrioProxy()
+    fresh.initialize(list(app.argv))
+    if fresh.config_file:
+        fresh.load_file(fresh.config_file)
+    else:
+        load_jupyter_config(fresh)
+        for _path, error in fresh.loaded_jupyter_configs:
+            if error is not None:
+                raise ConfigError(error)
+    return _servers(fresh, ServerProxy(parent=fresh))
+
+
+def build(app: TrioProxy) -> tuple[Any, Any, Any]:
+    """From a configured TrioProxy: (hypercorn config, supervisors, asgi app)."""
+    from hypercorn.config import Config as HypercornConfig
+
+    from .app import Settings, create_app
+    from .supervisor import Supervisors
+
+    hub = _hub_settings(app, os.environ)
+    ip, port, base_url = _listen_address(app, hub)
+    _check_origin_pattern(app.allow_origin_pat)
+    _check_tls(app)
+    proxy = ServerProxy(parent=app)
+    servers = _servers(app, proxy)
+    root_server = ROOT_SERVER if app.extra_args else None
 
     auth: Any
     if hub is not None:
@@ -341,7 +409,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
             if not token:
                 token = generate_token()
                 app.generated_token = token
-        auth = TokenAuth(token, base_url=base_url)
+        auth = TokenAuth(token, base_url=base_url, secure_cookie=bool(app.certfile))
 
     settings = Settings(
         base_url=base_url,
@@ -358,6 +426,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         forwarded_allow_ips=tuple(app.forwarded_allow_ips),
     )
     supervisors = Supervisors(servers, base_url=base_url)
+    settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
         asgi_app.extensions["trioproxy"].services.append(
@@ -386,6 +455,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     hconfig.include_server_header = False
     # On SIGTERM or SIGINT, requests under way get this long before they are cut off.
     hconfig.graceful_timeout = app.graceful_timeout
+    _tls(hconfig, app)
     _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
 
@@ -410,7 +480,13 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
     formatter.known.extend(auth.known_secrets())
     asgi_app.extensions["trioproxy"].services.append(access_log.run)
     shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    reloader = asgi_app.extensions["trioproxy"].settings.reloader
+
+    async def reload_logged() -> None:
+        with contextlib.suppress(ConfigError):  # logged by the reloader
+            await reloader.reload()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -430,6 +506,8 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                         "(--port 0 picks a free one)",
                     ) from None
                 raise
+            runtime_file = _write_runtime_file(app, auth, binds[0])
+            nursery.start_soon(_remove_on_exit, runtime_file)
             for bind in binds:
                 url = _start_url(app, auth, bind)
                 print(f"trioproxy is serving {len(supervisors)} server(s) at: {url}", flush=True)
@@ -438,8 +516,40 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
                     "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s may use every server",
                     ", ".join(binds),
                 )
-            nursery.start_soon(_shut_down_on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope)
+            nursery.start_soon(
+                _on_signals, signals, shutdown, app.graceful_timeout, nursery.cancel_scope, reload_logged
+            )
     log.info("stopped")
+
+
+def _write_runtime_file(app: TrioProxy, auth: Any, bind: str) -> Path | None:
+    """The runtime file that ``trioproxy list``, ``stop`` and ``servers`` find this one by."""
+    from . import runtime
+
+    instance = runtime.Instance(
+        url=bind + auth.base_url,
+        pid=os.getpid(),
+        port=int(urlsplit(bind).port or 0),
+        base_url=auth.base_url,
+        token=getattr(auth, "token", None),
+        version=__version__,
+        certfile=os.path.abspath(app.certfile) if app.certfile else None,
+    )
+    try:
+        return runtime.write(instance)
+    except OSError as exc:
+        log.warning("cannot write the runtime file (trioproxy list will not show this one): %s", exc)
+        return None
+
+
+async def _remove_on_exit(path: Path | None) -> None:
+    from .runtime import remove
+
+    try:
+        await trio.sleep_forever()
+    finally:
+        if path is not None:
+            remove(path)
 
 
 def _start_url(app: TrioProxy, auth: Any, bind: str) -> str:
@@ -451,21 +561,37 @@ def _start_url(app: TrioProxy, auth: Any, bind: str) -> str:
     return url
 
 
-async def _shut_down_on_signals(
-    signals: Any, shutdown: trio.Event, grace: float, everything: trio.CancelScope
+async def _on_signals(
+    signals: Any, shutdown: trio.Event, grace: float, everything: trio.CancelScope, reload: Any
 ) -> None:
-    """The first SIGINT or SIGTERM shuts down gracefully; a second one cuts it short."""
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if not shutdown.is_set():
-            log.info("received %s: finishing requests under way (up to %g s), then stopping every server", name, grace)
-            shutdown.set()
-        else:
-            log.info("received %s again: stopping every server now", name)
-            everything.cancel()
+    """SIGHUP reloads the configuration. The first SIGINT or SIGTERM shuts down gracefully;
+    a second one cuts it short."""
+    async with trio.open_nursery() as nursery:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                if not shutdown.is_set():
+                    log.info("received SIGHUP: reloading the configuration")
+                    nursery.start_soon(reload)
+                continue
+            _on_stop_signal(signum, shutdown, grace, everything)
+
+
+def _on_stop_signal(signum: int, shutdown: trio.Event, grace: float, everything: trio.CancelScope) -> None:
+    name = signal.Signals(signum).name
+    if not shutdown.is_set():
+        log.info("received %s: finishing requests under way (up to %g s), then stopping every server", name, grace)
+        shutdown.set()
+    else:
+        log.info("received %s again: stopping every server now", name)
+        everything.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in COMMANDS:
+        from .commands import run
+
+        run(args[0], args[1:])
     app = TrioProxy()
     try:
         app.initialize(argv)

@@ -13,6 +13,8 @@ import logging
 import pathlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -35,6 +37,8 @@ from traitlets import (
     Callable as CallableTrait,
 )
 from traitlets.config import Configurable
+
+from .health import HealthCheck
 
 log = logging.getLogger("trioproxy.config")
 
@@ -187,6 +191,15 @@ class ServerProcess(Configurable):
         30.0, help="Seconds an idle keep-alive connection to the server is kept."
     ).tag(config=True)
 
+    health_check = Union(
+        [Bool(), Dict()],
+        default_value=None,
+        allow_none=True,
+        help="Restart the server when it stops answering: {'path': '/health' (none: a "
+        "connection is enough), 'interval': 10, 'timeout': 5, 'failures': 3 (in a row)}; "
+        "True for those defaults. Off by default.",
+    ).tag(config=True)
+
     @default("launcher_entry")
     def _default_launcher_entry(self) -> LauncherEntry:
         return LauncherEntry(parent=self, title=self.name, path_info=self.name + "/")
@@ -214,6 +227,19 @@ class ServerProcess(Configurable):
             return [re.compile(pattern) for pattern in proposal["value"]]
         except re.error as exc:
             raise TraitError(f"invalid regular expression: {exc}") from None
+
+    @validate("health_check")
+    def _validate_health_check(self, proposal: Any) -> Any:
+        try:
+            HealthCheck.parse(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+    @property
+    def health(self) -> HealthCheck | None:
+        """The health check asked for, or None."""
+        return HealthCheck.parse(self.health_check)
 
     @property
     def launcher(self) -> LauncherEntry:
@@ -332,3 +358,105 @@ def check_server_name(name: Any) -> None:
         raise ConfigError(f"server name {name!r}: must not contain '/' or be '.' or '..'")
     if name in RESERVED_NAMES:
         raise ConfigError(f"server name {name!r}: reserved for trioproxy's own routes")
+
+
+# -- reloading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload changes: servers by name."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    unchanged: list[str]
+
+
+def plan_reload(old: dict[str, ServerProcess], new: dict[str, ServerProcess]) -> ReloadPlan:
+    """Compare two configurations server by server (pure: nothing is started or stopped)."""
+    return ReloadPlan(
+        added=[name for name in new if name not in old],
+        removed=[name for name in old if name not in new],
+        changed=[name for name in new if name in old and settings_of(old[name]) != settings_of(new[name])],
+        unchanged=[name for name in new if name in old and settings_of(old[name]) == settings_of(new[name])],
+    )
+
+
+def settings_of(process: ServerProcess) -> dict[str, Any]:
+    """A server's options in a form that compares equal when a config file read again says
+    the same: functions compare by their code, not by identity, since reading a ``.py``
+    config again makes new function objects."""
+    return {name: _comparable(getattr(process, name)) for name in sorted(SERVER_OPTIONS)}
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, LauncherEntry):
+        return _comparable({name: getattr(value, name) for name in value.trait_names(config=True)})
+    if isinstance(value, dict):
+        return tuple(sorted((str(key), _comparable(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(item) for item in value)
+    if isinstance(value, re.Pattern):
+        return ("pattern", value.pattern, value.flags)
+    if callable(value):
+        code = getattr(value, "__code__", None)
+        # Default arguments too (a lambda's ``port=8080``), but not what a closure captured.
+        defaults = _comparable(getattr(value, "__defaults__", None) or ())
+        return ("callable", getattr(value, "__module__", None), getattr(value, "__qualname__", repr(value)), code, defaults)
+    return value
+
+
+class Reloader:
+    """Reads the configuration again and brings the running servers in line with it, as
+    supervisord's ``reread`` and ``update`` do: added servers appear, removed ones are stopped,
+    changed ones are restarted (at once, or once idle), unchanged ones are left alone, open
+    connections and all.
+
+    ``load`` reads the configuration and returns every server (the CLI's, which knows the
+    files and the command line); ``supervisors`` is :class:`trioproxy.supervisor.Supervisors`.
+    """
+
+    def __init__(self, load: Callable[[], dict[str, ServerProcess]], supervisors: Any) -> None:
+        self._load = load
+        self._supervisors = supervisors
+        self._lock: Any = None
+
+    async def reload(self, *, when_idle: bool = False) -> dict[str, Any]:
+        """Apply the configuration as it is now; the plan as a dict.
+
+        Raises ConfigError, having changed nothing, when the configuration cannot be used.
+        """
+        import trio
+
+        if self._lock is None:
+            self._lock = trio.Lock()
+        async with self._lock:
+            try:
+                new = self._load()
+            except Exception as exc:  # a config file that raises, an entry point gone wrong
+                error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
+                log.error("reload failed, nothing changed: config error: %s", error)
+                raise error from None
+            plan = plan_reload(self._supervisors.processes(), new)
+            log.info(
+                "reloading the configuration: added %s, removed %s, changed %s, unchanged %d",
+                plan.added or "none",
+                plan.removed or "none",
+                plan.changed or "none",
+                len(plan.unchanged),
+            )
+            async with trio.open_nursery() as nursery:
+                for name in plan.removed:
+                    nursery.start_soon(self._supervisors.remove, name)
+                for name in plan.changed:
+                    nursery.start_soon(partial(self._supervisors.replace, new[name], when_idle=when_idle))
+                for name in plan.added:
+                    await self._supervisors.add(new[name])
+            return {
+                "added": plan.added,
+                "removed": plan.removed,
+                "changed": plan.changed,
+                "unchanged": plan.unchanged,
+                "waiting_for_idle": self._supervisors.waiting_for_idle(),
+            }

@@ -236,6 +236,18 @@ def _server_lines(supervisors: Mapping[str, Any]) -> Iterator[str]:
         [({"server": name}, sup.restarts) for name, sup in servers],
     )
     yield from _family(
+        "trioproxy_server_health_check_failures_total",
+        "counter",
+        "Health checks that failed (servers with a health_check).",
+        [({"server": name}, sup.health_failures) for name, sup in servers if sup.health_check is not None],
+    )
+    yield from _family(
+        "trioproxy_server_unhealthy_total",
+        "counter",
+        "Processes stopped for failing their health check too often in a row.",
+        [({"server": name}, sup.unhealthy) for name, sup in servers if sup.health_check is not None],
+    )
+    yield from _family(
         "trioproxy_server_idle_seconds",
         "gauge",
         "Seconds since each server's last activity.",

@@ -26,6 +26,7 @@ import trio
 from .addresses import ServerAddress
 from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess
+from .health import FailureStreak, probe
 from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
@@ -40,6 +41,8 @@ EXIT_GRACE = 0.5
 MAX_PORT_RETRIES = 3
 # When an error page for a server that is starting again tells the browser to try again (s).
 RETRY_WHILE_STARTING = 2.0
+# How often a reload waiting for a server to be idle looks at its requests under way.
+IDLE_POLL = 0.1
 
 
 class State(str, Enum):
@@ -61,7 +64,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.READY: frozenset({State.STARTING, State.BACKOFF, State.FAILED, State.STOPPED, State.STOPPING}),
     State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPED}),
-    State.STOPPING: frozenset({State.STOPPED}),
+    # stopped on request or for idleness; or stopped as unhealthy, then as after a crash
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING, State.BACKOFF, State.FAILED}),
 }
 
 
@@ -185,6 +189,10 @@ class ServerSupervisor:
         self._cycle_scope: trio.CancelScope | None = None
         self._cycle_done: trio.Event | None = None
         self._cycle_was_ready = False  # a process of this start was ready once
+        self.health_check = process.health if process.command else None
+        self.health_failures = 0  # failed checks, all told
+        self.last_health_failure: str | None = None
+        self.unhealthy = 0  # processes stopped for failing their checks
         self.client: BackendClient | None = None  # the ready process's, closed when it exits
         self.client_options = ClientOptions(
             connect_timeout=process.connect_timeout,
@@ -198,6 +206,9 @@ class ServerSupervisor:
         self.has_command = bool(process.command)
         if not self.has_command:
             self.state = State.READY
+        # Set when this supervisor replaces one being stopped (a reload): no process of this
+        # one starts before that one's is gone, since they may need the same port or socket.
+        self.predecessor_gone: trio.Event | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -374,7 +385,7 @@ class ServerSupervisor:
     async def start(self, wait: bool = True) -> None:
         if self.state is State.FAILED:
             self.policy.reset()
-        if self.state is State.STOPPING:
+        if self.state is State.STOPPING and self._cycle_scope is not None and self._cycle_scope.cancel_called:
             self._start_after_stop = True  # the stopping cycle starts a new one as it ends
         else:
             self._request_start()
@@ -446,12 +457,14 @@ class ServerSupervisor:
                 self._request_start()
 
     async def _keep_running(self) -> None:
+        if self.predecessor_gone is not None:
+            await self.predecessor_gone.wait()
         port_retries = 0
         while True:
             if self.state is not State.STARTING:
                 self._set_state(State.STARTING)
             try:
-                exit_code, was_ready, not_ready = await self._run_once()
+                exit_code, was_ready, not_ready, unhealthy = await self._run_once()
             except _StartFailed as exc:
                 # Not found, not executable, a bad template: no retry would change that.
                 self.policy.on_exit(trio.current_time(), 127)
@@ -472,6 +485,9 @@ class ServerSupervisor:
                     "raise the server's 'timeout' if it needs longer to start"
                 )
                 exit_code = exit_code or 1  # a start that timed out failed, whatever it exited with
+            elif unhealthy is not None:
+                detail = f"unhealthy: {unhealthy}; stopped ({detail})"
+                exit_code = exit_code or 1  # it failed, however it took the SIGTERM
             elif not was_ready:
                 detail = f"exited before it was ready ({detail})"
             now = trio.current_time()
@@ -517,11 +533,12 @@ class ServerSupervisor:
             stop_timeout=self.process.stop_timeout,
         )
 
-    async def _run_once(self) -> tuple[int, bool, bool]:
+    async def _run_once(self) -> tuple[int, bool, bool, str | None]:
         """Start the process once.
 
-        Returns its exit code, whether it became ready, and whether it was stopped for not
-        becoming ready within ``timeout``.
+        Returns its exit code, whether it became ready, whether it was stopped for not
+        becoming ready within ``timeout``, and why it was stopped for failing its health
+        checks (None: it was not).
         """
         spec = self._spec()
         started_at = trio.current_time()
@@ -529,9 +546,10 @@ class ServerSupervisor:
         start_error: str | None = None
         was_ready = False
         not_ready = trio.CancelScope()  # cancelled when the start takes longer than timeout
+        unhealthy = _Unhealthy()
         child: trio.Process | None = None
         try:
-            with not_ready:
+            with not_ready, unhealthy.scope:
                 async with trio.open_nursery() as nursery:
                     try:
                         child = await nursery.start(run_child, spec, self.output, self._guard)
@@ -543,16 +561,17 @@ class ServerSupervisor:
                         self.starts += 1
                         self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
                         readiness = trio.CancelScope()
-                        nursery.start_soon(self._become_ready, readiness, child.pid, started_at, not_ready)
+                        nursery.start_soon(
+                            self._become_ready, readiness, child.pid, started_at, not_ready, unhealthy
+                        )
                         await child.wait()
-                        self._drop_client()
-                        was_ready = self.ready_since is not None
-                        if self.ready_since is not None:
-                            self._last_ready_for = trio.current_time() - self.ready_since
                         readiness.cancel()
         finally:
-            # Also when cancelled (a stop): by then trio has reaped the child.
+            # Also when cancelled (a stop, failed health checks): by then trio has reaped the child.
             self._drop_client()
+            if self.ready_since is not None:
+                was_ready = True
+                self._last_ready_for = trio.current_time() - self.ready_since
             if child is not None and child.returncode is not None:
                 self.last_exit_code = child.returncode
             self.pid = None
@@ -560,10 +579,15 @@ class ServerSupervisor:
         if start_error is not None:
             raise _StartFailed(start_error)
         assert child is not None and child.returncode is not None
-        return child.returncode, was_ready, not_ready.cancelled_caught
+        return child.returncode, was_ready, not_ready.cancelled_caught, unhealthy.reason
 
     async def _become_ready(
-        self, scope: trio.CancelScope, pid: int, started_at: float, not_ready: trio.CancelScope
+        self,
+        scope: trio.CancelScope,
+        pid: int,
+        started_at: float,
+        not_ready: trio.CancelScope,
+        unhealthy: _Unhealthy,
     ) -> None:
         with scope:
             with trio.move_on_after(self.process.timeout):
@@ -584,6 +608,33 @@ class ServerSupervisor:
                 nursery.start_soon(self.client.maintain)
                 if self.process.idle_timeout > 0:
                     nursery.start_soon(self._cull_when_idle)
+                if self.health_check is not None:
+                    nursery.start_soon(self._watch_health, pid, unhealthy)
+
+    async def _watch_health(self, pid: int, unhealthy: _Unhealthy) -> None:
+        """Check the ready process every interval; stop it once it fails enough in a row."""
+        check = self.health_check
+        assert check is not None
+        streak = FailureStreak(check)
+        while True:
+            await trio.sleep(check.interval)
+            failure = await probe(self.backend, check)
+            if failure is None:
+                streak.passed()
+                continue
+            self.health_failures += 1
+            self.last_health_failure = f"{check.what} {failure}"
+            self.log.warning("%s: health check of pid %d failed: %s %s", self.name, pid, check.what, failure)
+            reason = streak.failed(failure)
+            if reason is not None:
+                break
+        self.unhealthy += 1
+        unhealthy.reason = reason
+        # Synchronously, as for an idle stop: requests from now on wait for the next process,
+        # and the ones under way on this one end as it is stopped.
+        self._set_state(State.STOPPING, f"unhealthy: {reason}; stopping pid {pid}")
+        self._drop_client()
+        unhealthy.scope.cancel()
 
     async def _cull_when_idle(self) -> None:
         timeout = self.process.idle_timeout
@@ -614,7 +665,28 @@ class ServerSupervisor:
             "uptime": (now - self.ready_since) if self.ready_since is not None else None,
             "last_exit_code": self.last_exit_code,
             "idle_seconds": now - self.last_activity,
+            "health": self._health_status(),
         }
+
+    def _health_status(self) -> dict[str, Any] | None:
+        check = self.health_check
+        if check is None:
+            return None
+        return {
+            "check": check.what,
+            "interval": check.interval,
+            "checks_failed": self.health_failures,
+            "last_failure": self.last_health_failure,
+            "unhealthy": self.unhealthy,
+        }
+
+
+class _Unhealthy:
+    """How the health checks stop one process: its scope, and why they cancelled it."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.reason: str | None = None
 
 
 def _describe_exit(code: int) -> str:
@@ -653,6 +725,11 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         self._processes = dict(processes)
         self.base_url = base_url
         self._supervisors: dict[str, ServerSupervisor] = {}
+        self._scopes: dict[ServerSupervisor, trio.CancelScope] = {}
+        self._waiting_for_idle: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._guard: OrphanGuard | None = None
+        self.generation = 0  # bumped by every reload that changes the set of servers
 
     def __getitem__(self, name: str) -> ServerSupervisor:
         return self._supervisors[name]
@@ -667,8 +744,106 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         """Run every supervisor until cancelled; then stop all servers concurrently."""
         async with open_orphan_guard() as guard:
             async with trio.open_nursery() as nursery:
-                for name, process in self._processes.items():
-                    supervisor = ServerSupervisor(process, base_url=self.base_url, guard=guard)
-                    await nursery.start(supervisor.run)
-                    self._supervisors[name] = supervisor
-                task_status.started()
+                self._nursery, self._guard = nursery, guard
+                try:
+                    for name, process in self._processes.items():
+                        self._supervisors[name] = await self._start_supervisor(process)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+
+    # -- reconfiguration (see trioproxy.config.Reloader) ------------------------------------
+
+    def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
+        """Run ``action`` (a reload) in the supervisors' nursery: it outlives the request that
+        asked. Raises ServerUnavailable (503) once trioproxy is shutting down."""
+        if self._nursery is None:
+            raise ServerUnavailable("*", 503, "trioproxy is shutting down")
+        self._nursery.start_soon(action)
+
+    def processes(self) -> dict[str, ServerProcess]:
+        return {name: supervisor.process for name, supervisor in self._supervisors.items()}
+
+    async def _start_supervisor(
+        self, process: ServerProcess, predecessor_gone: trio.Event | None = None
+    ) -> ServerSupervisor:
+        if self._nursery is None:
+            raise ServerUnavailable(process.name, 503, "trioproxy is shutting down")
+        supervisor = ServerSupervisor(process, base_url=self.base_url, guard=self._guard)
+        supervisor.predecessor_gone = predecessor_gone
+        scope = self._scopes[supervisor] = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await supervisor.run(task_status=task_status)
+            finally:
+                self._scopes.pop(supervisor, None)
+
+        await self._nursery.start(run)
+        return supervisor
+
+    async def _end(self, supervisor: ServerSupervisor) -> None:
+        """Stop a supervisor's process (gracefully), then the supervisor itself."""
+        await supervisor.stop()
+        scope = self._scopes.get(supervisor)
+        if scope is not None:
+            scope.cancel()
+
+    async def add(self, process: ServerProcess) -> None:
+        self._cancel_waiting(process.name)
+        self._supervisors[process.name] = await self._start_supervisor(process)
+        self.generation += 1
+
+    async def remove(self, name: str) -> None:
+        """Stop the server and forget it: its URL is a 404 from now on."""
+        self._cancel_waiting(name)
+        supervisor = self._supervisors.pop(name)
+        self.generation += 1
+        await self._end(supervisor)
+
+    async def replace(self, process: ServerProcess, *, when_idle: bool = False) -> None:
+        """Put a supervisor for ``process`` in place of the one of the same name, restarting
+        the server if it ran. ``when_idle``: once no request or WebSocket is under way, in the
+        background (this returns at once)."""
+        name = process.name
+        self._cancel_waiting(name)
+        if not when_idle:
+            await self._replace(process)
+            return
+        assert self._nursery is not None
+        scope = self._waiting_for_idle[name] = trio.CancelScope()
+
+        async def when_no_one_uses_it() -> None:
+            with scope:
+                # Polled: the dispatcher counts requests under way without telling anyone.
+                while self._supervisors[name].active:  # noqa: ASYNC110
+                    await trio.sleep(IDLE_POLL)
+                del self._waiting_for_idle[name]
+                await self._replace(process)
+
+        self._nursery.start_soon(when_no_one_uses_it)
+
+    def waiting_for_idle(self) -> list[str]:
+        return sorted(self._waiting_for_idle)
+
+    def _cancel_waiting(self, name: str) -> None:
+        scope = self._waiting_for_idle.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _replace(self, process: ServerProcess) -> None:
+        old = self._supervisors[process.name]
+        was_running = old.has_command and old.state in (State.STARTING, State.READY, State.BACKOFF)
+        old_gone = trio.Event()
+        # The new one takes the requests from now on; the old one's finish, or end as it stops.
+        new = await self._start_supervisor(process, predecessor_gone=old_gone)
+        self._supervisors[process.name] = new
+        self.generation += 1
+        if was_running:
+            await new.start(wait=False)
+        try:
+            await self._end(old)
+        finally:
+            old_gone.set()

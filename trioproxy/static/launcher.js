@@ -19,9 +19,36 @@
     stop: new Set(["ready", "starting", "backoff"]),
   };
 
+  const main = document.querySelector("main");
   const items = new Map();
-  for (const item of document.querySelectorAll("li.server")) {
-    items.set(item.dataset.server, item);
+  function index() {
+    items.clear();
+    for (const item of document.querySelectorAll("li.server")) {
+      items.set(item.dataset.server, item);
+    }
+    // An icon that fails to load leaves the server's initial in its place.
+    for (const icon of document.querySelectorAll("img.icon")) {
+      icon.addEventListener("error", () => {
+        const letter = document.createElement("span");
+        letter.className = "icon letter";
+        letter.textContent = (icon.closest("li.server").querySelector(".title").textContent || "?")[0];
+        icon.replaceWith(letter);
+      });
+    }
+  }
+  index();
+
+  // After a reload of trioproxy's configuration (servers added, removed or changed), the
+  // page's list is fetched again and put in place of the old one.
+  async function takeNewList(generation) {
+    const response = await fetch("./", { cache: "no-store", credentials: "same-origin" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const page = new DOMParser().parseFromString(await response.text(), "text/html");
+    const fresh = page.querySelector("main");
+    if (!fresh) throw new Error("the launcher page has no list");
+    main.replaceChildren(...Array.from(fresh.childNodes, (node) => document.importNode(node, true)));
+    main.dataset.generation = fresh.dataset.generation || String(generation);
+    index();
   }
   const statusLine = document.getElementById("status");
   const busy = new Set(); // servers with an action in flight
@@ -56,7 +83,10 @@
     clearTimeout(timer);
     let changing = false;
     try {
-      const { servers } = await getJson(API);
+      const { servers, generation } = await getJson(API);
+      if (generation !== undefined && String(generation) !== main.dataset.generation) {
+        await takeNewList(generation);
+      }
       for (const server of servers) {
         const item = items.get(server.name);
         if (item) {
@@ -166,15 +196,6 @@
     const item = button && button.closest("li.server");
     if (item) act(item, button.dataset.action);
   });
-  // An icon that fails to load leaves the server's initial in its place.
-  for (const icon of document.querySelectorAll("img.icon")) {
-    icon.addEventListener("error", () => {
-      const letter = document.createElement("span");
-      letter.className = "icon letter";
-      letter.textContent = (icon.closest("li.server").querySelector(".title").textContent || "?")[0];
-      icon.replaceWith(letter);
-    });
-  }
   // No polling while nobody looks; catch up at once when someone does.
   document.addEventListener("visibilitychange", () => {
     if (document.hidden) clearTimeout(timer);
