@@ -95,6 +95,9 @@ async def test_readiness_is_noticed_soon_after_the_port_opens(nursery: trio.Nurs
     supervisors = await run_supervisors(nursery, {"web": {"command": serve_command(tmp_path, 0.5)}})
     await supervisors["web"].ensure_ready()
     noticed = trio.current_time()
+    # The server notes the time just after it starts listening: we may be there first.
+    marker = tmp_path / "starts.listening"
+    await wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=2, interval=0.002)
     listening = float((tmp_path / "starts.listening").read_text())
     # trio's clock and time.monotonic() are both CLOCK_MONOTONIC here, offset by trio's clock.
     lag = noticed - (listening + trio.current_time() - _monotonic())
@@ -461,6 +464,8 @@ async def test_idle_culling_on_virtual_time(autojump_clock: trio.testing.MockClo
     # The culling schedule alone: no process (its cycle is a bare cancel scope here).
     idle = ServerSupervisor(make_server_process("idle", {"command": [PY, "-c", "pass"], "idle_timeout": 30}))
     cycle = idle._cycle_scope = trio.CancelScope()
+    idle._set_state(State.STARTING)
+    idle._set_state(State.READY)  # as its process would be
     t0 = idle.last_activity = trio.current_time()
     culled_at: list[float] = []
 
