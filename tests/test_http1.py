@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from trioproxy.relay.headers import canonical_name
 from trioproxy.relay.http1 import (
     MAX_HEAD,
     ProtocolError,
@@ -25,8 +26,27 @@ def read(data: bytes, head_request: bool = False, split: int | None = None) -> R
 
 def test_request_head_and_chunks() -> None:
     head = encode_request_head(b"POST", b"/a?b=1", [(b"host", b"x"), (b"x-one", b"1")])
-    assert head == b"POST /a?b=1 HTTP/1.1\r\nhost: x\r\nx-one: 1\r\n\r\n"
+    assert head == b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nX-One: 1\r\n\r\n"
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n"
+
+
+@pytest.mark.parametrize(
+    "name, written",
+    [
+        (b"x-forwarded-context", b"X-Forwarded-Context"),
+        (b"x-proxycontextpath", b"X-Proxycontextpath"),
+        (b"X-ProxyContextPath", b"X-Proxycontextpath"),
+        (b"X-CUSTOM-header", b"X-Custom-Header"),
+        (b"www-authenticate", b"Www-Authenticate"),
+        (b"te", b"Te"),
+        (b"x--odd-", b"X--Odd-"),
+    ],
+)
+def test_header_names_are_written_as_tornado_writes_them(name: bytes, written: bytes) -> None:
+    # Tornado's HTTPHeaders capitalise each dash-separated word and lower-case the rest.
+    assert canonical_name(name) == written
+    head = encode_request_head(b"GET", b"/", [(name, b"v")])
+    assert head == b"GET / HTTP/1.1\r\n" + written + b": v\r\n\r\n"
 
 
 @pytest.mark.parametrize("split", [None, 1, 7])

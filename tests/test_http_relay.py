@@ -420,6 +420,48 @@ async def test_request_headers_override_templated(nursery: trio.Nursery) -> None
     assert seen["user-agent"] == "trio"
 
 
+async def start_head_echo(nursery: trio.Nursery) -> int:
+    """A backend on a real socket that answers each request with its head, byte for byte."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                head += chunk
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
+
+    await nursery.start(trio.serve_listeners, serve, listeners)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_header_names_reach_backends_as_jupyter_server_proxy_writes_them(nursery: trio.Nursery) -> None:
+    # Tornado, under jupyter-server-proxy, writes every name capitalised word by word;
+    # backends that compare names as written (its own test suite does) see the same here.
+    port = await start_head_echo(nursery)
+    config = {"command": [], "port": port, "request_headers_override": {"x-CUSTOM-header": "v"}}
+    proxy = await start_proxy(nursery, {"named": config})
+    async with proxy.client(headers={"x-client-thing": "kept"}) as client:
+        named = (await client.get("named/a")).text
+        by_port = (await client.get(f"proxy/{port}/b")).text
+    assert named.startswith("GET /a HTTP/1.1\r\n")
+    for line in [
+        "X-Forwarded-Context: /named",
+        "X-Proxycontextpath: /named",
+        "X-Forwarded-Prefix: /named",
+        "X-Forwarded-For: 127.0.0.1",
+        "X-Custom-Header: v",
+        "X-Client-Thing: kept",
+        f"Host: {proxy.url.split('/')[2]}",
+    ]:
+        assert f"\r\n{line}\r\n" in named, named
+    assert f"\r\nX-Proxycontextpath: /proxy/{port}\r\n" in by_port, by_port
+    assert all(line[:1].isupper() for line in named.split("\r\n")[1:] if line), named
+
+
 def _upper_body(response: Any) -> None:
     response.body = response.body.upper()
 

@@ -347,6 +347,28 @@ async def test_backend_gets_the_clients_host_or_its_override(nursery: trio.Nurse
     assert override.count("\r\nhost:") == 1
 
 
+async def test_handshake_header_names_are_written_as_jupyter_server_proxy_writes_them(
+    nursery: trio.Nursery,
+) -> None:
+    async def capture_then_refuse(stream: trio.SocketStream, server: RawServer) -> None:
+        server.requests.append(await read_request_head(stream))
+        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+
+    capture = await start_raw_server(nursery, capture_then_refuse)
+    config = {"command": [], "port": capture.port, "request_headers_override": {"x-CUSTOM-header": "v"}}
+    proxy = await start_proxy(nursery, {"named": config})
+    extra = [*AUTH, (b"x-client-thing", b"kept")]
+    assert (await refused(proxy.url, "named/path", headers=extra)).status_code == 403
+    head = capture.requests[0].decode("latin-1")
+    for line in [
+        "X-Forwarded-Context: /named",
+        "X-Proxycontextpath: /named",
+        "X-Custom-Header: v",
+        "X-Client-Thing: kept",
+    ]:
+        assert f"\r\n{line}\r\n" in head, head
+
+
 SUBPROTOCOL_TABLE = {
     "none requested": ([], None, None),
     "one, chosen": (["chat"], 0, "chat"),

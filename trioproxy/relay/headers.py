@@ -1,12 +1,14 @@
 """Header and path rules for relaying: pure functions, no I/O.
 
-Header names are lower-case bytes, as ASGI servers and h11 give them.
+Header names are lower-case bytes, as ASGI servers and h11 give them; they are written to
+backends in canonical case (:func:`canonical_name`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
 Headers = list[tuple[bytes, bytes]]
@@ -37,6 +39,17 @@ _NEEDS_QUOTING = re.compile(rb"[^A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]|%(?![0-9A-F
 def requote_path(raw_path: bytes) -> bytes:
     """Percent-encode what may not appear in a request target, keep everything else."""
     return _NEEDS_QUOTING.sub(lambda match: b"%%%02X" % match.group()[0], raw_path)
+
+
+@lru_cache(maxsize=1024)
+def canonical_name(name: bytes) -> bytes:
+    """A header name as Tornado, and so jupyter-server-proxy, writes it to backends.
+
+    Each dash-separated word capitalised and the rest lower-cased: ``x-proxycontextpath`` and
+    ``X-ProxyContextPath`` both become ``X-Proxycontextpath``. Names are case-insensitive,
+    but some backends compare them as written.
+    """
+    return b"-".join(word.capitalize() for word in name.split(b"-"))
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:

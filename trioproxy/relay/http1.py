@@ -12,6 +12,7 @@ from __future__ import annotations
 import httptools
 
 from .framing import response_framing_error
+from .headers import canonical_name
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -21,9 +22,10 @@ class ProtocolError(Exception):
 
 
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """The request line and headers, names in canonical case (as jupyter-server-proxy sends them)."""
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
+        lines += (canonical_name(name), b": ", value, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from .headers import Headers
+from .headers import Headers, canonical_name
 
 # Large reads: a 1 MiB message crosses in a few reads, and one read costs the same whatever
 # its size (measured in benchmarks/README.md).
@@ -83,10 +83,10 @@ async def open_backend(stream: Stream, target: bytes, headers: Headers) -> Switc
     negotiate with each other. Raises :class:`BackendFailed`; the caller bounds the time.
     """
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
-    request = h11.Request(
+    request = h11.Request(  # h11 writes names as given: canonical, as for HTTP requests
         method="GET",
         target=target,
-        headers=[*headers, (b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
+        headers=[*((canonical_name(n), v) for n, v in headers), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
     )
     try:
         head = (connection.send(request) or b"") + (connection.send(h11.EndOfMessage()) or b"")

@@ -36,7 +36,7 @@ from wsproto.utilities import ProtocolError
 
 from ..backend import Backend, connect
 from ..errors import render_error, sole_exception
-from .headers import Headers, header_value, strip_hop_by_hop, wants_json
+from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -329,10 +329,11 @@ def _split_host(target: WebSocketTarget) -> tuple[str, Headers]:
     """The Host to send (the client's, or its override) and the other headers.
 
     Backends such as Jupyter's compare the Origin with the Host they are given, so the
-    client's own Host is kept rather than the backend's address.
+    client's own Host is kept rather than the backend's address. Names go out in canonical
+    case, as for HTTP requests.
     """
     host = header_value(target.headers, b"host")
-    others = [(name, value) for name, value in target.headers if name != b"host"]
+    others = [(canonical_name(name), value) for name, value in target.headers if name != b"host"]
     if host is not None:
         return host.decode("latin-1"), others
     backend = target.backend
