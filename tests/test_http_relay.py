@@ -486,11 +486,23 @@ async def test_rewrite_response_single_and_chain(nursery: trio.Nursery) -> None:
         chain = await client.get("chain/cookies")
         assert chain.status_code == 418
         assert chain.content == b"OK"
-        assert chain.headers["x-seen"] == "/cookies|127.0.0.1|True|GET|200"
+        # host as jupyter-server-proxy gives it: "localhost" for a named server.
+        assert chain.headers["x-seen"] == "/cookies|localhost|True|GET|200"
         assert chain.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/", "c=3"]
         # Event streams are never buffered, as in jupyter-server-proxy.
         sse = await client.get("one/sse?n=1&delay=0", headers={"Accept": "text/event-stream"})
         assert sse.text.startswith("data:")
+
+
+async def test_rewrite_response_host_is_the_one_jupyter_server_proxy_names(nursery: trio.Nursery) -> None:
+    proxy = await start_proxy(
+        nursery, {"echo": {"command": echo_command(), "rewrite_response": _teapot}}, non_service_rewrite_response=[_teapot]
+    )
+    port = await started_echo_port(proxy)
+    async with proxy.client() as client:
+        for path, host in [("echo/", "localhost"), (f"proxy/{port}/", "localhost"), (f"proxy/127.0.0.1:{port}/", "127.0.0.1")]:
+            seen = (await client.get(path + "cookies")).headers["x-seen"]
+            assert seen.split("|")[1] == host, path
 
 
 async def test_failing_rewrite_is_a_500_not_a_traceback(nursery: trio.Nursery) -> None:

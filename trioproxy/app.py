@@ -318,7 +318,7 @@ class Dispatcher:
             context_path=None if upstream.absolute else route.context_path,
             declared_length=length,
             rewrites=rewrites,
-            rewrite_context=partial(self._rewrite_context, scope, client.backend, upstream.path) if rewrites else None,
+            rewrite_context=partial(self._rewrite_context, scope, route, client.backend, upstream.path) if rewrites else None,
             request_host=next((v.decode("latin-1") for n, v in headers_in if n == b"host"), None),
             # A request rides through restarts of its server until its timeout.
             replacement=supervisor.replacement(began + supervisor.process.timeout) if supervisor else None,
@@ -363,10 +363,12 @@ class Dispatcher:
             return process.rewrite_response_chain
         return list(self.settings.non_service_rewrite_response)
 
-    def _rewrite_context(self, scope: dict[str, Any], backend: Backend, path: bytes) -> RewriteContext:
+    def _rewrite_context(self, scope: dict[str, Any], route: Route, backend: Backend, path: bytes) -> RewriteContext:
+        # As jupyter-server-proxy: "localhost" for named servers (which trioproxy reaches on
+        # 127.0.0.1 all the same), the host of the URL for proxy/<host>:<port>/.
         return RewriteContext(
             request=relayed_request(scope),
-            host=backend.host if not backend.unix_socket else "localhost",
+            host="localhost" if route.kind == "server" or backend.unix_socket else backend.host,
             port=backend.port or None,
             path=unquote(path.decode("latin-1")),
         )
