@@ -672,6 +672,80 @@ async def test_an_activity_callable_decides_with_the_request(
     assert errors == ["broken: update_last_activity failed (RuntimeError: oops); counting every request as activity"]
 
 
+def _ignore_when_asked(request: Any) -> bool:
+    # What jupyter-server-proxy 4.6.0's own test configuration does; it is handed a Tornado
+    # request handler there.
+    if request.get_argument("ignore_activity", None):
+        return False
+    return True
+
+
+async def test_an_activity_callable_written_for_jupyter_server_proxy_works(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await start_proxy(nursery, {"app": {"command": echo_command(), "update_last_activity": _ignore_when_asked}})
+    async with proxy.client() as client:
+        await client.post(f"{API}/app/start")
+        assert await idle_after_request(proxy, client, "app", "tracked") < 0.2
+        assert await idle_after_request(proxy, client, "app", "tracked?ignore_activity=1") >= 0.3
+        assert await idle_after_request(proxy, client, "app", "tracked?ignore_activity=") < 0.2
+    assert not [r for r in caplog.records if "update_last_activity failed" in r.getMessage()]
+
+
+async def test_an_activity_callable_gets_what_a_tornado_handler_offers(nursery: trio.Nursery) -> None:
+    seen: dict[str, Any] = {}
+
+    def record(handler: Any) -> bool:
+        request = handler.request
+        seen.update(
+            uri=request.uri,
+            path=request.path,
+            query=request.query,
+            method=request.method,
+            host=request.host,
+            host_name=request.host_name,
+            remote_ip=request.remote_ip,
+            protocol=request.protocol,
+            arguments=request.arguments,
+            header=request.headers.get("X-Thing"),
+            last_a=handler.get_argument("a"),
+            all_a=handler.get_arguments("a"),
+            b=handler.get_query_argument("b"),
+            unstripped=handler.get_query_arguments("b", strip=False),
+            missing=handler.get_argument("missing", "default"),
+            body=handler.get_body_arguments("a"),
+        )
+        try:
+            handler.get_argument("missing")
+        except Exception as exc:  # Tornado raises MissingArgumentError, an HTTP 400
+            seen["error"] = type(exc).__name__
+        return True
+
+    proxy = await start_proxy(nursery, {"app": {"command": echo_command(), "update_last_activity": record}})
+    async with proxy.client(headers={"X-Thing": "t"}) as client:
+        assert (await client.get("app/x%20y?a=1&a=%C3%A5%01&b=+spaced+")).status_code == 200
+    host = proxy.url.split("/")[2]
+    assert seen == {
+        "uri": "/app/x%20y?a=1&a=%C3%A5%01&b=+spaced+",
+        "path": "/app/x%20y",
+        "query": "a=1&a=%C3%A5%01&b=+spaced+",
+        "method": "GET",
+        "host": host,
+        "host_name": "127.0.0.1",
+        "remote_ip": "127.0.0.1",
+        "protocol": "http",
+        "arguments": {"a": [b"1", b"\xc3\xa5\x01"], "b": [b" spaced "]},
+        "header": "t",
+        "last_a": "å",
+        "all_a": ["1", "å"],
+        "b": "spaced",
+        "unstripped": [" spaced "],
+        "missing": "default",
+        "body": [],
+        "error": "MissingArgumentError",
+    }
+
+
 async def test_websocket_messages_are_activity_unless_excluded(nursery: trio.Nursery) -> None:
     config = {"command": ws_echo_command("{port}"), "timeout": 20, "exclude_last_activity_patterns": [".*/quiet/"]}
     proxy = await start_proxy(nursery, {"ws": config})

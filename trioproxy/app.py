@@ -225,8 +225,9 @@ class Dispatcher:
         the query) ``re.match``-es one of ``exclude_last_activity_patterns`` does not count.
         A callable ``update_last_activity`` decides the rest, given a
         :class:`~trioproxy.relay.rewrite.RelayedRequest` (``method``, ``path``, ``query``,
-        ``uri``, ``headers``, ``remote_ip``…); if it raises, the request counts, so that a
-        bug in it cannot get a server in use culled.
+        ``uri``, ``headers``, ``remote_ip``…, and the handler methods jupyter-server-proxy's
+        callables use, such as ``get_argument``); if it raises, the request counts, so that
+        a bug in it cannot get a server in use culled.
         """
         setting = process.update_last_activity
         if not setting:
@@ -430,19 +431,26 @@ class Dispatcher:
 
 
 def relayed_request(scope: dict[str, Any]) -> RelayedRequest:
-    """The request as ``rewrite_response`` and ``update_last_activity`` callables see it."""
+    """The request as ``rewrite_response`` and ``update_last_activity`` callables see it.
+
+    ``path`` and ``uri`` are as the client sent them (still percent-encoded), as in Tornado.
+    """
     headers = HeaderMap.from_raw(scope["headers"])
     query = scope.get("query_string", b"").decode("latin-1")
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else scope["path"]
     client = scope.get("client")
+    scheme = scope.get("scheme", "http")
     return RelayedRequest(
         method=scope.get("method", "GET"),
-        uri=scope["path"] + ("?" + query if query else ""),
-        path=scope["path"],
+        uri=path + ("?" + query if query else ""),
+        path=path,
         query=query,
         headers=headers,
         host=headers.get("host", "") or "",
         remote_ip=client[0] if client else None,
-        protocol=scope.get("scheme", "http"),
+        protocol={"ws": "http", "wss": "https"}.get(scheme, scheme),
+        version="HTTP/" + scope.get("http_version", "1.1"),
     )
 
 

@@ -9,10 +9,13 @@ what the one before it left.
 from __future__ import annotations
 
 import copy
+import functools
+import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from ..templating import call_with_asked_args
 from .headers import Headers as HeaderList
@@ -105,9 +108,30 @@ def _phrase(code: int) -> str:
         return "Unknown"
 
 
+class MissingArgumentError(LookupError):
+    """``get_argument`` without a default, for an argument the request does not have."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"missing argument {name!r}")
+        self.arg_name = name
+
+
+_NO_DEFAULT: Any = object()
+# Control characters other than whitespace become spaces in argument values, as in Tornado.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f]")
+
+
 @dataclass
 class RelayedRequest:
-    """What rewrite callables see of the client's request."""
+    """What ``rewrite_response`` and ``update_last_activity`` callables see of the client's request.
+
+    It offers what such callables use of Tornado's request (``method``, ``uri``, ``path``,
+    ``query``, ``headers``, ``arguments``, ``host``, ``remote_ip``…) and, since
+    jupyter-server-proxy passes ``update_last_activity`` its request *handler*, of the
+    handler too: ``request`` (this object again) and ``get_argument(s)``,
+    ``get_query_argument(s)``, ``get_body_argument(s)``. Request bodies are streamed to the
+    backend, never parsed, so body arguments are always empty.
+    """
 
     method: str
     uri: str
@@ -117,7 +141,67 @@ class RelayedRequest:
     host: str
     remote_ip: str | None
     protocol: str = "http"
-    arguments: dict[str, list[str]] = field(default_factory=dict)
+    version: str = "HTTP/1.1"
+    body: bytes = b""
+
+    @property
+    def request(self) -> RelayedRequest:
+        return self
+
+    @property
+    def host_name(self) -> str:
+        return urlsplit("//" + self.host).hostname or ""
+
+    def full_url(self) -> str:
+        return f"{self.protocol}://{self.host}{self.uri}"
+
+    @functools.cached_property
+    def query_arguments(self) -> dict[str, list[bytes]]:
+        # As Tornado: names decoded, values the raw bytes of the percent-decoded value.
+        parsed = parse_qs(self.query, keep_blank_values=True, encoding="latin-1")
+        return {
+            name.encode("latin-1").decode("utf-8", "replace"): [value.encode("latin-1") for value in values]
+            for name, values in parsed.items()
+        }
+
+    @property
+    def arguments(self) -> dict[str, list[bytes]]:
+        return self.query_arguments
+
+    @property
+    def body_arguments(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def get_argument(self, name: str, default: Any = _NO_DEFAULT, strip: bool = True) -> Any:
+        return _last(name, self.get_arguments(name, strip), default)
+
+    def get_arguments(self, name: str, strip: bool = True) -> list[str]:
+        return _decoded(self.arguments.get(name, []), strip)
+
+    def get_query_argument(self, name: str, default: Any = _NO_DEFAULT, strip: bool = True) -> Any:
+        return _last(name, self.get_query_arguments(name, strip), default)
+
+    def get_query_arguments(self, name: str, strip: bool = True) -> list[str]:
+        return _decoded(self.query_arguments.get(name, []), strip)
+
+    def get_body_argument(self, name: str, default: Any = _NO_DEFAULT, strip: bool = True) -> Any:
+        return _last(name, [], default)
+
+    def get_body_arguments(self, name: str, strip: bool = True) -> list[str]:
+        return []
+
+
+def _decoded(values: list[bytes], strip: bool) -> list[str]:
+    texts = [_CONTROL_CHARS.sub(" ", value.decode("utf-8", "replace")) for value in values]
+    return [text.strip() for text in texts] if strip else texts
+
+
+def _last(name: str, values: list[str], default: Any) -> Any:
+    if values:
+        return values[-1]
+    if default is _NO_DEFAULT:
+        raise MissingArgumentError(name)
+    return default
 
 
 @dataclass
