@@ -51,6 +51,17 @@ async def test_named_server_route_and_trailing_slash_redirect(nursery: trio.Nurs
         assert redirect.headers["location"] == "/echo/?x=1"
 
 
+async def test_servers_named_like_own_routes_are_reachable(nursery: trio.Nursery) -> None:
+    names = ["loginx", "logout-tool", "oauth_callbacks"]
+    proxy = await start_proxy(nursery, {name: {"command": echo_command()} for name in names})
+    async with proxy.client() as client:
+        for name in names:
+            response = await client.get(f"{name}/p?q=1")
+            assert response.status_code == 200, name
+            assert response.json()["target"] == "/p?q=1"
+        assert (await client.get("login")).status_code == 200  # trioproxy's own page still
+
+
 async def test_proxy_port_routes(nursery: trio.Nursery) -> None:
     proxy = await echo_proxy(nursery)
     port = await started_echo_port(proxy)

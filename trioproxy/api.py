@@ -96,7 +96,7 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/", "launcher", ("GET",)),
 )
 # Reachable without logging in (the login itself).
-_OPEN_PATHS = ("/login", "/logout", "/oauth_callback")
+_OPEN_PATHS = ("login", "logout", "oauth_callback")  # first path segments
 
 
 def make_blueprint(settings: Settings, supervisors: Supervisors) -> Blueprint:
@@ -132,7 +132,7 @@ class Pages:
     async def require_login(self) -> Any:
         base_url = self.base_url
         path = request.path[len(base_url) - 1 :] if base_url != "/" else request.path
-        if path.startswith(_OPEN_PATHS):
+        if path.split("/", 2)[1] in _OPEN_PATHS:
             return None
         identity = await self.auth.authenticate(cast(dict[str, Any], request.scope))
         if identity is not None:

@@ -39,7 +39,8 @@ class Route:
     reason: str = ""
 
 
-OWN_PREFIXES = ("server-proxy/", "login", "logout", "oauth_callback")
+# trioproxy's own routes, by their first path segment: a server may be named "loginx".
+OWN_SEGMENTS = frozenset({"server-proxy", "login", "logout", "oauth_callback"})
 
 
 def resolve(
@@ -57,9 +58,8 @@ def resolve(
 
     if segment == "proxy":
         return _proxy_route(after, base_url, has_slash=bool(slash))
-    below = unquote(rest.decode("latin-1"))
-    if below.startswith(OWN_PREFIXES) or below in ("server-proxy",):
-        return Route("app", app_path=below)
+    if segment in OWN_SEGMENTS:
+        return Route("app", app_path=unquote(rest.decode("latin-1")))
     if segment and segment in servers:
         if not slash:
             return Route("add-slash", name=segment)
