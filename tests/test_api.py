@@ -400,6 +400,42 @@ async def test_failing_server_answers_503_with_its_output(nursery: trio.Nursery)
         await wait_for_state(proxy, client, "bad", "failed")
 
 
+def _no_licence(port: int) -> list[str]:
+    raise RuntimeError(f"no licence for port {port}")
+
+
+def _no_environment() -> dict[str, str]:
+    raise KeyError("HOME_OF_TOOL")
+
+
+async def test_a_failing_command_or_environment_callable_fails_that_server_alone(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    servers: dict[str, dict[str, Any]] = {
+        "cmd": {"command": _no_licence, "max_failures": 1},
+        "env": {"command": echo_command(), "environment": _no_environment, "max_failures": 1},
+        "fine": {"command": echo_command()},
+    }
+    proxy = await start_proxy(nursery, servers)
+    expected = {
+        "cmd": "the command callable failed: RuntimeError: no licence for port ",
+        "env": "the environment callable failed: KeyError: 'HOME_OF_TOOL'",
+    }
+    async with proxy.client() as client:
+        for name, message in expected.items():
+            response = await client.get(f"{name}/")
+            assert response.status_code == 503, name
+            assert message in response.json()["message"]
+            status = (await client.get(f"{API}/{name}")).json()
+            assert status["state"] == "failed" and message in status["reason"]
+            assert message in (await client.get(f"{API}/{name}/logs")).text
+            assert (await client.get(f"{name}/", headers={"Accept": "text/html"})).status_code == 503
+        assert (await client.get("fine/x")).status_code == 200  # the proxy itself lives on
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    for name, message in expected.items():
+        assert any(line.startswith(f"{name}: cannot start: ") and message in line for line in logged), logged
+
+
 async def test_server_not_ready_in_time_is_504_and_can_be_stopped(nursery: trio.Nursery) -> None:
     command = [PY, "-c", "import time; time.sleep(60)"]
     proxy = await start_proxy(nursery, {"slow": {"command": command, "timeout": 0.5}})

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -43,6 +43,8 @@ MAX_PORT_RETRIES = 3
 RETRY_WHILE_STARTING = 2.0
 # How often a reload waiting for a server to be idle looks at its requests under way.
 IDLE_POLL = 0.1
+
+_T = TypeVar("_T")
 
 
 class State(str, Enum):
@@ -467,6 +469,8 @@ class ServerSupervisor:
                 exit_code, was_ready, not_ready, unhealthy = await self._run_once()
             except _StartFailed as exc:
                 # Not found, not executable, a bad template: no retry would change that.
+                self.log.error("%s: cannot start: %s", self.name, exc)
+                self.output.add(f"trioproxy: cannot start {self.name}: {exc}")
                 self.policy.on_exit(trio.current_time(), 127)
                 self._early_failures += 1
                 self._set_state(State.FAILED, str(exc))
@@ -518,11 +522,8 @@ class ServerSupervisor:
     def _spec(self) -> ChildSpec:
         self.address.prepare()
         variables = self.template_variables()
-        try:
-            argv = expand_list(self.process.command, variables)
-            extra_env = expand_dict(self.process.environment, variables)
-        except TemplateError as exc:
-            raise _StartFailed(f"bad command or environment: {exc}") from None
+        argv = _expanded("command", expand_list, self.process.command, variables)
+        extra_env = _expanded("environment", expand_dict, self.process.environment, variables)
         if not argv:
             raise _StartFailed("the command is empty")
         return ChildSpec(
@@ -687,6 +688,17 @@ class _Unhealthy:
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.reason: str | None = None
+
+
+def _expanded(option: str, expand: Callable[[Any, Mapping[str, Any]], _T], value: Any, variables: Mapping[str, Any]) -> _T:
+    """``command`` or ``environment`` expanded; any failure of a user's callable or template
+    fails this server's start alone, never the supervisor (and with it trioproxy)."""
+    try:
+        return expand(value, variables)
+    except TemplateError as exc:
+        raise _StartFailed(f"bad {option}: {exc}") from None
+    except Exception as exc:
+        raise _StartFailed(f"the {option} callable failed: {type(exc).__name__}: {exc}") from None
 
 
 def _describe_exit(code: int) -> str:
