@@ -11,21 +11,26 @@ two things only:
   that do not apply to trioproxy, strict ``xfail`` for known differences, so that a listed
   test that starts passing fails the run too.
 
-With ``TRIOPROXY_JSP_TARGET=jupyter-server-proxy`` it changes nothing (the reference run:
-their fixture starts a real Jupyter server), so both runs use the same invocation.
+With ``TRIOPROXY_JSP_TARGET=jupyter-server-proxy`` (the reference run) it leaves their fixture,
+which starts a real Jupyter server with jupyter-server-proxy, and marks nothing; as root it
+lets Jupyter run as root. Both runs use the same invocation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +112,16 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], log_path: Path) -
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.05)
     raise AssertionError(f"trioproxy did not answer {url} within 30 s:\n{log_path.read_text()}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if REFERENCE and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Jupyter refuses to run as root (as CI does here) unless allowed; its config path
+        # is the one way in that leaves their fixture's command line as it is.
+        directory = Path(tempfile.mkdtemp(prefix="jsp-reference-"))
+        (directory / "jupyter_config.json").write_text(json.dumps({"ServerApp": {"allow_root": True}}))
+        os.environ["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(directory), os.environ.get("JUPYTER_CONFIG_PATH")]))
+        config.add_cleanup(partial(shutil.rmtree, directory, ignore_errors=True))
 
 
 @pytest.hookimpl(tryfirst=True)
