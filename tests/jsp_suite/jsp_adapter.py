@@ -145,6 +145,8 @@ def listed_as(test_name: str, differences: dict[str, dict[str, str]]) -> str | N
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if REFERENCE:
         return
+    if _resources == Path():
+        raise pytest.UsageError("no a_server fixture found in their conftest.py to start trioproxy instead")
     differences = load_differences()
     used: set[str] = set()
     for item in items:
