@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
@@ -108,15 +110,37 @@ def run_suite(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     env["TRIOPROXY_JSP_TARGET"] = "jupyter-server-proxy" if reference else "trioproxy"
     env.pop("JUPYTER_TOKEN", None)
+    # In a session of its own, so that whatever it leaves running can be found and stopped:
+    # jupyter-server-proxy leaves its servers running when Jupyter shuts down.
+    process = subprocess.Popen(
+        command, cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
-        result = subprocess.run(
-            command, cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SuiteError(f"their suite did not finish within {timeout:g} s:\n{exc.output or ''}") from None
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(process.pid)
+        output, _ = process.communicate()
+        raise SuiteError(f"their suite did not finish within {timeout:g} s:\n{output[-5000:]}") from None
+    finally:
+        _stop_group(process.pid)
     if not junit.exists():
-        raise SuiteError(f"their suite wrote no report (exit code {result.returncode}):\n{result.stdout[-5000:]}")
-    return Outcome(result.returncode, parse_junit(junit), result.stdout)
+        raise SuiteError(f"their suite wrote no report (exit code {process.returncode}):\n{output[-5000:]}")
+    return Outcome(process.returncode, parse_junit(junit), output)
+
+
+def _stop_group(pgid: int) -> None:
+    for signum, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def parse_junit(path: Path) -> dict[str, str]:
