@@ -467,6 +467,8 @@ class ServerSupervisor:
                 self._set_state(State.STARTING)
             try:
                 exit_code, was_ready, not_ready, unhealthy = await self._run_once()
+                if self._cycle_scope is not None and self._cycle_scope.cancel_called:
+                    return  # stopped (it exited on its own as the stop came): no restart policy
             except _StartFailed as exc:
                 # Not found, not executable, a bad template: no retry would change that.
                 self.log.error("%s: cannot start: %s", self.name, exc)
@@ -594,6 +596,11 @@ class ServerSupervisor:
             with trio.move_on_after(self.process.timeout):
                 await wait_until_ready(self.backend, self.process.ready_check_path)
                 self.ready_since = trio.current_time()
+            if self.state is not State.STARTING:
+                # A stop came in the same moment as the answer (its cancellation is only seen
+                # at our next checkpoint): the process is on its way out, never ready.
+                self.ready_since = None
+                return
             if self.ready_since is None:
                 self.log.warning(
                     "%s: pid %d not ready within %g s (timeout); stopping it", self.name, pid, self.process.timeout
