@@ -15,6 +15,7 @@ port, trigger = int(sys.argv[1]), sys.argv[2]
 stop_listening = "--stop-listening" in sys.argv
 hung = threading.Event()
 never = threading.Event()
+checking = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -24,12 +25,13 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def handle_one(self):
-        if os.path.exists(trigger):
-            os.unlink(trigger)
-            print(f"pid {os.getpid()}: hanging", flush=True)
-            hung.set()
-            if stop_listening:
-                threading.Thread(target=server.shutdown).start()
+        with checking:  # one thread at a time: a request must not slip past a hang under way
+            if os.path.exists(trigger):
+                os.unlink(trigger)
+                print(f"pid {os.getpid()}: hanging", flush=True)
+                hung.set()
+                if stop_listening:
+                    threading.Thread(target=server.shutdown).start()
         if hung.is_set() and not stop_listening:
             never.wait()
         length = int(self.headers.get("Content-Length") or 0)
