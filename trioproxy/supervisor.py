@@ -120,11 +120,12 @@ async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
 def ready_poll_interval(waited: float) -> float:
     """How long to wait before the next readiness check, after ``waited`` seconds.
 
-    5 ms for the first second (a fast server is noticed at once), then 0.5 % of the time
-    waited, up to READY_POLL_LONGEST: a slow start costs no more than ~200 checks a second
-    at first and 10 a second later.
+    5 ms for the first 5 s (jupyter-server-proxy's default ``timeout``: a server is noticed
+    within milliseconds of opening its port, whatever its start-up time), then 1 % of the
+    time waited beyond that, up to READY_POLL_LONGEST: a connection attempt costs tens of
+    microseconds, and a start that takes long is polled ten times a second.
     """
-    return min(READY_POLL_LONGEST, max(READY_POLL_FIRST, waited / 200))
+    return min(READY_POLL_LONGEST, max(READY_POLL_FIRST, (waited - 5) / 100))
 
 
 async def _answers(backend: Backend, path: str) -> bool:

@@ -164,6 +164,20 @@ def warm(target: Target, server: str = "bench", timeout: float = 30.0) -> None:
     raise RuntimeError(f"{target.name}: /{server}/ not answering: {last}")
 
 
+
+def unusable(started: dict[str, Any], errors: dict[str, str]) -> dict[str, str]:
+    """Warm the started proxies up; those that fail leave ``started``. Why each target is out."""
+    out = dict(errors)
+    for name, target in list(started.items()):
+        if name in PROXIES:
+            try:
+                warm(target)
+            except Exception as exc:
+                out[name] = failure(exc)
+                del started[name]
+    return out
+
+
 def per_target(names: list[str]) -> dict[str, list[Any]]:
     return {name: [] for name in names}
 
@@ -589,17 +603,9 @@ def small_requests(ctx: Context) -> None:
     figures = {(n, c, k): [] for n in names for c in plan.small_concurrency for k in ("rps", "p50_ms", "p99_ms")}
     fails = {(n, c): [] for n in names for c in plan.small_concurrency}
     with running(ctx, names) as (started, errors):
-        for name, message in errors.items():
+        for name, why in unusable(started, errors).items():
             for c in plan.small_concurrency:
-                fails[name, c].append(message)
-        for name, target in list(started.items()):
-            if name in PROXIES:
-                try:
-                    warm(target)
-                except Exception as exc:
-                    for c in plan.small_concurrency:
-                        fails[name, c].append(failure(exc))
-                    del started[name]
+                fails[name, c].append(why)
         for c in plan.small_concurrency:
             for target in started.values():
                 if plan.small_warmup <= 0:
@@ -753,17 +759,9 @@ def large_transfers(ctx: Context) -> None:
     names = ctx.want(DIRECT, *PROXIES)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {(n, d): [] for n in names for d in ("down", "up")}
     with running(ctx, names) as (started, errors):
-        for name, message in errors.items():
+        for name, why in unusable(started, errors).items():
             for d in ("down", "up"):
-                results[name, d].append({"error": message})
-        for name, target in list(started.items()):
-            if name in PROXIES:
-                try:
-                    warm(target)
-                except Exception as exc:
-                    for d in ("down", "up"):
-                        results[name, d].append({"error": failure(exc)})
-                    del started[name]
+                results[name, d].append({"error": why})
         pattern_crc32(plan.download_size)
         pattern_crc32(plan.upload_size)
         for direction, size, fn in (("down", plan.download_size, download), ("up", plan.upload_size, upload)):
@@ -855,17 +853,9 @@ def websocket(ctx: Context) -> None:
     figures = {(n, m, k): [] for n in names for m in modes for k in ("rate", "p50_ms", "p99_ms")}
     fails = {(n, m): [] for n in names for m in modes}
     with running(ctx, names) as (started, errors):
-        for name, message in errors.items():
+        for name, why in unusable(started, errors).items():
             for m in modes:
-                fails[name, m].append(message)
-        for name, target in list(started.items()):
-            if name in PROXIES:
-                try:
-                    warm(target)
-                except Exception as exc:
-                    for m in modes:
-                        fails[name, m].append(failure(exc))
-                    del started[name]
+                fails[name, m].append(why)
         for mode in modes:
             for _ in range(plan.ws_reps):
                 for name, target in started.items():
@@ -938,17 +928,9 @@ def websocket_large(ctx: Context) -> None:
     fails = {(n, m): [] for n in names for m in modes}
     negotiated: dict[str, set[str]] = {}
     with running(ctx, names) as (started, errors):
-        for name, error in errors.items():
+        for name, why in unusable(started, errors).items():
             for m in modes:
-                fails[name, m].append(error)
-        for name, target in list(started.items()):
-            if name in PROXIES:
-                try:
-                    warm(target)
-                except Exception as exc:
-                    for m in modes:
-                        fails[name, m].append(failure(exc))
-                    del started[name]
+                fails[name, m].append(why)
         for mode in modes:
             for _ in range(plan.ws_large_reps):
                 for name, target in started.items():
@@ -1013,17 +995,9 @@ def server_sent_events(ctx: Context) -> None:
     median = {(n, v): [] for n in names for v, _, _ in variants}
     fails = {(n, v): [] for n in names for v, _, _ in variants}
     with running(ctx, names) as (started, errors):
-        for name, message in errors.items():
+        for name, why in unusable(started, errors).items():
             for v, _, _ in variants:
-                fails[name, v].append(message)
-        for name, target in list(started.items()):
-            if name in PROXIES:
-                try:
-                    warm(target)
-                except Exception as exc:
-                    for v, _, _ in variants:
-                        fails[name, v].append(failure(exc))
-                    del started[name]
+                fails[name, v].append(why)
         for v, accept, _ in variants:
             for _ in range(plan.sse_reps):
                 for name, target in started.items():

@@ -46,7 +46,8 @@ FIRST_READ = 65536
 LARGEST_READ = 1 << 20
 # Most responses are complete this soon; only a slower one gets a task watching the client.
 QUICK_ANSWER = 0.05
-# Body held back with the head while waiting for the rest within QUICK_ANSWER.
+# The largest body of known length whose head is held back until it is all there (within
+# QUICK_ANSWER).
 PREFETCH = 256 * 1024
 # How often that task looks at the client's socket.
 CLIENT_POLL = 0.2
@@ -303,9 +304,12 @@ async def _respond_watching(exchange: _Exchange) -> None:
     reader = exchange.reader
     with trio.move_on_after(QUICK_ANSWER):
         await exchange.read_head()
-        # The head is held back while the rest comes quickly: a backend that dies now has
-        # sent nothing the client saw, so the request may still go to its replacement.
-        while not reader.complete and (exchange.target.rewrites or reader.buffered < PREFETCH):
+        # The head of a small response of known length is held back while its body comes
+        # quickly: a backend that dies now has sent nothing the client saw, so the request
+        # may still go to its replacement. (A stream, such as server-sent events, goes on at
+        # once: its first event must not wait.)
+        held = exchange.target.rewrites or (reader.length is not None and reader.length <= PREFETCH)
+        while not reader.complete and held:
             if not await exchange.read_more(FIRST_READ):
                 raise exchange.broke_off("the backend broke off mid-response")
     if reader.complete:

@@ -59,6 +59,7 @@ class ResponseReader:
         "complete",
         "_body",
         "buffered",
+        "length",
         "_delimited",
         "_interim",
         "_extra",
@@ -80,6 +81,7 @@ class ResponseReader:
         self.complete = False
         self._body: list[bytes] = []
         self.buffered = 0  # bytes of body parsed and not yet taken
+        self.length: int | None = None  # the Content-Length, if the response has one
         self._delimited = False  # length or chunks mark the end (not the connection closing)
         self._interim = False
         self._keep_alive = False
@@ -118,8 +120,11 @@ class ResponseReader:
         self.headers_done = True
         # (A response with both Transfer-Encoding and Content-Length never gets here: llhttp
         # refuses it, as RFC 9112 §6.3 allows, so the relay answers 502.)
-        for name, _ in self.headers:
-            if name == b"content-length" or name == b"transfer-encoding":
+        for name, value in self.headers:
+            if name == b"content-length":
+                self._delimited = True
+                self.length = int(value)  # llhttp checked it
+            elif name == b"transfer-encoding":
                 self._delimited = True
         if self._head_request or status in (204, 304):
             self._delimited = True
