@@ -194,8 +194,16 @@ class _Exchange:
             return False
         return True
 
-    async def read_head(self) -> None:
-        """Read up to the end of the response head; BackendError if it breaks or is late."""
+    async def read_head(self, bounded: bool = True) -> None:
+        """Read up to the end of the response head; BackendError if it breaks or is late.
+
+        ``bounded=False`` leaves the response_timeout to a caller whose own deadline is sooner.
+        """
+        if not bounded:
+            while not self.reader.headers_done:
+                if not await self.read_more(FIRST_READ):
+                    raise self.broke_off("the backend broke off before responding")
+            return
         with trio.CancelScope(deadline=self.head_deadline) as scope:
             self.head_scope = scope
             while not self.reader.headers_done:
@@ -302,8 +310,9 @@ async def _respond_watching(exchange: _Exchange) -> None:
     only started for a response not complete within QUICK_ANSWER.
     """
     reader = exchange.reader
-    with trio.move_on_after(QUICK_ANSWER):
-        await exchange.read_head()
+    quick = trio.current_time() + QUICK_ANSWER
+    with trio.move_on_at(quick):
+        await exchange.read_head(bounded=exchange.head_deadline < quick)
         # The head of a small response of known length is held back while its body comes
         # quickly: a backend that dies now has sent nothing the client saw, so the request
         # may still go to its replacement. (A stream, such as server-sent events, goes on at
