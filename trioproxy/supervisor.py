@@ -106,15 +106,18 @@ async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
     """
     began = trio.current_time()
     while True:
-        try:
-            stream = await connect(backend)
-        except OSError:
-            pass
-        else:
-            await stream.aclose()
-            if check_path is None or await _answers(backend, check_path):
-                return
+        if await _accepts(backend) and (check_path is None or await _answers(backend, check_path)):
+            return
         await trio.sleep(ready_poll_interval(trio.current_time() - began))
+
+
+async def _accepts(backend: Backend) -> bool:
+    try:
+        stream = await connect(backend)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 def ready_poll_interval(waited: float) -> float:

@@ -19,6 +19,7 @@ copies. Both are used by :mod:`trioproxy.fastpath`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -312,11 +313,9 @@ class Tunnel:
         way.ended = True
         if not clean and way.cursor.at_boundary and not way.closed:
             # The source went without a close frame: tell the sink's end as a WebSocket would.
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await way.sink.send_all(close_frame(*way.gone, masked=way.masked))
                 way.closed = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
         self._finish(way, other, abnormal=not clean)
 
     async def _copy(self, way: _Direction, other: _Direction, data: bytes) -> bool:
@@ -355,11 +354,9 @@ class Tunnel:
 
     async def _drain(self, source: Stream) -> None:
         """After our own close: read (and drop) until the other end closes too."""
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while await source.receive_some(READ_SIZE):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+                continue
 
     def _too_big(self, way: _Direction, other: _Direction) -> None:
         limit = f"message over {self.max_message_size} bytes"
