@@ -193,6 +193,16 @@ def proxy_processes() -> Iterator[list[ProxyProcess]]:
         proxy.kill()
 
 
+def panel_server(directory: Path, app: str) -> dict[str, dict[str, Any]]:
+    """A Panel (Bokeh) server named ``panel`` serving ``app`` from ``directory``, as a config."""
+    (directory / "app.py").write_text(app)
+    command = [
+        PY, "-m", "panel", "serve", str(directory / "app.py"),
+        "--port", "{port}", "--allow-websocket-origin=*", "--prefix", "{base_url}panel",
+    ]  # fmt: skip
+    return {"panel": {"command": command, "absolute_url": True, "timeout": 25, "cwd": str(directory)}}
+
+
 async def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> None:
     with trio.fail_after(timeout):
         while not predicate():

@@ -22,6 +22,7 @@ from trioproxy.backend import ClientOptions
 
 from .conftest import PY, TOKEN, Proxy, ProxyProcess, echo_command, launch_trioproxy, start_proxy
 from .recording_backend import RecordingBackend
+from .test_websocket import read_request_head
 
 AUTH = f"Authorization: token {TOKEN}\r\n".encode()
 SMUGGLED = b"GET /logged/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -163,12 +164,8 @@ async def canned_backend(nursery: trio.Nursery, response: bytes) -> int:
     """A backend that answers every request with ``response`` and closes."""
 
     async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            part = await stream.receive_some(65536)
-            if not part:
-                return
-            data += part
+        if b"\r\n\r\n" not in await read_request_head(stream):
+            return
         await stream.send_all(response)
         await stream.aclose()
 

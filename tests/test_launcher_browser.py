@@ -19,7 +19,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from trioproxy.supervisor import State
 
-from .conftest import PY, TOKEN, echo_command, start_proxy
+from .conftest import PY, TOKEN, echo_command, panel_server, start_proxy
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -192,13 +192,7 @@ async def test_chromium_drives_a_panel_app_through_the_websocket_fast_path(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     expect.set_options(timeout=30_000)
-    (tmp_path / "app.py").write_text(PANEL_APP)
-    command = [
-        PY, "-m", "panel", "serve", str(tmp_path / "app.py"),
-        "--port", "{port}", "--allow-websocket-origin=*", "--prefix", "{base_url}panel",
-    ]  # fmt: skip
-    servers = {"panel": {"command": command, "absolute_url": True, "timeout": 25, "cwd": str(tmp_path)}}
-    proxy = await start_proxy(nursery, servers)
+    proxy = await start_proxy(nursery, panel_server(tmp_path, PANEL_APP))
     with trio.fail_after(90):
         await trio.to_thread.run_sync(drive_panel, f"{proxy.url}panel/app?token={TOKEN}")
     metrics = proxy.app.extensions["trioproxy"].metrics

@@ -35,7 +35,7 @@ from trioproxy.relay.websocket import (
     relay_websocket,
 )
 
-from .conftest import BACKENDS, PY, TOKEN, free_port, start_proxy, wait_for
+from .conftest import BACKENDS, PY, TOKEN, free_port, panel_server, start_proxy, wait_for
 
 AUTH = [(b"authorization", f"token {TOKEN}".encode())]
 MB = 1024 * 1024
@@ -837,13 +837,7 @@ async def bokeh_message(ws: trio_websocket.WebSocketConnection) -> tuple[dict[st
 
 @pytest.mark.e2e
 async def test_panel_document_loads_through_the_proxy(nursery: trio.Nursery, tmp_path: Any) -> None:
-    (tmp_path / "app.py").write_text(PANEL_APP)
-    command = [
-        PY, "-m", "panel", "serve", str(tmp_path / "app.py"),
-        "--port", "{port}", "--allow-websocket-origin=*", "--prefix", "{base_url}panel",
-    ]  # fmt: skip
-    servers = {"panel": {"command": command, "absolute_url": True, "timeout": 25, "cwd": str(tmp_path)}}
-    proxy = await start_proxy(nursery, servers)
+    proxy = await start_proxy(nursery, panel_server(tmp_path, PANEL_APP))
     with trio.fail_after(28):
         async with proxy.client() as client:
             page = await client.get("panel/app")
