@@ -654,9 +654,10 @@ async def test_backend_message_over_the_limit_is_a_1009(nursery: trio.Nursery) -
     assert backend.closes[0].startswith("closed /big 1009 ")
 
 
-async def test_traffic_counts_as_activity(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("pump", [True, False], ids=["pump-thread", "event-loop"])
+async def test_traffic_counts_as_activity(nursery: trio.Nursery, pump: bool) -> None:
     config = {"command": ws_echo_command("{port}"), "timeout": 20, "update_last_activity": True}
-    proxy = await start_proxy(nursery, {"ws": config})
+    proxy = await start_proxy(nursery, {"ws": config}, websocket_pump=pump)
     supervisor = proxy.supervisors["ws"]
     with trio.fail_after(20):
         async with open_ws(proxy.url, "ws/echo") as ws:
@@ -665,7 +666,12 @@ async def test_traffic_counts_as_activity(nursery: trio.Nursery) -> None:
                 await trio.sleep(0.05)
                 await ws.send_message(message)
                 await ws.get_message()
-                assert supervisor.last_activity > before
+                # The pump's thread reports what it moved once a second.
+                await wait_for(lambda: supervisor.last_activity > before, timeout=3)  # noqa: B023
+            await trio.sleep(1.5)  # past the last report
+            quiet = supervisor.last_activity
+            await trio.sleep(1.5)
+            assert supervisor.last_activity == quiet  # an open, silent WebSocket is not activity
 
 
 async def test_a_failing_relay_closes_the_client_with_1011(nursery: trio.Nursery) -> None:

@@ -42,6 +42,12 @@ from .test_websocket import (
 )
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+@pytest.fixture(params=[True, False], ids=["pump-thread", "event-loop"])
+def pump(request: pytest.FixtureRequest) -> bool:
+    """Tunnels copied on the pump's thread (the default), or on the event loop (as over TLS)."""
+    return bool(request.param)
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 
 
@@ -139,9 +145,9 @@ def proxy_port(url: str) -> int:
 
 
 @pytest.mark.parametrize("deflate", [True, False], ids=["backend-deflates", "backend-does-not"])
-async def test_extensions_are_the_backends_answer_on_the_wire(nursery: trio.Nursery, deflate: bool) -> None:
+async def test_extensions_are_the_backends_answer_on_the_wire(nursery: trio.Nursery, pump: bool, deflate: bool) -> None:
     backend = await start_wire_backend(nursery, deflate=deflate)
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     auth = f"Authorization: token {TOKEN}"
     with trio.fail_after(10):
         direct, direct_head, _ = await raw_handshake(backend.port, "x", f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}")
@@ -159,9 +165,9 @@ async def test_extensions_are_the_backends_answer_on_the_wire(nursery: trio.Nurs
     assert request.extensions == [DEFLATE_OFFER]
 
 
-async def test_compressed_frames_pass_unchanged(nursery: trio.Nursery) -> None:
+async def test_compressed_frames_pass_unchanged(nursery: trio.Nursery, pump: bool) -> None:
     backend = await start_wire_backend(nursery, deflate=True)
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     port = proxy_port(proxy.url)
     client = WSConnection(ConnectionType.CLIENT)
     message = "all work and no play " * 5000  # compresses well
@@ -201,9 +207,9 @@ async def test_compressed_frames_pass_unchanged(nursery: trio.Nursery) -> None:
     assert received.data == message
 
 
-async def test_pings_and_pongs_reach_the_other_end(nursery: trio.Nursery) -> None:
+async def test_pings_and_pongs_reach_the_other_end(nursery: trio.Nursery, pump: bool) -> None:
     backend = await start_wire_backend(nursery, deflate=False, ping_on_open=b"backend-ping")
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     with trio.fail_after(10):
         async with open_ws(proxy.url, f"proxy/{backend.port}/p") as ws:
             await ws.ping(b"client-ping")  # returns when the backend's pong comes back
@@ -213,9 +219,9 @@ async def test_pings_and_pongs_reach_the_other_end(nursery: trio.Nursery) -> Non
 
 
 @pytest.mark.parametrize("who", ["client", "backend"])
-async def test_close_codes_and_reasons_pass_both_ways(nursery: trio.Nursery, who: str) -> None:
+async def test_close_codes_and_reasons_pass_both_ways(nursery: trio.Nursery, pump: bool, who: str) -> None:
     backend = await start_echo_backend(nursery)
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     path = f"proxy/{backend.port}/" + ("echo" if who == "client" else "close?code=4123")
     with trio.fail_after(10):
         async with open_ws(proxy.url, path) as ws:
@@ -271,9 +277,9 @@ async def test_an_upgrade_to_a_server_backing_off_says_when_to_retry(nursery: tr
     assert header(head, b"retry-after") == b"2"
 
 
-async def test_a_client_that_vanishes_mid_message_ends_the_backend_connection(nursery: trio.Nursery) -> None:
+async def test_a_client_that_vanishes_mid_message_ends_the_backend_connection(nursery: trio.Nursery, pump: bool) -> None:
     backend = await start_wire_backend(nursery, deflate=False)
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     await trio.sleep(0.05)
     baseline = running_tasks()
     with trio.fail_after(10):
@@ -295,7 +301,7 @@ async def test_a_client_that_vanishes_mid_message_ends_the_backend_connection(nu
     assert not any(isinstance(e, CloseConnection) for e in backend.events)
 
 
-async def test_a_backend_that_dies_mid_message_ends_the_client_connection(nursery: trio.Nursery) -> None:
+async def test_a_backend_that_dies_mid_message_ends_the_client_connection(nursery: trio.Nursery, pump: bool) -> None:
     async def dies_mid_message(stream: trio.SocketStream, server: RawServer) -> None:
         head = await read_request_head(stream)
         key = header(head.partition(b"\r\n\r\n")[0], b"sec-websocket-key") or b""
@@ -308,7 +314,7 @@ async def test_a_backend_that_dies_mid_message_ends_the_client_connection(nurser
         await trio.sleep(0.1)  # then the connection just ends
 
     server = await start_raw_server(nursery, dies_mid_message)
-    proxy = await start_proxy(nursery)
+    proxy = await start_proxy(nursery, websocket_pump=pump)
     with trio.fail_after(10):
         stream, head, rest = await raw_handshake(
             proxy_port(proxy.url), f"proxy/{server.port}/d", f"Authorization: token {TOKEN}"
@@ -392,8 +398,13 @@ async def test_an_upgrade_after_a_request_takes_the_asgi_path(nursery: trio.Nurs
 # -- graceful shutdown -------------------------------------------------------------------------
 
 
-async def test_shutdown_closes_tunnels_with_1001_at_both_ends(nursery: trio.Nursery) -> None:
+async def test_shutdown_closes_tunnels_with_1001_at_both_ends(nursery: trio.Nursery, pump: bool) -> None:
+    from trioproxy.relay.pump import TunnelPump
     from trioproxy.relay.tunnel import Tunnel
+
+    pump_thread = TunnelPump() if pump else None
+    if pump_thread is not None:
+        await nursery.start(pump_thread.run)
 
     backend = await start_echo_backend(nursery)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -407,7 +418,7 @@ async def test_shutdown_closes_tunnels_with_1001_at_both_ends(nursery: trio.Nurs
             await to_backend.send_all(head)
             answer = await read_request_head(to_backend)
             await client.send_all(answer)
-            tunnel = Tunnel(client, to_backend, max_message_size=1 << 20, close_timeout=2)
+            tunnel = Tunnel(client, to_backend, max_message_size=1 << 20, close_timeout=2, pump=pump_thread)
             tunnels.append(tunnel)
             await tunnel.run()
 
@@ -416,6 +427,8 @@ async def test_shutdown_closes_tunnels_with_1001_at_both_ends(nursery: trio.Nurs
         async with open_ws(f"http://127.0.0.1:{port}/", "echo", headers=[]) as ws:
             await ws.send_message("before")
             assert await ws.get_message() == "before"
+            if pump_thread is not None:
+                assert pump_thread.carried == 1  # the shutdown takes it back from the thread
             tunnels[0].shut_down()
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await ws.get_message()

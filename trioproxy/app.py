@@ -28,6 +28,7 @@ from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_
 from .relay.framing import FramingError, declared_length
 from .relay.headers import Headers
 from .relay.http import RelayTarget, relay_http
+from .relay.pump import TunnelPump
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
 from .relay.upstream import DEFAULT_FORWARDED_ALLOW, Upstream, upstream_request
 from .routing import Route, resolve
@@ -58,6 +59,8 @@ class Settings:
     max_body_size: int | None = None  # bytes of a relayed request body; None: no limit
     body_timeout: float = 60.0  # longest wait for the next piece of a request body
     max_header_count: int = 500
+    # Copy tunnelled WebSockets' bytes on the pump's thread (trioproxy.relay.pump), not the loop.
+    websocket_pump: bool = True
     # Client addresses whose X-Forwarded-* headers are believed (addresses, networks, "*").
     forwarded_allow_ips: tuple[str, ...] = DEFAULT_FORWARDED_ALLOW
     proxy_client_options: ClientOptions = field(default_factory=ClientOptions)  # proxy/<port> targets
@@ -77,6 +80,9 @@ class Dispatcher:
         # Long-running tasks (e.g. activity reporting) started beside the server: each is
         # an async callable taking task_status, run by trioproxy.server.run_app.
         self.services: list[Callable[..., Any]] = [self.proxy_targets.run]
+        self.tunnel_pump = TunnelPump() if settings.websocket_pump else None
+        if self.tunnel_pump is not None:
+            self.services.append(self.tunnel_pump.run)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]

@@ -108,6 +108,11 @@ class TrioProxy(Application):
     websocket_max_message_size = Int(
         16 * 1024 * 1024, help="Largest WebSocket message relayed (bytes); larger ones close with 1009."
     ).tag(config=True)
+    websocket_pump = Bool(
+        True,
+        help="Copy WebSockets' bytes on one thread of trioproxy's own (about 1.6x the round trips of the "
+        "event loop at small messages); False: on the event loop.",
+    ).tag(config=True)
     max_body_size = Int(
         None, allow_none=True, help="Largest request body relayed (bytes); larger ones get 413. Default: no limit."
     ).tag(config=True)
@@ -419,6 +424,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         root_server=root_server,
         strip_token_query=app.strip_token_query,
         websocket_max_message_size=app.websocket_max_message_size,
+        websocket_pump=app.websocket_pump,
         allow_origin=app.allow_origin,
         allow_origin_pat=app.allow_origin_pat,
         max_body_size=app.max_body_size,

@@ -165,6 +165,7 @@ class WebSocketFastPath:
             max_message_size=dispatcher.settings.websocket_max_message_size,
             on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
             close_timeout=self.close_timeout,
+            pump=dispatcher.tunnel_pump,
         )
         dispatcher.metrics.websocket_tunnelled(label)
         self.tunnels.add(tunnel)

@@ -23,11 +23,15 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h11
 import trio
 
 from .headers import Headers, canonical_name
+
+if TYPE_CHECKING:
+    from .pump import TunnelPump
 
 # Large reads: a 1 MiB message crosses in a few reads, and one read costs the same whatever
 # its size (measured in benchmarks/README.md).
@@ -240,6 +244,7 @@ class _Direction:
         self.cursor = FrameCursor(limit)
         self.gone = gone  # the close to send the sink when the source ends without one
         self.stop_with: tuple[int, str] | None = None  # a close of our own to send at a boundary
+        self.unsent: bytes | memoryview = b""  # passed by the cursor, not yet taken by the sink
         self.closed = False  # a close frame went to the sink (passed on, or ours)
         self.ended = False
         self.receiving: trio.CancelScope | None = None
@@ -266,7 +271,9 @@ class Tunnel:
         max_message_size: int,
         on_activity: Callable[[], None] | None = None,
         close_timeout: float = 5.0,
+        pump: TunnelPump | None = None,
     ) -> None:
+        """``pump``: copy on its thread while nothing but copying happens (plain sockets only)."""
         self.client_to_backend = _Direction(
             client, backend, True, max_message_size, (GOING_AWAY, "")
         )
@@ -276,16 +283,50 @@ class Tunnel:
         self.max_message_size = max_message_size
         self.on_activity = on_activity
         self.close_timeout = close_timeout
+        self.pump = pump
+        self.moved = False  # bytes went by while the pump carried the tunnel
+        self.broken = False  # the pump failed while carrying it: it can only end
+        self._carried = False
         self._scope: trio.CancelScope | None = None
         self._shutdown_pending: tuple[int, str] | None = None
 
     async def run(self, to_backend: bytes = b"", to_client: bytes = b"") -> None:
+        up, down = self.client_to_backend, self.backend_to_client
+        up.unsent = up.cursor.advance(to_backend)
+        down.unsent = down.cursor.advance(to_client)
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             if self._shutdown_pending is not None:
                 self.shut_down(*self._shutdown_pending)
-            nursery.start_soon(self._pump, self.client_to_backend, self.backend_to_client, to_backend)
-            nursery.start_soon(self._pump, self.backend_to_client, self.client_to_backend, to_client)
+            if self._pumpable():
+                assert self.pump is not None
+                self._carried = True
+                try:
+                    await self.pump.carry(self)
+                finally:
+                    self._carried = False
+                    self.report_activity()
+                if self.broken:
+                    return  # the caller closes both connections
+            nursery.start_soon(self._pump, up, down)
+            nursery.start_soon(self._pump, down, up)
+
+    def _pumpable(self) -> bool:
+        up, down = self.client_to_backend, self.backend_to_client
+        return (
+            self.pump is not None
+            and isinstance(up.source, trio.SocketStream)
+            and isinstance(down.source, trio.SocketStream)
+            and up.stop_with is None
+            and not (up.cursor.too_big or down.cursor.too_big)
+        )
+
+    def report_activity(self) -> None:
+        """Count bytes the pump moved since the last report as activity."""
+        if self.moved:
+            self.moved = False
+            if self.on_activity is not None:
+                self.on_activity()
 
     def shut_down(self, code: int = GOING_AWAY, reason: str = "the proxy is shutting down") -> None:
         """Close both ends with ``code`` (each at its next frame boundary), then end."""
@@ -294,6 +335,9 @@ class Tunnel:
             return
         self.client_to_backend.request_close(code, reason)
         self.backend_to_client.request_close(code, reason)
+        if self._carried:
+            assert self.pump is not None
+            self.pump.release(self)
         self._hurry()
 
     def _hurry(self) -> None:
@@ -301,10 +345,10 @@ class Tunnel:
         assert self._scope is not None
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self.close_timeout)
 
-    async def _pump(self, way: _Direction, other: _Direction, data: bytes) -> None:
+    async def _pump(self, way: _Direction, other: _Direction) -> None:
         clean = True
         try:
-            clean = await self._copy(way, other, data)
+            clean = await self._copy(way, other)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             clean = False  # the sink's side is gone; the other pump learns it from its source
             way.ended = True
@@ -318,21 +362,18 @@ class Tunnel:
                 way.closed = True
         self._finish(way, other, abnormal=not clean)
 
-    async def _copy(self, way: _Direction, other: _Direction, data: bytes) -> bool:
+    async def _copy(self, way: _Direction, other: _Direction) -> bool:
         """Pass frames on until the source ends; whether it ended cleanly (after a close)."""
         cursor = way.cursor
         on_activity = self.on_activity
         while True:
-            if data:
-                out = cursor.advance(data, way.stop_with is not None)
-                if out:
-                    await way.sink.send_all(out)
-                if cursor.close_passed:
-                    way.closed = True
-                if cursor.too_big and way.stop_with is None:
-                    self._too_big(way, other)
-                if on_activity is not None:
-                    on_activity()
+            if way.unsent:
+                await way.sink.send_all(way.unsent)
+                way.unsent = b""
+            if cursor.close_passed:
+                way.closed = True
+            if cursor.too_big and way.stop_with is None:
+                self._too_big(way, other)
             if way.stop_with is not None and cursor.at_boundary and not way.closed:
                 await way.sink.send_all(close_frame(*way.stop_with, masked=way.masked))
                 way.closed = True
@@ -346,11 +387,13 @@ class Tunnel:
                     return False
             way.receiving = None
             if received is None:  # cancelled to stop at this boundary
-                data = b""
                 continue
             if not received:
                 return way.closed
             data = bytes(received) if isinstance(received, bytearray) else received
+            way.unsent = cursor.advance(data, way.stop_with is not None)
+            if on_activity is not None:
+                on_activity()
 
     async def _drain(self, source: Stream) -> None:
         """After our own close: read (and drop) until the other end closes too."""

@@ -1,0 +1,288 @@
+"""The tunnel pump (trioproxy.relay.pump): WebSocket tunnels copied on a thread of its own.
+
+Through a real trioproxy where a client and a backend are involved, with raw sockets where the
+bytes on the wire matter; the other fast-path tests (tests/test_websocket_fastpath.py) run once
+with the pump and once without.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import resource
+import sys
+import threading
+
+import pytest
+import trio
+
+from trioproxy.relay.pump import READ_SIZE, THREAD_NAME, TunnelPump
+from trioproxy.relay.tunnel import FrameCursor, Tunnel
+
+from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
+from .test_websocket import (
+    RawServer,
+    open_ws,
+    read_request_head,
+    start_echo_backend,
+    start_raw_server,
+)
+from .test_websocket_fastpath import header, proxy_port, raw_handshake
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the pump waits with epoll (Linux)")
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MIB = 1024 * 1024
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """A client's binary frame (masked; the key is fixed, the payload passes as it is)."""
+    return bytes([0x82, 0x80 | 127]) + len(payload).to_bytes(8, "big") + b"\x01\x02\x03\x04" + payload
+
+
+def switching_protocols(request_head: bytes) -> bytes:
+    key = header(request_head.partition(b"\r\n\r\n")[0], b"sec-websocket-key") or b""
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+def pump_of(proxy: object) -> TunnelPump:
+    pump = proxy.app.extensions["trioproxy"].tunnel_pump  # type: ignore[attr-defined]
+    assert pump is not None
+    return pump
+
+
+def pump_loops_running() -> int:
+    """Threads whose stack is inside the pump's loop now."""
+    return sum(
+        1
+        for frame in sys._current_frames().values()
+        if any(f.f_code.co_name == "_loop" and f.f_code.co_filename.endswith("pump.py") for f in _stack(frame))
+    )
+
+
+def _stack(frame):  # type: ignore[no-untyped-def]
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+async def test_a_tunnel_is_carried_by_the_thread_while_open(nursery: trio.Nursery) -> None:
+    backend = await start_echo_backend(nursery)
+    proxy = await start_proxy(nursery)
+    pump = pump_of(proxy)
+    assert pump.running
+    with trio.fail_after(10):
+        await wait_for(lambda: pump_loops_running() == 1)  # the thread gets going soon after
+        async with open_ws(proxy.url, f"proxy/{backend.port}/echo") as ws:
+            for n in range(50):
+                await ws.send_message(f"message {n}")
+                assert await ws.get_message() == f"message {n}"
+            assert pump.carried == 1
+        await wait_for(lambda: pump.carried == 0)
+        await wait_for(lambda: backend.closes)
+    assert backend.closes == ["closed /echo 1000 None"]
+
+
+async def test_a_stalled_backend_holds_the_client_back_without_memory_or_cpu(nursery: trio.Nursery) -> None:
+    """32 MiB towards a backend that does not read for a while: the pump holds at most one
+    read, does not spin while it waits, and every byte arrives in order once it reads."""
+    reading = trio.Event()
+    received = hashlib.sha256()
+    counted: list[int] = [0]
+
+    async def slow_reader(stream: trio.SocketStream, server: RawServer) -> None:
+        head = await read_request_head(stream)
+        await stream.send_all(switching_protocols(head))
+        await reading.wait()
+        while data := await stream.receive_some(MIB):
+            received.update(data)
+            counted[0] += len(data)
+
+    server = await start_raw_server(nursery, slow_reader)
+    proxy = await start_proxy(nursery)
+    pump = pump_of(proxy)
+    frames = b"".join(binary_frame(os.urandom(MIB)) for _ in range(32))
+    with trio.fail_after(30):
+        stream, head, _ = await raw_handshake(
+            proxy_port(proxy.url), f"proxy/{server.port}/slow", f"Authorization: token {TOKEN}"
+        )
+        assert head.startswith(b"HTTP/1.1 101")
+        rss_before = _rss()
+        async with trio.open_nursery() as sending:
+            sending.start_soon(stream.send_all, frames)
+            await trio.sleep(0.5)  # buffers fill up
+            (tunnel,) = pump._carried
+            cpu_before = _cpu_seconds()
+            await trio.sleep(1.0)
+            stalled_cpu = _cpu_seconds() - cpu_before
+            held = len(tunnel.client_to_backend.unsent)
+            grown = _rss() - rss_before
+            reading.set()
+        await wait_for(lambda: counted[0] == len(frames), timeout=20)
+        await stream.aclose()
+    assert held <= READ_SIZE
+    assert grown < 16 * MIB, f"memory grew by {grown / MIB:.1f} MiB while 32 MiB waited"
+    assert stalled_cpu < 0.3, f"{stalled_cpu:.2f} s of CPU in one second of waiting"
+    assert received.digest() == hashlib.sha256(frames).digest()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def tunnel_pair(nursery: trio.Nursery, backend_port: int) -> tuple[trio.SocketStream, trio.SocketStream, trio.SocketStream]:
+    """(client's end, the proxy's client-side end, the proxy's backend-side end) after an
+    upgrade to the echo backend, as the fast path has them."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    accepted: list[trio.SocketStream] = []
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    accepted.append(await listeners[0].accept())
+    await listeners[0].aclose()
+    to_backend = await trio.open_tcp_stream("127.0.0.1", backend_port)
+    key = base64.b64encode(os.urandom(16))
+    await to_backend.send_all(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+    )
+    assert (await read_request_head(to_backend)).startswith(b"HTTP/1.1 101")
+    return client, accepted[0], to_backend
+
+
+def text_frame(text: str) -> bytes:
+    payload = text.encode()
+    masked = bytes(b ^ b"\x01\x02\x03\x04"[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + b"\x01\x02\x03\x04" + masked
+
+
+async def echo_round_trip(client: trio.SocketStream, text: str) -> bytes:
+    await client.send_all(text_frame(text))
+    answer = b""
+    while len(answer) < 2 + len(text):
+        answer += await client.receive_some(4096)
+    return answer
+
+
+async def test_a_cancelled_tunnel_is_handed_back_before_its_sockets_close(nursery: trio.Nursery) -> None:
+    backend = await start_echo_backend(nursery)
+    pump = TunnelPump()
+    await nursery.start(pump.run)
+    with trio.fail_after(10):
+        for _ in range(3):  # each time the pump carries a fresh tunnel, then lets it go
+            client, near, far = await tunnel_pair(nursery, backend.port)
+            async with client, near, far:
+                tunnel = Tunnel(near, far, max_message_size=MIB, pump=pump)
+                scope, ended = trio.CancelScope(), trio.Event()
+                nursery.start_soon(_run_within, tunnel, scope, ended)
+                await wait_for(lambda: pump.carried == 1)
+                assert await echo_round_trip(client, "hello") == b"\x81\x05hello"
+                scope.cancel()
+                await ended.wait()
+                assert pump.carried == 0  # back before the sockets close (next line)
+        assert pump.running and pump_loops_running() == 1
+
+
+async def _run_within(tunnel: Tunnel, scope: trio.CancelScope, ended: trio.Event) -> None:
+    with scope:
+        await tunnel.run()
+    ended.set()
+
+
+class _FailsOnce(FrameCursor):
+    __slots__ = ("failed",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.failed = False
+
+    def advance(self, data: bytes, stop: bool = False) -> bytes:
+        if not self.failed and threading.current_thread() is not threading.main_thread():
+            self.failed = True
+            raise RuntimeError("a fault on the pump's thread")
+        return super().advance(data, stop)
+
+
+async def test_an_unexpected_error_on_the_thread_ends_that_tunnel_only(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure of the thread's on one tunnel is logged and ends that tunnel's connections
+    (where its frames stand is unknown: no guessing); the pump goes on carrying the others."""
+    backend = await start_echo_backend(nursery)
+    pump = TunnelPump()
+    await nursery.start(pump.run)
+    with trio.fail_after(10):
+        client, near, far = await tunnel_pair(nursery, backend.port)
+        async with client:
+            tunnel = Tunnel(near, far, max_message_size=MIB, pump=pump)
+            tunnel.client_to_backend.cursor = _FailsOnce(MIB)
+
+            async def run_then_close() -> None:
+                async with near, far:  # as the fast path does after a tunnel's end
+                    await tunnel.run()
+
+            with caplog.at_level(logging.ERROR, logger="trioproxy.pump"):
+                nursery.start_soon(run_then_close)
+                await wait_for(lambda: pump.carried == 1)
+                await client.send_all(text_frame("fault"))
+                assert await client.receive_some(4096) == b""  # ended, not left hanging
+        assert tunnel.broken and pump.carried == 0
+        assert "ending a tunnel after an unexpected error" in caplog.text
+        await wait_for(lambda: backend.closes)  # the backend's connection ended too
+        client, near, far = await tunnel_pair(nursery, backend.port)
+        async with client, near, far:
+            nursery.start_soon(Tunnel(near, far, max_message_size=MIB, pump=pump).run)
+            await wait_for(lambda: pump.carried == 1)
+            assert await echo_round_trip(client, "carried") == b"\x81\x07carried"
+
+
+async def test_the_thread_ends_with_the_app_and_open_websockets_are_closed(nursery: trio.Nursery) -> None:
+    backend = await start_echo_backend(nursery)
+    proxy = await start_proxy(nursery)
+    pump = pump_of(proxy)
+    with trio.fail_after(10):
+        stream, head, _ = await raw_handshake(
+            proxy_port(proxy.url), f"proxy/{backend.port}/echo", f"Authorization: token {TOKEN}"
+        )
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_for(lambda: pump.carried == 1)
+        proxy.cancel_scope.cancel()
+        assert await stream.receive_some(65536) == b""  # the connection ends
+        await wait_for(lambda: not pump.running)
+        await wait_for(lambda: pump_loops_running() == 0)
+        await stream.aclose()
+
+
+def thread_names(pid: int) -> list[str]:
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+    return names
+
+
+@pytest.mark.parametrize("option, pumped", [([], True), (["--TrioProxy.websocket_pump=False"], False)])
+async def test_the_command_copies_on_its_pump_thread_unless_told_not_to(
+    nursery: trio.Nursery, proxy_processes: list[ProxyProcess], option: list[str], pumped: bool
+) -> None:
+    backend = await start_echo_backend(nursery)
+    proxy = launch_trioproxy(["--port", "0", "--token", TOKEN, *option])
+    proxy_processes.append(proxy)
+    with trio.fail_after(10):
+        async with open_ws(proxy.base, f"proxy/{backend.port}/echo") as ws:
+            await ws.send_message("through the command")
+            assert await ws.get_message() == "through the command"
+            assert (THREAD_NAME in thread_names(proxy.process.pid)) is pumped
