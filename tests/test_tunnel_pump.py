@@ -13,8 +13,11 @@ import hashlib
 import logging
 import os
 import resource
+import socket
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import trio
@@ -22,13 +25,14 @@ import trio
 from trioproxy.relay.pump import READ_SIZE, THREAD_NAME, TunnelPump
 from trioproxy.relay.tunnel import FrameCursor, Tunnel
 
-from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
+from .conftest import TOKEN, ProxyProcess, free_port, launch_trioproxy, start_proxy, wait_for
 from .test_websocket import (
     RawServer,
     open_ws,
     read_request_head,
     start_echo_backend,
     start_raw_server,
+    ws_echo_command,
 )
 from .test_websocket_fastpath import header, proxy_port, raw_handshake
 
@@ -286,3 +290,66 @@ async def test_the_command_copies_on_its_pump_thread_unless_told_not_to(
             await ws.send_message("through the command")
             assert await ws.get_message() == "through the command"
             assert (THREAD_NAME in thread_names(proxy.process.pid)) is pumped
+
+
+def _round_trips_while(go: threading.Event, port: int, path: str, counted: list[int]) -> None:
+    """A blocking client on its own thread: echo round trips from ``go`` for one second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET /{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+            f"Authorization: token {TOKEN}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        counted.append(0)  # ready
+        go.wait(10)
+        sock.settimeout(0.2)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            sock.sendall(text_frame("hello"))
+            try:
+                answer = b""
+                while len(answer) < 7:
+                    answer += sock.recv(4096)
+            except TimeoutError:
+                continue  # nothing moves: try again until the second is over
+            counted[0] += 1
+
+
+@pytest.mark.parametrize("pump", [True, False], ids=["pump-thread", "event-loop"])
+async def test_the_pump_keeps_websockets_moving_while_the_event_loop_is_busy(nursery: trio.Nursery, pump: bool) -> None:
+    """A CPU-bound moment on the event loop (a slow callable, a big JSON document) stops what
+    the loop relays; tunnels carried by the pump go on."""
+    port = free_port()
+    backend = subprocess.Popen(ws_echo_command(str(port)))
+    try:
+        await wait_for(lambda: _listening(port), timeout=10)
+        proxy = await start_proxy(nursery, websocket_pump=pump)
+        go, counted = threading.Event(), []
+        client = threading.Thread(
+            target=_round_trips_while, args=(go, proxy_port(proxy.url), f"proxy/{port}/echo", counted)
+        )
+        client.start()
+        await wait_for(lambda: counted == [0], timeout=10)
+        await trio.sleep(0.1)
+        go.set()
+        busy_until = time.monotonic() + 1.0
+        while time.monotonic() < busy_until:  # the event loop is busy: nothing else runs on it
+            continue
+        await trio.to_thread.run_sync(client.join)
+    finally:
+        backend.kill()
+        backend.wait()
+    if pump:
+        assert counted[0] >= 10, f"{counted[0]} round trips"
+    else:
+        assert counted[0] <= 1, f"{counted[0]} round trips"  # the one under way when it began
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False

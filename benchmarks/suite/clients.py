@@ -477,9 +477,11 @@ async def ws_load(
     connections: int,
     duration: float,
     size: int = 1024,
+    keep_times: bool = False,
 ) -> tuple[LoadResult, int]:
     """``connections`` WebSockets each doing echo round trips one at a time; returns the
-    result and how many connections opened."""
+    result and how many connections opened. ``keep_times``: each round trip's (start, end)
+    in ``records`` too."""
     result = LoadResult()
     opened = 0
     payload = os.urandom(size)
@@ -521,7 +523,10 @@ async def ws_load(
                 if (b0 & 0x0F) != 0x2 or data != payload:
                     result.errors["wrong echo"] = result.errors.get("wrong echo", 0) + 1
                     break
-                result.latencies.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                result.latencies.append(t1 - t0)
+                if keep_times:
+                    result.records.append((t0, t1, "ok"))
             writer.write(ws_frame(0x8, (1000).to_bytes(2, "big")))
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             key = _describe(exc)

@@ -71,6 +71,9 @@ class Plan:
     ws_large_size: int = 900_000  # bytes of JSON text per message, as a plot's data update
     ws_large_duration: float = 3.0
     ws_large_reps: int = 5
+    mixed_duration: float = 5.0  # small GETs and 100 WebSockets at once
+    mixed_concurrency: int = 32
+    mixed_reps: int = 3
     sse_events: int = 20
     sse_interval: float = 0.05
     sse_reps: int = 5
@@ -101,6 +104,8 @@ class Plan:
             ws_large_size=200_000,
             ws_large_duration=0.5,
             ws_large_reps=1,
+            mixed_duration=0.5,
+            mixed_reps=1,
             sse_events=5,
             sse_interval=0.03,
             sse_reps=1,
@@ -1031,6 +1036,82 @@ def server_sent_events(ctx: Context) -> None:
         ctx.rows.add(f"sse_{v}_incremental", "sse", f"SSE {label}: incremental", "", incremental, kind="verdict")
 
 
+# -- mixed load ----------------------------------------------------------------------------------
+
+
+def mixed_run(target: Target, plan: Plan, load: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Small GETs at ``plan.mixed_concurrency`` while ``plan.ws_connections`` WebSockets echo
+    1 KiB, both on one target at once; each figure counts only the time both loads ran."""
+    box: dict[str, Any] = {}
+
+    def websockets() -> None:
+        try:
+            box["ws"] = asyncio.run(
+                ws_load(
+                    target.port, target.path("/ws"), target.headers, plan.ws_connections,
+                    plan.mixed_duration + 2.0, plan.ws_size, keep_times=True,
+                )
+            )
+        except Exception as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=websockets, name="mixed-websockets")
+    thread.start()
+    time.sleep(0.5)  # the WebSockets' handshakes (their clock starts once all are open)
+    start = time.perf_counter()
+    try:
+        http = load(target, plan.mixed_concurrency, plan.mixed_duration)
+    finally:
+        end = time.perf_counter()
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    result, opened = box["ws"]
+    if opened < plan.ws_connections or result.errors:
+        raise RuntimeError(f"{opened}/{plan.ws_connections} WebSockets opened; errors: {_errors_text(result.errors)}")
+    if http["errors"] > 0.001 * http["requests"]:
+        raise RuntimeError(f"{http['errors']} of {http['requests']} requests failed")
+    during = sorted(t1 - t0 for t0, t1, _ in result.records if start <= t1 <= end)
+    return {
+        "rps": http["rps"],
+        "http_p50_ms": http["p50_ms"],
+        "ws_rate": len(during) / (end - start),
+        "ws_p50_ms": percentile(during, 50) * 1000 if during else float("nan"),
+    }
+
+
+def mixed_load(ctx: Context) -> None:
+    plan = ctx.plan
+    names = ctx.want(DIRECT, *PROXIES)
+    load = run_wrk if plan.loadgen == "wrk" else run_python_load
+    keys = ("rps", "http_p50_ms", "ws_rate", "ws_p50_ms")
+    figures: dict[tuple[str, str], list[float]] = {(n, k): [] for n in names for k in keys}
+    fails: dict[str, list[str]] = {n: [] for n in names}
+    with running(ctx, names) as (started, errors):
+        for name, why in unusable(started, errors).items():
+            fails[name].append(why)
+        for _ in range(plan.mixed_reps):
+            for name, target in started.items():
+                try:
+                    figure = mixed_run(target, plan, load)
+                except Exception as exc:
+                    fails[name].append(failure(exc))
+                    continue
+                for k in keys:
+                    figures[name, k].append(figure[k])
+    what = f"small GETs (c={plan.mixed_concurrency}) while {plan.ws_connections} WebSockets echo 1 KiB"
+    for key, label, unit, better in (
+        ("rps", "small GETs", "req/s", "higher"),
+        ("http_p50_ms", "small GET p50", "ms", "lower"),
+        ("ws_rate", "WebSocket round trips", "msg/s", "higher"),
+        ("ws_p50_ms", "WebSocket p50 round trip", "ms", "lower"),
+    ):
+        ctx.rows.add(
+            f"mixed_{key}", "mixed", f"mixed load, {what}: {label}", unit,
+            {n: summary(figures[n, key], fails[n]) for n in names}, better=better,
+        )
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "startup": startup,
     "cold-start": cold_start,
@@ -1041,4 +1122,5 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "websocket": websocket,
     "websocket-large": websocket_large,
     "sse": server_sent_events,
+    "mixed": mixed_load,
 }

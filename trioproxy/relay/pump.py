@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import errno
 import logging
 import math
 import os
@@ -40,6 +42,24 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel, _Direction
 
 log = logging.getLogger("trioproxy.pump")
+
+# The thread reads and writes with libc's read(2) and write(2) through ctypes.PyDLL, whose
+# calls keep the GIL, instead of os.read/os.write, which give it up around each call. A thread
+# that gives the GIL up while the event loop is busy waits up to the interpreter's switch
+# interval to get it back, at every call: with small GETs flooding the event loop, 100 echoing
+# WebSockets got ~2,300 round trips a second; keeping the GIL over these non-blocking calls,
+# ~18,000 (benchmarks/README.md, "The pump and the GIL"). Only the wait in epoll gives the GIL
+# up. The price is one more copy of what is read (~0.2 ms of CPU per MB).
+_libc = ctypes.PyDLL(None, use_errno=True)
+_libc_read = _libc["read"]
+_libc_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc_read.restype = ctypes.c_ssize_t
+_libc_write = _libc["write"]  # all of a bytes object
+_libc_write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+_libc_write.restype = ctypes.c_ssize_t
+_libc_write_at = _libc["write"]  # the rest of one, from an address
+_libc_write_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc_write_at.restype = ctypes.c_ssize_t
 
 READ_SIZE = 1024 * 1024  # measured: 1 MiB reads gave 633 MB/s on 0.9 MB messages, 256 KiB 497
 THREAD_NAME = "trioproxy-pump"  # as `top -H` and /proc/<pid>/task/*/comm show it
@@ -104,7 +124,8 @@ class TunnelPump:
         Cancelled, it asks for the tunnel back and waits for it (shielded: the thread answers
         within one turn of its loop) before letting the cancellation through.
         """
-        if not self._running:
+        ends = (tunnel.client_to_backend.source, tunnel.backend_to_client.source)
+        if not self._running or not all(_non_blocking(end) for end in ends):
             return False
         handed_back = trio.Event()
         self._carried[tunnel] = handed_back
@@ -147,7 +168,7 @@ class TunnelPump:
 class _Carried:
     """A tunnel as the thread holds it: each socket's file descriptor and what it waits for."""
 
-    __slots__ = ("tunnel", "handed_back", "directions", "interest", "reported_at")
+    __slots__ = ("tunnel", "handed_back", "directions", "interest", "reported_at", "written")
 
     def __init__(self, tunnel: Tunnel, handed_back: trio.Event) -> None:
         self.tunnel = tunnel
@@ -162,10 +183,16 @@ class _Carried:
             backend: (down, up, client),
         }
         self.interest = {client: 0, backend: 0}
+        self.written: dict[_Direction, int] = {up: 0, down: 0}  # of each direction's unsent bytes
 
 
 def _fileno(stream: Any) -> int:
     return int(stream.socket.fileno())
+
+
+def _non_blocking(stream: Any) -> bool:
+    # The thread's reads and writes keep the GIL: one that blocked would stop every thread.
+    return not os.get_blocking(_fileno(stream))
 
 
 class _PumpThread:
@@ -177,6 +204,7 @@ class _PumpThread:
         self.token = token
         self.ended = ended
         self.poller = select.epoll()
+        self.buffer = ctypes.create_string_buffer(READ_SIZE)
         self.by_fd: dict[int, _Carried] = {}
         self.by_tunnel: dict[Tunnel, _Carried] = {}
 
@@ -251,12 +279,12 @@ class _PumpThread:
 
     def _read(self, carried: _Carried, way: _Direction, fd: int, sink: int) -> bool:
         """One read from ``way``'s source ``fd``, passed on to ``sink``; False if handed back."""
-        try:
-            data = os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""  # reset: the event loop reads the end again and finishes
+        count = _libc_read(fd, self.buffer, READ_SIZE)
+        if count < 0:
+            if _would_block():
+                return True
+            count = 0  # reset: the event loop reads the end again and finishes
+        data = ctypes.string_at(self.buffer, count)
         if not data:
             self._hand_back(carried)
             return False
@@ -281,15 +309,22 @@ class _PumpThread:
 
     def _flush(self, carried: _Carried, way: _Direction, fd: int) -> bool:
         """Write what ``way`` holds as far as the sink takes it; False if handed back."""
-        try:
-            sent = os.write(fd, way.unsent)
-        except BlockingIOError:
-            return True
-        except OSError:
+        unsent = bytes(way.unsent)  # bytes already: the thread only ever puts bytes there
+        done = carried.written[way]
+        if done:
+            address = ctypes.cast(ctypes.c_char_p(unsent), ctypes.c_void_p).value or 0
+            sent = _libc_write_at(fd, address + done, len(unsent) - done)
+        else:
+            sent = _libc_write(fd, unsent, len(unsent))
+        if sent < 0:
+            if _would_block():
+                return True
             self._hand_back(carried)  # the sink's side is gone: the event loop finds out again
             return False
-        rest = memoryview(way.unsent)[sent:]
-        way.unsent = rest if rest else b""
+        done += sent
+        if done == len(unsent):
+            way.unsent, done = b"", 0
+        carried.written[way] = done
         return True
 
     def _update_interest(self, carried: _Carried) -> None:
@@ -300,8 +335,15 @@ class _PumpThread:
                 carried.interest[fd] = interest
 
     def _hand_back(self, carried: _Carried) -> None:
+        for way, done in carried.written.items():
+            if done:
+                way.unsent = way.unsent[done:]
         for fd in carried.directions:
             self.by_fd.pop(fd, None)
             self.poller.unregister(fd)
         del self.by_tunnel[carried.tunnel]
         self.token.run_sync_soon(carried.handed_back.set)
+
+
+def _would_block() -> bool:
+    return ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK)
