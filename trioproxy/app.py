@@ -28,6 +28,7 @@ from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_
 from .relay.framing import FramingError, declared_length
 from .relay.headers import Headers
 from .relay.http import RelayTarget, relay_http
+from .relay.pump import AVAILABLE as PUMP_AVAILABLE
 from .relay.pump import TunnelPump
 from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
 from .relay.upstream import DEFAULT_FORWARDED_ALLOW, Upstream, upstream_request
@@ -80,7 +81,7 @@ class Dispatcher:
         # Long-running tasks (e.g. activity reporting) started beside the server: each is
         # an async callable taking task_status, run by trioproxy.server.run_app.
         self.services: list[Callable[..., Any]] = [self.proxy_targets.run]
-        self.tunnel_pump = TunnelPump() if settings.websocket_pump else None
+        self.tunnel_pump = TunnelPump() if settings.websocket_pump and PUMP_AVAILABLE else None
         if self.tunnel_pump is not None:
             self.services.append(self.tunnel_pump.run)
 

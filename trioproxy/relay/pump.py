@@ -32,6 +32,7 @@ import math
 import os
 import select
 import socket
+import sys
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -50,16 +51,21 @@ log = logging.getLogger("trioproxy.pump")
 # WebSockets got ~2,300 round trips a second; keeping the GIL over these non-blocking calls,
 # ~18,000 (benchmarks/README.md, "The pump and the GIL"). Only the wait in epoll gives the GIL
 # up. The price is one more copy of what is read (~0.2 ms of CPU per MB).
-_libc = ctypes.PyDLL(None, use_errno=True)
-_libc_read = _libc["read"]
-_libc_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc_read.restype = ctypes.c_ssize_t
-_libc_write = _libc["write"]  # all of a bytes object
-_libc_write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-_libc_write.restype = ctypes.c_ssize_t
-_libc_write_at = _libc["write"]  # the rest of one, from an address
-_libc_write_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc_write_at.restype = ctypes.c_ssize_t
+#
+# Linux only (epoll, and libc by name); elsewhere AVAILABLE is false and tunnels are copied on
+# the event loop.
+AVAILABLE = sys.platform == "linux"
+if AVAILABLE:
+    _libc = ctypes.PyDLL(None, use_errno=True)
+    _libc_read = _libc["read"]
+    _libc_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    _libc_read.restype = ctypes.c_ssize_t
+    _libc_write = _libc["write"]  # all of a bytes object
+    _libc_write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    _libc_write.restype = ctypes.c_ssize_t
+    _libc_write_at = _libc["write"]  # the rest of one, from an address
+    _libc_write_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    _libc_write_at.restype = ctypes.c_ssize_t
 
 READ_SIZE = 1024 * 1024  # measured: 1 MiB reads gave 633 MB/s on 0.9 MB messages, 256 KiB 497
 THREAD_NAME = "trioproxy-pump"  # as `top -H` and /proc/<pid>/task/*/comm show it
@@ -67,9 +73,9 @@ THREAD_NAME = "trioproxy-pump"  # as `top -H` and /proc/<pid>/task/*/comm show i
 # the next sweep (one a second): not a wake-up of the event loop per message.
 ACTIVITY_INTERVAL = 1.0
 
-_IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
-_TROUBLE = select.EPOLLERR | select.EPOLLHUP
+_IN = getattr(select, "EPOLLIN", 0)
+_OUT = getattr(select, "EPOLLOUT", 0)
+_TROUBLE = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
 
 _CARRY, _RELEASE, _STOP = "carry", "release", "stop"
 
