@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from .conftest import PY, TOKEN, Proxy, echo_command, free_port, start_proxy, wait_for
+from .test_websocket import read_request_head
 
 PATTERN = bytes(range(256)) * 256
 
@@ -437,12 +438,9 @@ async def start_head_echo(nursery: trio.Nursery) -> int:
 
     async def serve(stream: trio.SocketStream) -> None:
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                head += chunk
+            head = await read_request_head(stream)
+            if b"\r\n\r\n" not in head:
+                return  # the client left before its head was complete
             await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
 
     await nursery.start(trio.serve_listeners, serve, listeners)

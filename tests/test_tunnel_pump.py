@@ -14,7 +14,6 @@ import logging
 import os
 import resource
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ import trio
 from trioproxy.relay.pump import READ_SIZE, THREAD_NAME, TunnelPump
 from trioproxy.relay.tunnel import FrameCursor, Tunnel
 
-from .conftest import TOKEN, ProxyProcess, free_port, launch_trioproxy, start_proxy, wait_for
+from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
 from .test_websocket import (
     RawServer,
     open_ws,
@@ -34,26 +33,18 @@ from .test_websocket import (
     start_raw_server,
     ws_echo_command,
 )
-from .test_websocket_fastpath import header, proxy_port, raw_handshake
+from .test_websocket_fastpath import proxy_port, raw_handshake, switching_protocols
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the pump waits with epoll (Linux)")
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="the tunnel pump exists on Linux only (epoll); elsewhere tunnels run on the event loop"
+)
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MIB = 1024 * 1024
 
 
 def binary_frame(payload: bytes) -> bytes:
     """A client's binary frame (masked; the key is fixed, the payload passes as it is)."""
     return bytes([0x82, 0x80 | 127]) + len(payload).to_bytes(8, "big") + b"\x01\x02\x03\x04" + payload
-
-
-def switching_protocols(request_head: bytes) -> bytes:
-    key = header(request_head.partition(b"\r\n\r\n")[0], b"sec-websocket-key") or b""
-    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-    )
 
 
 def pump_of(proxy: object) -> TunnelPump:
@@ -323,33 +314,19 @@ def _round_trips_while(go: threading.Event, port: int, path: str, counted: list[
 async def test_the_pump_keeps_websockets_moving_while_the_event_loop_is_busy(nursery: trio.Nursery, pump: bool) -> None:
     """A CPU-bound moment on the event loop (a slow callable, a big JSON document) stops what
     the loop relays; tunnels carried by the pump go on."""
-    port = free_port()
-    backend = subprocess.Popen(ws_echo_command(str(port)))
-    try:
-        await wait_for(lambda: _listening(port), timeout=10)
-        proxy = await start_proxy(nursery, websocket_pump=pump)
-        go, counted = threading.Event(), []
-        client = threading.Thread(
-            target=_round_trips_while, args=(go, proxy_port(proxy.url), f"proxy/{port}/echo", counted)
-        )
-        client.start()
-        await wait_for(lambda: counted == [0], timeout=10)
-        await trio.sleep(0.1)
-        go.set()
-        busy_until = time.monotonic() + 1.0
-        while time.monotonic() < busy_until:  # the event loop is busy: nothing else runs on it
-            continue
-        await trio.to_thread.run_sync(client.join)
-    finally:
-        backend.kill()
-        backend.wait()
+    proxy = await start_proxy(nursery, {"ws": {"command": ws_echo_command("{port}"), "timeout": 20}}, websocket_pump=pump)
+    go, counted = threading.Event(), []
+    client = threading.Thread(target=_round_trips_while, args=(go, proxy_port(proxy.url), "ws/echo", counted))
+    client.start()
+    await wait_for(lambda: counted == [0], timeout=20)
+    await trio.sleep(0.1)
+    go.set()
+    busy_until = time.monotonic() + 1.0
+    while time.monotonic() < busy_until:  # the event loop is busy: nothing else runs on it
+        continue
+    await trio.to_thread.run_sync(client.join)
     if pump:
         assert counted[0] >= 10, f"{counted[0]} round trips"
     else:
         assert counted[0] <= 1, f"{counted[0]} round trips"  # the one under way when it began
 
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False

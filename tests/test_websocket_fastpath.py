@@ -128,6 +128,16 @@ def header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
+def switching_protocols(request_head: bytes) -> bytes:
+    """A backend's ``101`` answer to ``request_head``, with its Sec-WebSocket-Accept."""
+    key = header(request_head.partition(b"\r\n\r\n")[0], b"sec-websocket-key") or b""
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
 async def raw_handshake(port: int, path: str, *extra: str) -> tuple[trio.SocketStream, bytes, bytes]:
     """Open a connection and send an upgrade; (stream, answer head, bytes after it)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -304,12 +314,8 @@ async def test_a_client_that_vanishes_mid_message_ends_the_backend_connection(nu
 async def test_a_backend_that_dies_mid_message_ends_the_client_connection(nursery: trio.Nursery, pump: bool) -> None:
     async def dies_mid_message(stream: trio.SocketStream, server: RawServer) -> None:
         head = await read_request_head(stream)
-        key = header(head.partition(b"\r\n\r\n")[0], b"sec-websocket-key") or b""
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
         await stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-            + bytes([0x82, 127]) + (100_000).to_bytes(8, "big") + b"x" * 10_000
+            switching_protocols(head) + bytes([0x82, 127]) + (100_000).to_bytes(8, "big") + b"x" * 10_000
         )
         await trio.sleep(0.1)  # then the connection just ends
 

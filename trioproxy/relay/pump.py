@@ -315,7 +315,7 @@ class _PumpThread:
 
     def _flush(self, carried: _Carried, way: _Direction, fd: int) -> bool:
         """Write what ``way`` holds as far as the sink takes it; False if handed back."""
-        unsent = bytes(way.unsent)  # bytes already: the thread only ever puts bytes there
+        unsent = way.unsent
         done = carried.written[way]
         if done:
             address = ctypes.cast(ctypes.c_char_p(unsent), ctypes.c_void_p).value or 0

@@ -244,7 +244,7 @@ class _Direction:
         self.cursor = FrameCursor(limit)
         self.gone = gone  # the close to send the sink when the source ends without one
         self.stop_with: tuple[int, str] | None = None  # a close of our own to send at a boundary
-        self.unsent: bytes | memoryview = b""  # passed by the cursor, not yet taken by the sink
+        self.unsent = b""  # passed by the cursor, not yet taken by the sink
         self.closed = False  # a close frame went to the sink (passed on, or ours)
         self.ended = False
         self.receiving: trio.CancelScope | None = None
