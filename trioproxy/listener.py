@@ -24,6 +24,7 @@ connection while its request is being answered, so no ``http.disconnect`` would 
 
 from __future__ import annotations
 
+import logging
 import select
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -45,6 +46,8 @@ from .relay.headers import Headers
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # noqa: F401
+
+log = logging.getLogger("trioproxy.listener")
 
 READ_SIZE = 65536
 HYPERCORN_READ_SIZE = 256 * 1024  # per read once Hypercorn serves a connection (it asks for 64 KiB)
@@ -146,7 +149,7 @@ async def serve(
                 # (Hypercorn's annotations ask for its own types; any trio stream will do.)
                 return _Connection(cast(Any, _WithClientSocket(asgi, sock)), config, context, state, cast(Any, stream))
 
-            handler = partial(_connection, hypercorn, config, upgrade_handler)
+            handler = partial(_owned_connection, partial(_connection, hypercorn, config, upgrade_handler))
             task_status.started(binds)
             try:
                 async with trio.open_nursery() as accepting:
@@ -186,6 +189,38 @@ def _listen(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
     return listeners, binds
 
 
+async def _owned_connection(handle: Callable[[trio.abc.Stream], Awaitable[None]], stream: trio.abc.Stream) -> None:
+    """The boundary of one client connection: whatever goes wrong in it ends it alone.
+
+    ``trio.serve_listeners`` leaves errors to the handler, and Hypercorn's ``TCPServer``
+    catches only ``OSError`` around its protocols (h11, h2 and its own stream bookkeeping can
+    raise on inputs they did not foresee). An error that reached the connections nursery would
+    end every connection and trioproxy with them; here it is logged once, with its traceback,
+    and the connection is closed.
+    """
+    try:
+        await handle(stream)
+    except BaseException as exc:
+        unexpected = unexpected_errors(exc)
+        if unexpected is None:
+            raise
+        log.error("a client connection failed; closing it", exc_info=unexpected)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def unexpected_errors(exc: BaseException) -> BaseException | None:
+    """What of ``exc`` a boundary owns (plain exceptions), or None for what it must pass on.
+
+    Cancellation, ``KeyboardInterrupt`` and ``SystemExit`` belong to whoever cancelled or
+    asked to stop; an exception group is split so that a cancellation in it still propagates.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        unexpected, rest = exc.split(Exception)
+        return unexpected if rest is None else None
+    return exc if isinstance(exc, Exception) else None
+
+
 async def _connection(
     hypercorn: Callable[[trio.abc.Stream, Any], TCPServer],
     config: Config,
@@ -207,12 +242,10 @@ async def _connection(
         # An unfinished head is dropped when Hypercorn's idle timer would drop it.
         with trio.fail_after(config.keep_alive_timeout):
             read, request = await read_first_head(stream, config.h11_max_incomplete_size, tls)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-        await trio.aclose_forcefully(stream)
-        return
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        return  # the client left (or reset) before its first head; the boundary closes
     if not read:
-        await trio.aclose_forcefully(stream)  # connected and left without a word
-        return
+        return  # connected and left without a word
     if request is not None and await upgrade_handler(stream, request):
         return
     await hypercorn(ReplayStream(stream, read), sock).run()
@@ -317,6 +350,8 @@ def _upgrade_request(stream: trio.abc.Stream, data: bytes, end: int, tls: bool) 
     if b"websocket" not in upgrade or b"upgrade" not in _tokens(headers, b"connection"):
         return None
     sock = stream.transport_stream.socket if tls else stream.socket  # type: ignore[attr-defined]
+    # The client may have reset the connection since its head arrived (ENOTCONN): then it is
+    # gone, and the caller's handling of a client that left applies.
     return RequestHead(
         target=event.target,
         headers=headers,
