@@ -18,8 +18,9 @@ from urllib.parse import unquote
 import trio
 from quart_trio import QuartTrio
 
-from .auth import Identity, TokenAuth, mask_secrets, strip_token_from_query
-from .backend import Backend, BackendClient, BackendError, ClientOptions, ProxyTargets
+from .admission import ACTIVITY, Admission, Gate, Refused, relayed_request
+from .auth import Authenticator, TokenAuth
+from .backend import Backend, BackendError, ClientOptions, ProxyTargets
 from .body import BodyGuard
 from .config import ServerProcess
 from .errors import send_error, send_redirect
@@ -30,16 +31,14 @@ from .relay.headers import Headers
 from .relay.http import RelayTarget, relay_http
 from .relay.pump import AVAILABLE as PUMP_AVAILABLE
 from .relay.pump import TunnelPump
-from .relay.rewrite import HeaderMap, RelayedRequest, RewriteContext
-from .relay.upstream import DEFAULT_FORWARDED_ALLOW, Upstream, upstream_request
-from .routing import Route, resolve
+from .relay.rewrite import RewriteContext
+from .relay.upstream import DEFAULT_FORWARDED_ALLOW
+from .routing import Route
 from .supervisor import ServerUnavailable, Supervisors
 
 log = logging.getLogger("trioproxy.app")
 
-# Scope key set when a request to a named server counts as its activity (see
-# Dispatcher._counts_as_activity); a WebSocket's messages then count too.
-ACTIVITY = "trioproxy.activity"
+__all__ = ["ACTIVITY", "Dispatcher", "Settings", "create_app", "relayed_request"]
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Settings:
     """How the app behaves; the CLI fills it from the configuration."""
 
     base_url: str = "/"
-    auth: Any = field(default_factory=lambda: TokenAuth(None))
+    auth: Authenticator = field(default_factory=lambda: TokenAuth(None))
     host_allowlist: list[str] | Callable[..., bool] = field(
         default_factory=lambda: ["localhost", "127.0.0.1"]
     )
@@ -69,7 +68,12 @@ class Settings:
 
 
 class Dispatcher:
-    """The outermost ASGI callable: decides each request's route and relays it."""
+    """The outermost ASGI callable: decides each request's route and relays it.
+
+    What a relayed request must pass is :class:`~trioproxy.admission.Gate`'s business, shared
+    with the WebSocket fast path; the dispatcher turns ASGI messages into calls of the gate
+    and of the relays, and refusals into responses.
+    """
 
     def __init__(self, ui: Callable[..., Any], settings: Settings, supervisors: Supervisors):
         self.ui = ui
@@ -77,7 +81,7 @@ class Dispatcher:
         self.supervisors = supervisors
         self.proxy_targets = ProxyTargets(settings.proxy_client_options)
         self.metrics = Metrics()
-        self._activity_errors: set[str] = set()  # servers whose activity callable failed once
+        self.gate = Gate(settings, supervisors, self.proxy_targets)
         # Long-running tasks (e.g. activity reporting) started beside the server: each is
         # an async callable taking task_status, run by trioproxy.server.run_app.
         self.services: list[Callable[..., Any]] = [self.proxy_targets.run]
@@ -109,217 +113,98 @@ class Dispatcher:
         server = exchange.server
         if server is not None:
             self.metrics.request_done(server, exchange.status, exchange.received, exchange.sent)
-            supervisor = self.supervisors.get(server)  # gone if a reload removed it meanwhile
-            if scope.get(ACTIVITY) and supervisor is not None:
-                supervisor.touch()  # a long response is activity until it ends
         log_access(scope, scope["method"], exchange.status, exchange.sent, exchange.began)
 
     async def _dispatch(
         self, scope: dict[str, Any], receive: Any, send: HttpExchange | WebSocketExchange
     ) -> None:
-        if len(scope["headers"]) > self.settings.max_header_count:
-            await self._too_many_headers(scope, receive, send)
-            return
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        route = resolve(raw_path, self.settings.base_url, self.supervisors, self.settings.root_server)
-        if route.kind == "app":
-            await self.ui(scope, receive, send)
-            return
-        identity = await self.settings.auth.authenticate(scope)
-        if identity is None:
-            await self._refuse(scope, receive, send)
-            return
-        if route.kind == "server":
-            send.server = route.name
-        elif route.kind == "proxy":
-            send.server = PROXY_LABEL
-        if not isinstance(send, HttpExchange):
-            await self._websocket(scope, receive, send, route, identity)
-            return
-        if route.kind == "add-slash":
-            await self._add_slash(scope, send, raw_path)
-        elif route.kind == "not-found":
-            await self._send_error(send, scope["headers"], 404, f"Not found: {route.reason}.")
-        else:
-            await self._http(scope, receive, send, route, identity)
+        gate = self.gate
+        try:
+            gate.check_head(scope)
+            route = gate.route(scope)
+            if route.kind == "app":
+                await self.ui(scope, receive, send)
+            elif route.kind in ("server", "proxy"):
+                send.server = route.name if route.kind == "server" else PROXY_LABEL
+                if isinstance(send, HttpExchange):
+                    await self._http(scope, receive, send, route)
+                else:
+                    await self._websocket(scope, receive, send, route)
+            else:
+                await gate.authenticate(scope)  # what is not found is not said to strangers
+                if route.kind == "add-slash" and isinstance(send, HttpExchange):
+                    await self._add_slash(scope, send)
+                else:
+                    raise Refused(404, f"Not found: {route.reason or 'not a WebSocket route'}.")
+        except Refused as refused:
+            await self._refuse(scope, receive, send, refused)
 
-    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, refused: Refused) -> None:
         if scope["type"] == "websocket":
             from .relay.websocket import refuse_websocket
 
-            await refuse_websocket(scope, receive, send, 403, "Authentication required: a valid token is needed.")
-            return
-        headers: Headers = scope["headers"]
-        accept = next((v for n, v in headers if n == b"accept"), b"")
-        if scope["method"] == "GET" and b"text/html" in accept:
-            query = scope.get("query_string", b"")
-            here = scope.get("root_path", "") + scope["path"] + (
-                "?" + query.decode("latin-1") if query else ""
+            await refuse_websocket(
+                scope, receive, send, refused.status, refused.message, refused.server, refused.output, refused.retry_after
             )
-            await send_redirect(send, self.settings.auth.login_url(here))
-            return
-        await self._send_error(send, headers, 403, "Authentication required: a valid token is needed.")
+        elif refused.login is not None:
+            await send_redirect(send, refused.login)
+        else:
+            await send_error(
+                send,
+                scope["headers"],
+                refused.status,
+                refused.message,
+                server=refused.server,
+                output=refused.output,
+                retry_after=refused.retry_after,
+            )
 
-    async def _send_error(
-        self,
-        send: Any,
-        request_headers: Headers,
-        status: int,
-        message: str,
-        *,
-        server: str | None = None,
-        output: list[str] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        """An error page with secrets masked: a server's output may echo ?token= or its env."""
-        known = self.settings.auth.known_secrets() if hasattr(self.settings.auth, "known_secrets") else []
-        await send_error(
-            send,
-            request_headers,
-            status,
-            mask_secrets(message, known),
-            server=server,
-            output=[mask_secrets(line, known) for line in output] if output else output,
-            retry_after=retry_after,
-        )
-
-    async def _unavailable(self, send: Any, request_headers: Headers, exc: ServerUnavailable) -> None:
-        # A page for a server that is starting or backing off refreshes itself until it is up.
-        await self._send_error(
-            send, request_headers, exc.status, str(exc), server=exc.server, output=exc.output, retry_after=exc.retry_after
-        )
-
-    async def _too_many_headers(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Hypercorn bounds the size of a request head (h11_max_incomplete_size); this bounds
-        # the count, so a head of thousands of tiny headers is not relayed either.
-        if scope["type"] == "websocket":
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await self._send_error(send, scope["headers"], 431, "Too many request headers.")
-
-    async def _add_slash(self, scope: dict[str, Any], send: Any, raw_path: bytes) -> None:
+    async def _add_slash(self, scope: dict[str, Any], send: Any) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         query = scope.get("query_string", b"")
         location = raw_path.decode("latin-1") + "/" + ("?" + query.decode("latin-1") if query else "")
         await send_redirect(send, location)
 
-    # -- targets ----------------------------------------------------------------------------
-
-    def _allowed_host(self, host: str) -> bool:
-        allowlist = self.settings.host_allowlist
-        if callable(allowlist):
-            try:
-                return bool(allowlist(self, host))
-            except Exception:
-                log.exception("host_allowlist callable failed for %r; refusing", host)
-                return False
-        return host in allowlist
-
-    async def _backend_for(self, route: Route, scope: dict[str, Any]) -> tuple[BackendClient, ServerProcess | None]:
-        if route.kind == "proxy":
-            host = route.host[1:-1] if route.host.startswith("[") else route.host
-            return self.proxy_targets.client(Backend(host=host, port=route.port)), None
-        supervisor = self.supervisors[route.name]
-        if self._counts_as_activity(supervisor.process, scope):
-            scope[ACTIVITY] = True
-            supervisor.touch()
-        return await supervisor.ensure_ready(), supervisor.process
-
-    def _counts_as_activity(self, process: ServerProcess, scope: dict[str, Any]) -> bool:
-        """jupyter-server-proxy's rules, plus a callable ``update_last_activity``.
-
-        ``update_last_activity`` false: nothing counts. A request whose full path (without
-        the query) ``re.match``-es one of ``exclude_last_activity_patterns`` does not count.
-        A callable ``update_last_activity`` decides the rest, given a
-        :class:`~trioproxy.relay.rewrite.RelayedRequest` (``method``, ``path``, ``query``,
-        ``uri``, ``headers``, ``remote_ip``…, and the handler methods jupyter-server-proxy's
-        callables use, such as ``get_argument``); if it raises, the request counts, so that
-        a bug in it cannot get a server in use culled.
-        """
-        setting = process.update_last_activity
-        if not setting:
-            return False
-        patterns = process.exclude_last_activity_patterns
-        if patterns:
-            path = scope["path"]
-            if any(pattern.match(path) for pattern in patterns):
-                return False
-        if not callable(setting):
-            return True
-        try:
-            return bool(setting(relayed_request(scope)))
-        except Exception as exc:
-            if process.name not in self._activity_errors:
-                self._activity_errors.add(process.name)
-                log.error(
-                    "%s: update_last_activity failed (%s: %s); counting every request as activity",
-                    process.name,
-                    type(exc).__name__,
-                    exc,
-                )
-            return True
-
-    def _upstream(self, scope: dict[str, Any], route: Route, process: ServerProcess | None) -> Upstream:
-        """What the backend gets but the body. Raises if a mapping or a header template fails."""
-        strip_query = strip_token_from_query if self.settings.strip_token_query else None
-        common: dict[str, Any] = {
-            "strip_credentials": self.settings.auth.strip_credentials,
-            "strip_query": strip_query,
-            "forwarded_allow": self.settings.forwarded_allow_ips,
-        }
-        if process is None:
-            return upstream_request(scope, route, default_host=f"{route.host}:{route.port}", **common)
-        supervisor = self.supervisors[route.name]
-        return upstream_request(
-            scope,
-            route,
-            absolute_url=process.absolute_url,
-            mappath=process.mappath,
-            overrides=process.request_headers_override,
-            template_variables=supervisor.template_variables(),
-            default_host=supervisor.backend.describe() if not supervisor.unix_socket else "localhost",
-            **common,
-        )
-
     # -- HTTP -------------------------------------------------------------------------------
 
-    async def _http(
-        self, scope: dict[str, Any], receive: Any, send: HttpExchange, route: Route, identity: Identity
+    async def _http(self, scope: dict[str, Any], receive: Any, send: HttpExchange, route: Route) -> None:
+        headers_in: Headers = scope["headers"]
+        body = BodyGuard(receive, self.settings.max_body_size, self.settings.body_timeout)
+        framing: list[int | None] = []
+
+        def check_framing(server: str) -> None:
+            try:
+                framing.append(declared_length(headers_in))
+            except FramingError as exc:
+                log.warning("%s: refused a request: %s", server, exc)
+                raise Refused(400, f"Bad request: {exc}.", server=server) from None
+            if body.declared_too_large(headers_in, scope.get("http_version", "1.1")):
+                raise Refused(413, body.too_large_message, server=server)
+
+        began = trio.current_time()
+        async with self.gate.admit(scope, route, before_start=check_framing) as admission:
+            try:
+                await self._relay_http(scope, body, send, admission, framing[0], began)
+            finally:
+                send.received = body.received
+                if admission.on_activity is not None:
+                    admission.on_activity()  # a long response is activity until it ends
+
+    async def _relay_http(
+        self,
+        scope: dict[str, Any],
+        body: BodyGuard,
+        send: HttpExchange,
+        admission: Admission,
+        length: int | None,
+        began: float,
     ) -> None:
         headers_in: Headers = scope["headers"]
-        server_name = route.name if route.kind == "server" else f"proxy {route.host}:{route.port}"
-        if route.kind == "proxy" and not self._allowed_host(route.host):
-            await self._send_error(send, headers_in, 403, f"Host {route.host!r} is not allowed.")
-            return
-        if route.kind == "server" and self.supervisors[route.name].process.raw_socket_proxy:
-            await self._send_error(send, headers_in, 405, f"{route.name!r} only accepts WebSocket connections.", server=route.name)
-            return
-        try:
-            length = declared_length(headers_in)
-        except FramingError as exc:
-            log.warning("%s: refused a request: %s", server_name, exc)
-            await self._send_error(send, headers_in, 400, f"Bad request: {exc}.", server=server_name)
-            return
-        body = BodyGuard(receive, self.settings.max_body_size, self.settings.body_timeout)
-        if body.declared_too_large(headers_in, scope.get("http_version", "1.1")):
-            await self._send_error(send, headers_in, 413, body.too_large_message, server=server_name)
-            return
-        began = trio.current_time()
-        try:
-            client, process = await self._backend_for(route, scope)
-        except ServerUnavailable as exc:
-            await self._unavailable(send, headers_in, exc)
-            return
-        try:
-            upstream = self._upstream(scope, route, process)
-        except Exception as exc:
-            log.error("%s: cannot build the request: %s", server_name, exc)
-            await self._send_error(send, headers_in, 500, f"Cannot build the request for {server_name}: {exc}", server=server_name)
-            return
-        rewrites = self._rewrites(route, process, headers_in)
-        supervisor = self.supervisors[route.name] if route.kind == "server" else None
+        route, client, upstream, server = admission.route, admission.client, admission.upstream, admission.server
+        supervisor = admission.supervisor
+        rewrites = self._rewrites(admission.process, headers_in)
         target = RelayTarget(
-            server=server_name,
+            server=server,
             client=client,
             target=upstream.target,
             headers=upstream.headers,
@@ -332,38 +217,31 @@ class Dispatcher:
             replacement=supervisor.replacement(began + supervisor.process.timeout) if supervisor else None,
             client_socket=scope.get(CLIENT_SOCKET),
         )
-        exchange = send
-        if identity.set_cookie is not None:
-            send = _with_header(send, (b"set-cookie", identity.set_cookie))
-        if supervisor is not None:
-            supervisor.active += 1  # not idle while a response is under way
+        respond: Any = send
+        if admission.identity.set_cookie is not None:
+            respond = _with_header(send, (b"set-cookie", admission.identity.set_cookie))
+        refused: Refused | None = None
         try:
-            await relay_http(scope, body, send, target)
+            await relay_http(scope, body, respond, target)
         except ServerUnavailable as exc:  # its replacement could not start
-            await self._unavailable(send, headers_in, exc)
+            refused = self.gate.refusal(exc)
         except BackendError as exc:
-            if exchange.started:
-                return
             if body.failure is not None:
-                await self._send_error(send, headers_in, *body.failure, server=server_name)
-                return
-            log.warning("%s: %s", server_name, exc)
-            await self._send_error(send, headers_in, exc.status, f"{server_name}: {exc}", server=server_name)
+                refused = Refused(*body.failure, server=server)
+            elif not send.started:
+                log.warning("%s: %s", server, exc)
+                refused = self.gate.refusal(Refused(exc.status, f"{server}: {exc}", server=server))
         except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
             if body.failure is not None:
-                log.info("%s: request body refused: %s", server_name, body.failure[1])
-                if not exchange.started:
-                    await self._send_error(send, headers_in, *body.failure, server=server_name)
-                return
-            log.error("%s: relay failed: %s: %s", server_name, type(exc).__name__, exc)
-            if not exchange.started:
-                await self._send_error(send, headers_in, 500, f"{server_name}: {type(exc).__name__}: {exc}", server=server_name)
-        finally:
-            exchange.received = body.received
-            if supervisor is not None:
-                supervisor.active -= 1
+                log.info("%s: request body refused: %s", server, body.failure[1])
+                refused = Refused(*body.failure, server=server)
+            else:
+                log.error("%s: relay failed: %s: %s", server, type(exc).__name__, exc)
+                refused = self.gate.refusal(Refused(500, f"{server}: {type(exc).__name__}: {exc}", server=server))
+        if refused is not None and not send.started:
+            await self._refuse(scope, None, respond, refused)
 
-    def _rewrites(self, route: Route, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
+    def _rewrites(self, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
         accept = next((v for n, v in headers if n == b"accept"), b"")
         if accept.strip() == b"text/event-stream":
             return []  # as jupyter-server-proxy: event streams are never buffered
@@ -383,82 +261,29 @@ class Dispatcher:
 
     # -- WebSocket --------------------------------------------------------------------------
 
-    async def _websocket(
-        self, scope: dict[str, Any], receive: Any, send: Any, route: Route, identity: Identity
-    ) -> None:
-        from .relay.websocket import WebSocketTarget, refuse_websocket, relay_websocket
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any, route: Route) -> None:
+        from .relay.websocket import WebSocketTarget, relay_websocket
 
-        if route.kind not in ("server", "proxy"):
-            reason = route.reason or "not a WebSocket route"
-            await refuse_websocket(scope, receive, send, 404, f"Not found: {reason}.")
-            return
-        if not self._origin_allowed(scope):
-            log.warning("refused a cross-origin WebSocket to %s", scope["path"])
-            await refuse_websocket(scope, receive, send, 403, "Cross-origin WebSocket refused.")
-            return
-        if route.kind == "proxy" and not self._allowed_host(route.host):
-            await refuse_websocket(scope, receive, send, 403, f"Host {route.host!r} is not allowed.")
-            return
-        try:
-            client, process = await self._backend_for(route, scope)
-        except ServerUnavailable as exc:
-            await refuse_websocket(scope, receive, send, exc.status, str(exc), exc.server, exc.output, exc.retry_after)
-            return
-        try:
-            upstream = self._upstream(scope, route, process)
-        except Exception as exc:
-            log.error("%s: cannot build the WebSocket request: %s", route.name or route.host, exc)
-            await refuse_websocket(scope, receive, send, 500, f"Cannot build the request: {exc}")
-            return
-        supervisor = self.supervisors.get(route.name) if route.kind == "server" else None
-        target = WebSocketTarget(
-            server=route.name or f"{route.host}:{route.port}",
-            backend=client.backend,
-            connect_timeout=client.options.connect_timeout,
-            target=upstream.target,
-            headers=[(n, v) for n, v in upstream.headers if n not in _WS_HANDSHAKE_HEADERS],
-            subprotocols=list(scope.get("subprotocols") or []),
-            raw_socket=bool(process is not None and process.raw_socket_proxy),
-            max_message_size=self.settings.websocket_max_message_size,
-            on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
-        )
-        if supervisor is not None:
-            supervisor.active += 1
-        try:
-            await relay_websocket(scope, receive, send, target)
-        finally:
-            if supervisor is not None:
-                supervisor.active -= 1
-
-    def _origin_allowed(self, scope: dict[str, Any]) -> bool:
-        from .origin import origin_allowed
-
-        settings = self.settings
-        return origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips)
-
-
-def relayed_request(scope: dict[str, Any]) -> RelayedRequest:
-    """The request as ``rewrite_response`` and ``update_last_activity`` callables see it.
-
-    ``path`` and ``uri`` are as the client sent them (still percent-encoded), as in Tornado.
-    """
-    headers = HeaderMap.from_raw(scope["headers"])
-    query = scope.get("query_string", b"").decode("latin-1")
-    raw_path = scope.get("raw_path")
-    path = raw_path.decode("latin-1") if raw_path else scope["path"]
-    client = scope.get("client")
-    scheme = scope.get("scheme", "http")
-    return RelayedRequest(
-        method=scope.get("method", "GET"),
-        uri=path + ("?" + query if query else ""),
-        path=path,
-        query=query,
-        headers=headers,
-        host=headers.get("host", "") or "",
-        remote_ip=client[0] if client else None,
-        protocol={"ws": "http", "wss": "https"}.get(scheme, scheme),
-        version="HTTP/" + scope.get("http_version", "1.1"),
-    )
+        async with self.gate.admit(scope, route) as admission:
+            client, process = admission.client, admission.process
+            target = WebSocketTarget(
+                server=route.name or f"{route.host}:{route.port}",
+                backend=client.backend,
+                connect_timeout=client.options.connect_timeout,
+                target=admission.upstream.target,
+                headers=[(n, v) for n, v in admission.upstream.headers if n not in _WS_HANDSHAKE_HEADERS],
+                subprotocols=list(scope.get("subprotocols") or []),
+                raw_socket=bool(process is not None and process.raw_socket_proxy),
+                max_message_size=self.settings.websocket_max_message_size,
+                on_activity=admission.on_activity,
+            )
+            try:
+                # The relay connects itself; its connection counts against max_connections.
+                async with client.reserved():
+                    await relay_websocket(scope, receive, send, target)
+            except BackendError as exc:  # from reserved(): no room within connect_timeout
+                message = f"{admission.server}: {exc}"
+                raise self.gate.refusal(Refused(exc.status, message, server=admission.server)) from None
 
 
 # Host is kept: the relay sends it (the client's, or its override) as the handshake's Host.

@@ -19,7 +19,7 @@ import logging
 import select
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -162,9 +162,53 @@ class BackendClient:
                 self._release_slot()
                 raise self._closed_error()
             return BackendConnection(self, stream), False
+        raise self._too_slow()
+
+    @contextlib.asynccontextmanager
+    async def dedicated(self) -> AsyncIterator[trio.SocketStream]:
+        """A connection of the caller's own while the context lasts (a WebSocket tunnel).
+
+        It counts against ``max_connections`` like pooled ones (an idle pooled connection
+        is closed to make room) and is never pooled. Raises BackendError as :meth:`acquire`.
+        """
+        async with self.reserved():
+            try:
+                with trio.fail_after(self.options.connect_timeout):
+                    stream = await connect(self.backend)
+            except OSError as exc:
+                raise BackendError(f"cannot connect to {self.backend.describe()}: {_reason(exc)}", sent=False) from None
+            except trio.TooSlowError:
+                raise self._too_slow() from None
+            with stream.socket:
+                yield stream
+
+    @contextlib.asynccontextmanager
+    async def reserved(self) -> AsyncIterator[None]:
+        """Room for one connection that the caller opens itself, held while the context lasts."""
+        if self.closed:
+            raise self._closed_error()
+        self.last_used = trio.current_time()
+        with trio.move_on_after(self.options.connect_timeout) as waiting:
+            while self._open >= self.options.max_connections:
+                if self._idle:
+                    self._idle[0].close()  # the oldest idle connection gives way
+                    continue
+                await self._slot_freed.park()
+                if self.closed:
+                    raise self._closed_error()
+        if waiting.cancelled_caught:
+            raise self._too_slow()
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._release_slot()
+
+    def _too_slow(self) -> BackendError:
         busy = " (all connections busy)" if self._open >= self.options.max_connections else ""
-        raise BackendError(
-            f"{self.backend.describe()} did not accept a connection within {timeout:g} s{busy} (connect_timeout)",
+        return BackendError(
+            f"{self.backend.describe()} did not accept a connection within "
+            f"{self.options.connect_timeout:g} s{busy} (connect_timeout)",
             sent=False,
             status=504,
         )

@@ -73,6 +73,28 @@ def render_error(
     return b"text/html; charset=utf-8", page.encode()
 
 
+def error_response(
+    request_headers: Headers,
+    status: int,
+    message: str,
+    *,
+    server: str | None = None,
+    output: list[str] | None = None,
+    retry_after: float | None = None,
+) -> tuple[Headers, bytes]:
+    """The headers (but the framing) and body of an error response, for any transport.
+
+    With ``retry_after``, it is also sent as ``Retry-After`` (RFC 9110 10.2.3).
+    """
+    content_type, body = render_error(
+        status, message, as_json=wants_json(request_headers), server=server, output=output, retry_after=retry_after
+    )
+    headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
+    return headers, body
+
+
 async def send_error(
     send: Send,
     request_headers: Headers,
@@ -84,18 +106,11 @@ async def send_error(
     extra_headers: Headers | None = None,
     retry_after: float | None = None,
 ) -> None:
-    """Send an error response; with ``retry_after``, also as ``Retry-After`` (RFC 9110 10.2.3)."""
-    content_type, body = render_error(
-        status, message, as_json=wants_json(request_headers), server=server, output=output, retry_after=retry_after
+    """Send an error response over ASGI (see :func:`error_response`)."""
+    headers, body = error_response(
+        request_headers, status, message, server=server, output=output, retry_after=retry_after
     )
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *(extra_headers or []),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
+    headers += [(b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

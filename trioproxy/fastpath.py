@@ -1,39 +1,40 @@
 """The WebSocket fast path: a connection that opens with an upgrade to a relayed route.
 
 :mod:`trioproxy.listener` offers each connection whose first request is an HTTP/1.1
-WebSocket upgrade to :class:`WebSocketFastPath`. For ``<name>/…`` and ``proxy/…`` it does what
-the dispatcher does for a WebSocket (route, authentication, origin, host allowlist, server
-start, upstream path and headers, activity, metrics, access log), in the same order and with
-the dispatcher's own methods, then sends the upgrade to the backend, returns the backend's
-answer to the client as it came (its ``101`` head byte for byte, or its refusal), and
-tunnels bytes (:mod:`trioproxy.relay.tunnel`). Extensions, subprotocols, close codes and
-pings are then the two ends' business: trioproxy neither compresses nor answers pings.
+WebSocket upgrade to :class:`WebSocketFastPath`. It is a transport, not a dispatcher: for
+``<name>/…`` and ``proxy/…`` it asks :class:`~trioproxy.admission.Gate` (the pipeline the
+ASGI dispatcher calls too) to admit the request, renders a refusal as an HTTP response, and
+otherwise takes a connection to the backend from its client (counted against
+``max_connections``), sends the upgrade, returns the backend's answer to the client as it
+came (its ``101`` head byte for byte, or its refusal), and tunnels bytes
+(:mod:`trioproxy.relay.tunnel`). Extensions, subprotocols, close codes and pings are then the
+two ends' business: trioproxy neither compresses nor answers pings. A client that leaves
+while the backend has not answered ends both connections at once.
 
-Declined, and left to Hypercorn and the ASGI relay: trioproxy's own routes, ``raw_socket_proxy``
-servers (they need messages turned into bytes), heads with too many headers (the dispatcher
-answers those), and, by construction, HTTP/2 and upgrades on a connection that already served
-a request.
+Declined, and left to Hypercorn and the ASGI relay: trioproxy's own routes and unknown paths,
+``raw_socket_proxy`` servers (they need messages turned into bytes), and, by construction,
+HTTP/2 and upgrades on a connection that already served a request.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Awaitable, Callable
+from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 import trio
 
-from .auth import mask_secrets
-from .backend import connect
-from .errors import render_error
-from .listener import RequestHead
-from .metrics import PROXY_LABEL, log_access
-from .relay.headers import Headers, header_value, strip_hop_by_hop, wants_json
+from .admission import Admission, Refused
+from .backend import BackendError
+from .errors import error_response
+from .listener import RequestHead, client_gone
+from .metrics import log_access
+from .relay.headers import Headers, header_value, strip_hop_by_hop
 from .relay.tunnel import BackendFailed, Refusal, Tunnel, open_backend
-from .routing import Route, resolve
-from .supervisor import ServerUnavailable
+from .routing import Route
 
 if TYPE_CHECKING:
     from .app import Dispatcher
@@ -43,10 +44,13 @@ log = logging.getLogger("trioproxy.fastpath")
 # The client's handshake headers pass as they are, for the backend to negotiate with; what
 # frames a body does not belong on an upgrade.
 _NOT_FORWARDED = frozenset({b"content-length", b"transfer-encoding"})
+CLIENT_POLL = 0.05  # how often a client that sent frames early is looked at during a handshake
+
+_T = TypeVar("_T")
 
 
 class WebSocketFastPath:
-    """The listener's upgrade handler for one dispatcher."""
+    """The listener's upgrade handler: a transport for :class:`~trioproxy.admission.Gate`."""
 
     def __init__(
         self,
@@ -55,7 +59,10 @@ class WebSocketFastPath:
         handshake_timeout: float = 30.0,
         close_timeout: float = 5.0,
     ) -> None:
-        self.dispatcher = dispatcher
+        self.gate = dispatcher.gate
+        self.metrics = dispatcher.metrics
+        self.max_message_size = dispatcher.settings.websocket_max_message_size
+        self.pump = dispatcher.tunnel_pump
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.tunnels: set[Tunnel] = set()
@@ -67,17 +74,13 @@ class WebSocketFastPath:
             tunnel.shut_down()
 
     async def __call__(self, stream: trio.abc.Stream, request: RequestHead) -> bool:
-        dispatcher = self.dispatcher
-        settings = dispatcher.settings
         raw_path, _, query = request.target.partition(b"?")
-        route = resolve(raw_path, settings.base_url, dispatcher.supervisors, settings.root_server)
+        scope = _scope(request, raw_path, query)
+        route = self.gate.route(scope)
         if route.kind not in ("server", "proxy"):
             return False
-        if route.kind == "server" and dispatcher.supervisors[route.name].process.raw_socket_proxy:
+        if route.kind == "server" and self.gate.supervisors[route.name].process.raw_socket_proxy:
             return False
-        if len(request.headers) > settings.max_header_count:
-            return False
-        scope = _scope(request, raw_path, query)
         began = trio.current_time()
         status = 0
         try:
@@ -88,62 +91,48 @@ class WebSocketFastPath:
         return True
 
     async def _serve(self, stream: trio.abc.Stream, request: RequestHead, scope: dict[str, Any], route: Route) -> int:
-        """Validate, hand over, tunnel; the status the client got."""
-        dispatcher = self.dispatcher
+        """Admit, hand over, tunnel; the status the client got."""
         if self.closing:
-            return await self._refuse(stream, scope, 503, "trioproxy is shutting down.")
-        if await dispatcher.settings.auth.authenticate(scope) is None:
-            return await self._refuse(stream, scope, 403, "Authentication required: a valid token is needed.")
-        if not dispatcher._origin_allowed(scope):
-            log.warning("refused a cross-origin WebSocket to %s", scope["path"])
-            return await self._refuse(stream, scope, 403, "Cross-origin WebSocket refused.")
-        if route.kind == "proxy" and not dispatcher._allowed_host(route.host):
-            return await self._refuse(stream, scope, 403, f"Host {route.host!r} is not allowed.")
-        server = route.name if route.kind == "server" else f"{route.host}:{route.port}"
+            return await self._refuse(stream, scope, Refused(503, "trioproxy is shutting down."))
         try:
-            client, process = await dispatcher._backend_for(route, scope)
-        except ServerUnavailable as exc:
-            return await self._refuse(
-                stream, scope, exc.status, str(exc), server=exc.server, output=exc.output, retry_after=exc.retry_after
-            )
+            async with self.gate.admit(scope, route) as admission:
+                return await self._hand_over(stream, request, scope, admission)
+        except Refused as refused:
+            return await self._refuse(stream, scope, refused)
+
+    async def _hand_over(
+        self, stream: trio.abc.Stream, request: RequestHead, scope: dict[str, Any], admission: Admission
+    ) -> int:
+        server = admission.server
+        headers = _with_host_first([(n, v) for n, v in admission.upstream.headers if n not in _NOT_FORWARDED])
         try:
-            upstream = dispatcher._upstream(scope, route, process)
-        except Exception as exc:
-            log.error("%s: cannot build the WebSocket request: %s", server, exc)
-            return await self._refuse(stream, scope, 500, f"Cannot build the request: {exc}", server=server)
-        headers = _with_host_first([(n, v) for n, v in upstream.headers if n not in _NOT_FORWARDED])
-        backend = client.backend
-        connect_timeout = client.options.connect_timeout
-        try:
-            with trio.fail_after(connect_timeout):
-                backend_stream = await connect(backend)
-        except OSError as exc:
-            message = f"{server}: cannot connect to {backend.describe()}: {exc.strerror or exc}"
-            return await self._refuse(stream, scope, 502, message, server=server)
-        except trio.TooSlowError:
-            message = f"{server}: no connection to {backend.describe()} within {connect_timeout:g} s (connect_timeout)"
-            return await self._refuse(stream, scope, 504, message, server=server)
-        async with backend_stream:
-            try:
-                with trio.fail_after(self.handshake_timeout):
-                    answer = await open_backend(backend_stream, upstream.target, headers)
-            except trio.TooSlowError:
-                message = f"the backend did not answer the WebSocket upgrade within {self.handshake_timeout:g} s"
-                log.warning("%s: WebSocket refused (504): %s", server, message)
-                return await self._refuse(stream, scope, 504, f"{server}: {message}", server=server)
-            except BackendFailed as exc:
-                log.warning("%s: WebSocket refused (%d): %s", server, exc.status, exc.message)
-                return await self._refuse(stream, scope, exc.status, f"{server}: {exc.message}", server=server)
-            if isinstance(answer, Refusal):
-                log.info("%s: WebSocket refused (%d): the backend's answer", server, answer.status)
-                await _send_quietly(stream, _refusal_bytes(answer))
-                return answer.status
-            try:
-                await stream.send_all(answer.head)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return 101  # the client left while the backend accepted
-            await self._tunnel(stream, backend_stream, request, answer.trailing, route, scope)
-        return 101
+            async with admission.client.dedicated() as backend_stream:
+                with trio.move_on_after(self.handshake_timeout) as waiting:
+                    answer = await _unless_client_leaves(
+                        stream, partial(open_backend, backend_stream, admission.upstream.target, headers)
+                    )
+                if waiting.cancelled_caught:
+                    message = f"the backend did not answer the WebSocket upgrade within {self.handshake_timeout:g} s"
+                    log.warning("%s: WebSocket refused (504): %s", server, message)
+                    return await self._refuse(stream, scope, Refused(504, f"{server}: {message}", server=server))
+                if answer is None:
+                    log.info("%s: the client left during the WebSocket handshake", server)
+                    return 499
+                if isinstance(answer, Refusal):
+                    log.info("%s: WebSocket refused (%d): the backend's answer", server, answer.status)
+                    await _send_quietly(stream, _refusal_bytes(answer))
+                    return answer.status
+                try:
+                    await stream.send_all(answer.head)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return 101  # the client left while the backend accepted
+                await self._tunnel(stream, backend_stream, request, answer.trailing, admission)
+                return 101
+        except BackendError as exc:  # no connection to the backend
+            return await self._refuse(stream, scope, Refused(exc.status, f"{server}: {exc}", server=server))
+        except BackendFailed as exc:
+            log.warning("%s: WebSocket refused (%d): %s", server, exc.status, exc.message)
+            return await self._refuse(stream, scope, Refused(exc.status, f"{server}: {exc.message}", server=server))
 
     async def _tunnel(
         self,
@@ -151,64 +140,73 @@ class WebSocketFastPath:
         backend_stream: trio.abc.Stream,
         request: RequestHead,
         to_client: bytes,
-        route: Route,
-        scope: dict[str, Any],
+        admission: Admission,
     ) -> None:
-        from .app import ACTIVITY
-
-        dispatcher = self.dispatcher
-        supervisor = dispatcher.supervisors.get(route.name) if route.kind == "server" else None
-        label = route.name if route.kind == "server" else PROXY_LABEL
         tunnel = Tunnel(
             stream,
             backend_stream,
-            max_message_size=dispatcher.settings.websocket_max_message_size,
-            on_activity=supervisor.touch if supervisor is not None and scope.get(ACTIVITY) else None,
+            max_message_size=self.max_message_size,
+            on_activity=admission.on_activity,
             close_timeout=self.close_timeout,
-            pump=dispatcher.tunnel_pump,
+            pump=self.pump,
         )
-        dispatcher.metrics.websocket_tunnelled(label)
+        self.metrics.websocket_tunnelled(admission.label)
         self.tunnels.add(tunnel)
-        if supervisor is not None:
-            supervisor.active += 1
         try:
             if self.closing:
                 tunnel.shut_down()
             await tunnel.run(to_backend=request.trailing, to_client=to_client)
         finally:
             self.tunnels.discard(tunnel)
-            dispatcher.metrics.websocket_closed(label)
-            if supervisor is not None:
-                supervisor.active -= 1
+            self.metrics.websocket_closed(admission.label)
 
-    async def _refuse(
-        self,
-        stream: trio.abc.Stream,
-        scope: dict[str, Any],
-        status: int,
-        message: str,
-        *,
-        server: str | None = None,
-        output: list[str] | None = None,
-        retry_after: float | None = None,
-    ) -> int:
+    async def _refuse(self, stream: trio.abc.Stream, scope: dict[str, Any], refused: Refused) -> int:
         """Answer the upgrade with an error page (secrets masked) and close."""
-        auth = self.dispatcher.settings.auth
-        known = auth.known_secrets() if hasattr(auth, "known_secrets") else []
-        content_type, body = render_error(
-            status,
-            mask_secrets(message, known),
-            as_json=wants_json(scope["headers"]),
-            server=server,
-            output=[mask_secrets(line, known) for line in output] if output else output,
-            retry_after=retry_after,
+        refused = self.gate.refusal(refused)
+        headers, body = error_response(
+            scope["headers"],
+            refused.status,
+            refused.message,
+            server=refused.server,
+            output=refused.output,
+            retry_after=refused.retry_after,
         )
-        headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
-        if retry_after is not None:
-            headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
+        status = refused.status
         reason = HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b"Error"
         await _send_quietly(stream, _response_bytes(status, reason, headers, body))
         return status
+
+
+async def _unless_client_leaves(stream: trio.abc.Stream, handshake: Callable[[], Awaitable[_T]]) -> _T | None:
+    """``handshake()``'s result, or None as soon as the client has closed or reset its connection.
+
+    A backend slow to answer would otherwise hold both connections until the handshake
+    timeout. The client's socket is only polled, never read (its next bytes are frames).
+    """
+    sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else getattr(stream, "socket", None)
+    if sock is None:
+        return await handshake()
+    result: list[_T] = []
+    failure: list[Exception] = []
+
+    async def shake(cancel_scope: trio.CancelScope) -> None:
+        try:
+            result.append(await handshake())
+        except Exception as exc:  # raised below, as it is: not wrapped in the nursery's group
+            failure.append(exc)
+        cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shake, nursery.cancel_scope)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            if client_gone(sock):
+                nursery.cancel_scope.cancel()
+                break
+            await trio.sleep(CLIENT_POLL)  # early frames: readable, not gone; look again later
+    if failure:
+        raise failure[0]
+    return result[0] if result else None
 
 
 def _scope(request: RequestHead, raw_path: bytes, query: bytes) -> dict[str, Any]:

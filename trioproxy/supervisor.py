@@ -15,6 +15,7 @@ cancelling that cancels and reaps everything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -41,8 +42,6 @@ EXIT_GRACE = 0.5
 MAX_PORT_RETRIES = 3
 # When an error page for a server that is starting again tells the browser to try again (s).
 RETRY_WHILE_STARTING = 2.0
-# How often a reload waiting for a server to be idle looks at its requests under way.
-IDLE_POLL = 0.1
 
 _T = TypeVar("_T")
 
@@ -184,7 +183,8 @@ class ServerSupervisor:
         self.ready_since: float | None = None
         self.last_activity = trio.current_time() if _in_trio() else 0.0
         self.start_latency = Histogram()
-        self.active = 0  # requests and WebSockets being relayed now (the dispatcher counts)
+        self._in_use = 0  # requests and WebSockets admitted and not done (see in_use)
+        self._unused = trio.Event()
         self._changed = trio.Event()
         self._early_failures = 0
         self._stops = 0  # stops asked for by the API: they fail the requests waiting
@@ -291,6 +291,31 @@ class ServerSupervisor:
     def touch(self) -> None:
         """Record activity (idle culling counts from the last one)."""
         self.last_activity = trio.current_time()
+
+    @property
+    def active(self) -> int:
+        """Requests and WebSockets in use now: admitted (maybe waiting for a start) and not done."""
+        return self._in_use
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Count a request or WebSocket as using this server while the context lasts.
+
+        The admission pipeline enters it before the server is started; idle culling and
+        :meth:`wait_until_unused` (a ``?when=idle`` reload) wait for every use to end.
+        """
+        self._in_use += 1
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+            if not self._in_use:
+                self._unused.set()
+                self._unused = trio.Event()
+
+    async def wait_until_unused(self) -> None:
+        while self._in_use:
+            await self._unused.wait()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -840,9 +865,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
 
         async def when_no_one_uses_it() -> None:
             with scope:
-                # Polled: the dispatcher counts requests under way without telling anyone.
-                while self._supervisors[name].active:  # noqa: ASYNC110
-                    await trio.sleep(IDLE_POLL)
+                await self._supervisors[name].wait_until_unused()
                 del self._waiting_for_idle[name]
                 await self._replace(process)
 

@@ -35,7 +35,7 @@ from trio_websocket import (
 from wsproto.utilities import ProtocolError
 
 from ..backend import Backend, connect
-from ..errors import render_error, sole_exception
+from ..errors import error_response, render_error, sole_exception
 from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
 if sys.version_info < (3, 11):
@@ -252,8 +252,9 @@ async def refuse_websocket(
     """
     if (await receive())["type"] != "websocket.connect":
         return
-    refusal = _Refused(status, message, output=output, retry_after=retry_after)
-    await _Client(scope, send).refuse(refusal, server or "trioproxy")
+    # The page is the one every transport renders for the same refusal (trioproxy.errors).
+    headers, body = error_response(scope["headers"], status, message, server=server, output=output, retry_after=retry_after)
+    await _Client(scope, send).refuse(_Refused(status, message, headers, body), server or "trioproxy")
 
 
 async def _connect(target: WebSocketTarget) -> trio.SocketStream:

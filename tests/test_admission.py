@@ -1,0 +1,220 @@
+"""The admission pipeline (trioproxy.admission.Gate) as both transports meet it.
+
+A WebSocket reaches the gate by the fast path (the first request of a connection) or through
+Hypercorn and ASGI (an upgrade after a first request): the same limits, the same accounting
+and the same answers either way, checked with raw sockets against a real trioproxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+from .conftest import TOKEN, start_proxy, wait_for
+from .test_websocket import RawServer, read_request_head, start_raw_server
+from .test_websocket_fastpath import KEY
+
+UPGRADE = (
+    "GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: " + KEY + "\r\nSec-WebSocket-Version: 13\r\nAccept: application/json\r\n{extra}\r\n"
+)
+PLAIN = "GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n"
+AUTH = f"Authorization: token {TOKEN}\r\n"
+
+
+def switched(head: bytes) -> bytes:
+    """A backend's 101 to the upgrade ``head`` (RFC 6455 4.2.2: the accept from the key)."""
+    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+# The two ways an upgrade reaches the gate: as a connection's first request (the fast path),
+# or after an ordinary request on the same connection (Hypercorn, then the ASGI relay).
+PATHS = ["fast-path", "asgi"]
+
+
+async def connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def read_response(stream: trio.SocketStream) -> tuple[int, bytes, bytes]:
+    """Status, head and body of one response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"the connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        body += chunk
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+async def upgrade(port: int, path: str, way: str, extra: str = AUTH) -> trio.SocketStream:
+    """A connection that has sent an upgrade to ``path`` the ``way`` asked."""
+    stream = await connect(port)
+    if way == "asgi":
+        await stream.send_all(PLAIN.format(path="server-proxy/api/servers", extra=AUTH).encode())
+        status, _, _ = await read_response(stream)
+        assert status == 200
+    await stream.send_all(UPGRADE.format(path=path, extra=extra).encode())
+    return stream
+
+
+def held_handshake(release: trio.Event) -> Callable[[trio.SocketStream, RawServer], Awaitable[None]]:
+    """A backend that answers an upgrade only once ``release`` is set, then holds the line."""
+
+    async def handle(stream: trio.SocketStream, server: RawServer) -> None:
+        head = await read_request_head(stream)
+        server.requests.append(head)
+        await release.wait()
+        await stream.send_all(switched(head))
+        while await stream.receive_some(65536):
+            continue
+
+    return handle
+
+
+@pytest.mark.parametrize("way", PATHS)
+async def test_a_websocket_is_in_use_from_admission_on_either_path(nursery: trio.Nursery, way: str) -> None:
+    release = trio.Event()
+    backend = await start_raw_server(nursery, held_handshake(release))
+    proxy = await start_proxy(nursery, {"slow": {"port": backend.port}})
+    supervisor = proxy.supervisors["slow"]
+    stream = await upgrade(int(proxy.url.split(":")[2].split("/")[0]), "slow/", way)
+    with trio.fail_after(10):
+        await wait_for(lambda: backend.requests)
+    # The backend has not answered: the WebSocket is being set up, and already counts.
+    assert supervisor.active == 1
+    release.set()
+    with trio.fail_after(10):
+        status, _, _ = await read_response_head_only(stream)
+    assert status == 101
+    assert supervisor.active == 1
+    await stream.aclose()
+    with trio.fail_after(10):
+        await wait_for(lambda: supervisor.active == 0)
+
+
+async def read_response_head_only(stream: trio.SocketStream) -> tuple[int, bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, rest
+
+
+@pytest.mark.parametrize("way", PATHS)
+async def test_an_idle_reload_waits_for_a_websocket_being_set_up(nursery: trio.Nursery, way: str) -> None:
+    from trioproxy.config import make_server_process
+
+    release = trio.Event()
+    backend = await start_raw_server(nursery, held_handshake(release))
+    proxy = await start_proxy(nursery, {"slow": {"port": backend.port}})
+    stream = await upgrade(int(proxy.url.split(":")[2].split("/")[0]), "slow/", way)
+    with trio.fail_after(10):
+        await wait_for(lambda: backend.requests)
+    old = proxy.supervisors["slow"]
+    await proxy.supervisors.replace(make_server_process("slow", {"port": backend.port, "timeout": 7}), when_idle=True)
+    await trio.sleep(0.3)
+    assert proxy.supervisors["slow"] is old, "replaced while a WebSocket was being set up"
+    release.set()
+    with trio.fail_after(10):
+        status, _, _ = await read_response_head_only(stream)
+    assert status == 101
+    await stream.aclose()
+    with trio.fail_after(10):
+        await wait_for(lambda: proxy.supervisors["slow"] is not old)
+
+
+@pytest.mark.parametrize("way", PATHS)
+async def test_websockets_count_against_max_connections(nursery: trio.Nursery, way: str) -> None:
+    release = trio.Event()
+    release.set()
+    backend = await start_raw_server(nursery, held_handshake(release))
+    proxy = await start_proxy(
+        nursery, {"one": {"port": backend.port, "max_connections": 1, "connect_timeout": 0.5}}
+    )
+    port = int(proxy.url.split(":")[2].split("/")[0])
+    first = await upgrade(port, "one/", way)
+    with trio.fail_after(10):
+        status, _, _ = await read_response_head_only(first)
+    assert status == 101
+    second = await upgrade(port, "one/", way)
+    with trio.fail_after(10):
+        status, _, body = await read_response(second)
+    assert status == 504
+    assert "all connections busy" in json.loads(body)["message"]
+    await second.aclose()
+    await first.aclose()
+    # Its slot is free again once the first WebSocket has ended.
+    with trio.fail_after(10):
+        while True:
+            third = await upgrade(port, "one/", way)
+            status, _, _ = await read_response_head_only(third)
+            await third.aclose()
+            if status == 101:
+                break
+            await trio.sleep(0.1)
+    assert backend.connections >= 2
+
+
+async def test_a_client_that_leaves_during_the_handshake_ends_both_connections(nursery: trio.Nursery) -> None:
+    backend_closed = trio.Event()
+
+    async def never_answer(stream: trio.SocketStream, server: RawServer) -> None:
+        server.requests.append(await read_request_head(stream))
+        while await stream.receive_some(65536):
+            continue
+        backend_closed.set()
+
+    backend = await start_raw_server(nursery, never_answer)
+    proxy = await start_proxy(nursery, {"silent": {"port": backend.port}})
+    stream = await upgrade(int(proxy.url.split(":")[2].split("/")[0]), "silent/", "fast-path")
+    with trio.fail_after(10):
+        await wait_for(lambda: backend.requests)
+    await stream.aclose()
+    # Long before the handshake timeout (30 s), the backend's connection is closed too.
+    with trio.fail_after(10):
+        await backend_closed.wait()
+    with trio.fail_after(10):
+        await wait_for(lambda: proxy.supervisors["silent"].active == 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "status"),
+    [
+        ("echo/", "", 403),  # no credentials
+        ("echo/", AUTH + "Origin: http://evil.example\r\n", 403),
+        ("proxy/evil.example:80/", AUTH, 403),  # not on the host allowlist
+    ],
+)
+async def test_refusals_are_the_same_on_both_paths(nursery: trio.Nursery, path: str, extra: str, status: int) -> None:
+    backend = await start_raw_server(nursery, held_handshake(trio.Event()))
+    proxy = await start_proxy(nursery, {"echo": {"port": backend.port}})
+    port = int(proxy.url.split(":")[2].split("/")[0])
+    answers = []
+    for way in PATHS:
+        stream = await upgrade(port, path, way, extra)
+        with trio.fail_after(10):
+            got, _, body = await read_response(stream)
+        await stream.aclose()
+        answers.append((got, json.loads(body)["message"]))
+    assert answers[0] == answers[1] == (status, answers[0][1])
+    assert not backend.requests
