@@ -7,10 +7,10 @@ import trio
 import trio.testing
 
 from trioproxy.backend import Backend, ClientOptions, ProxyTargets
+from trioproxy.health import ready_poll_interval
 from trioproxy.relay.framing import FramingError, body_framing, declared_length, response_framing_error
 from trioproxy.relay.upstream import trusted_proxy, upstream_headers, upstream_request
 from trioproxy.routing import resolve
-from trioproxy.supervisor import ready_poll_interval
 
 # -- request framing ------------------------------------------------------------------------------
 

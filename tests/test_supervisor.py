@@ -16,7 +16,7 @@ import trio.testing
 from trioproxy.config import make_server_process
 from trioproxy.supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 
-from .conftest import PY, echo_command, pid_alive, wait_for
+from .conftest import BACKENDS, PY, echo_command, pid_alive, wait_for
 
 # A backend that records each start in a file, optionally sleeps, then serves HTTP on {port}.
 SERVE = textwrap.dedent(
@@ -478,10 +478,9 @@ async def test_idle_culling_on_virtual_time(autojump_clock: trio.testing.MockClo
         await trio.sleep(10)
         idle.touch()  # idle from 10: due at 40
         await trio.sleep(10)
-        idle.active += 1  # a response streams from 20 to 50: not idle meanwhile
-        await trio.sleep(30)
-        assert culled_at == []
-        idle.active -= 1
+        with idle.in_use():  # a response streams from 20 to 50: not idle meanwhile
+            await trio.sleep(30)
+            assert culled_at == []
         idle.touch()  # as the dispatcher does when a response ends: due at 80
     assert culled_at == [pytest.approx(80)]
     assert cycle.cancel_called and idle.state is State.STOPPING and idle.reason == "idle for 30 s"
@@ -510,3 +509,15 @@ async def test_a_child_printing_as_it_stops_is_read_to_the_end(nursery: trio.Nur
     assert trio.current_time() - started < 2  # it exited on SIGTERM, not killed after 5 s
     assert talk.last_exit_code == 0
     assert "shutting down, step 1999" in talk.output.tail(5)
+
+
+async def test_readiness_polls_reuse_one_connection(nursery: trio.Nursery) -> None:
+    # While an app answers 503 warming up, its readiness is polled every few milliseconds: over
+    # one kept-alive connection, not a new client (and TLS context) per poll.
+    command = [PY, str(BACKENDS / "warming.py"), "{port}", "60"]
+    supervisors = await run_supervisors(nursery, {"warm": {"command": command, "ready_check_path": "/ready"}})
+    backend = (await supervisors["warm"].ensure_ready()).backend
+    async with httpx.AsyncClient() as client:
+        counts = (await client.get(f"http://127.0.0.1:{backend.port}/stats")).json()
+    assert counts["ready_requests"] == 61
+    assert counts["connections"] <= 3, counts  # ours just now, and the prober's

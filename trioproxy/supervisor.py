@@ -25,18 +25,14 @@ from typing import Any, TypeVar
 import trio
 
 from .addresses import ServerAddress
-from .backend import Backend, BackendClient, ClientOptions, connect
+from .backend import Backend, BackendClient, ClientOptions
 from .config import ServerProcess
-from .health import FailureStreak, probe
+from .health import FailureStreak, Prober, probe, wait_until_ready
 from .histogram import Histogram
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_dict, expand_list
 
-# Readiness is polled every 5 ms at first (a fast server is noticed within milliseconds),
-# then less often: the interval grows with the time waited, to READY_POLL_LONGEST.
-READY_POLL_FIRST = 0.005
-READY_POLL_LONGEST = 0.1
 # How long a request whose backend broke off waits to see whether its process exited.
 EXIT_GRACE = 0.5
 MAX_PORT_RETRIES = 3
@@ -98,51 +94,6 @@ class ServerUnavailable(Exception):
         self.retry_after = retry_after
 
 
-async def wait_until_ready(backend: Backend, check_path: str | None) -> None:
-    """Poll until the backend accepts a connection (and answers ``check_path`` below 400).
-
-    No end of its own: the caller bounds it (the server's ``timeout``).
-    """
-    began = trio.current_time()
-    while True:
-        if await _accepts(backend) and (check_path is None or await _answers(backend, check_path)):
-            return
-        await trio.sleep(ready_poll_interval(trio.current_time() - began))
-
-
-async def _accepts(backend: Backend) -> bool:
-    try:
-        stream = await connect(backend)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
-
-
-def ready_poll_interval(waited: float) -> float:
-    """How long to wait before the next readiness check, after ``waited`` seconds.
-
-    5 ms for the first 5 s (jupyter-server-proxy's default ``timeout``: a server is noticed
-    within milliseconds of opening its port, whatever its start-up time), then 1 % of the
-    time waited beyond that, up to READY_POLL_LONGEST: a connection attempt costs tens of
-    microseconds, and a start that takes long is polled ten times a second.
-    """
-    return min(READY_POLL_LONGEST, max(READY_POLL_FIRST, (waited - 5) / 100))
-
-
-async def _answers(backend: Backend, path: str) -> bool:
-    import httpx
-
-    transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket) if backend.unix_socket else None
-    url = f"http://{backend.host}:{backend.port}/{path.lstrip('/')}"
-    try:
-        async with httpx.AsyncClient(transport=transport, timeout=2.0) as client:
-            response = await client.get(url)
-    except httpx.HTTPError:
-        return False
-    return response.status_code < 400
-
-
 class _StartFailed(Exception):
     """The command could not be started at all (not found, not executable, bad template).
 
@@ -196,6 +147,7 @@ class ServerSupervisor:
         self._cycle_done: trio.Event | None = None
         self._cycle_was_ready = False  # a process of this start was ready once
         self.health_check = process.health if process.command else None
+        self.prober = Prober()  # readiness and health checks, over one kept-alive client
         self.health_failures = 0  # failed checks, all told
         self.last_health_failure: str | None = None
         self.unhealthy = 0  # processes stopped for failing their checks
@@ -255,6 +207,7 @@ class ServerSupervisor:
         finally:
             self._nursery = None
             self._drop_client()
+            await self.prober.aclose()
             if self.has_command and self.state is not State.STOPPED:
                 self._set_state(State.STOPPED, "trioproxy stopped")
             self.address.close()
@@ -623,7 +576,7 @@ class ServerSupervisor:
     ) -> None:
         with scope:
             with trio.move_on_after(self.process.timeout):
-                await wait_until_ready(self.backend, self.process.ready_check_path)
+                await wait_until_ready(self.backend, self.process.ready_check_path, self.prober)
                 self.ready_since = trio.current_time()
             if self.state is not State.STARTING:
                 # A stop came in the same moment as the answer (its cancellation is only seen
@@ -655,7 +608,7 @@ class ServerSupervisor:
         streak = FailureStreak(check)
         while True:
             await trio.sleep(check.interval)
-            failure = await probe(self.backend, check)
+            failure = await probe(self.backend, check, self.prober)
             if failure is None:
                 streak.passed()
                 continue
