@@ -202,6 +202,7 @@ async def test_a_client_that_leaves_during_the_handshake_ends_both_connections(n
     [
         ("echo/", "", 403),  # no credentials
         ("echo/", AUTH + "Origin: http://evil.example\r\n", 403),
+        ("echo/", AUTH + "Origin: http://[\r\n", 403),  # not a URL: no origin that is allowed
         ("proxy/evil.example:80/", AUTH, 403),  # not on the host allowlist
     ],
 )

@@ -35,5 +35,8 @@ def origin_allowed(
         return True
     host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
     forwarded_host = trusted_forwarded(scope, b"x-forwarded-host", forwarded_allow)
-    origin_host = urlsplit(origin).netloc.lower()
+    try:
+        origin_host = urlsplit(origin).netloc.lower()
+    except ValueError:  # not a URL (e.g. "http://[", an unclosed IPv6 literal): no origin we allow
+        return False
     return bool(origin_host) and origin_host in {(host or "").lower(), forwarded_host or ""} - {""}
