@@ -219,3 +219,19 @@ async def test_refusals_are_the_same_on_both_paths(nursery: trio.Nursery, path: 
         answers.append((got, json.loads(body)["message"]))
     assert answers[0] == answers[1] == (status, answers[0][1])
     assert not backend.requests
+
+
+@pytest.mark.parametrize("way", PATHS)
+async def test_mappath_maps_http_requests_not_websockets(nursery: trio.Nursery, way: str) -> None:
+    # As jupyter-server-proxy (xprahtml5 and trame map "/" to a page with a query; their
+    # clients' WebSockets at "/" must reach the backend at "/").
+    release = trio.Event()
+    release.set()
+    backend = await start_raw_server(nursery, held_handshake(release))
+    proxy = await start_proxy(nursery, {"app": {"port": backend.port, "mappath": {"/": "/index.html?user=me"}}})
+    stream = await upgrade(int(proxy.url.split(":")[2].split("/")[0]), "app/", way)
+    with trio.fail_after(10):
+        status, _, _ = await read_response_head_only(stream)
+    await stream.aclose()
+    assert status == 101
+    assert backend.requests[0].startswith(b"GET / HTTP/1.1\r\n")

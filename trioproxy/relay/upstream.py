@@ -144,6 +144,10 @@ def upstream_request(
     """Everything the backend gets but the body. Raises if a mapping or a template fails."""
     absolute = route.absolute or absolute_url
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    # As jupyter-server-proxy: mappath maps HTTP requests; a WebSocket goes to the path it asked
+    # (an app mapping "/" to its page keeps its WebSocket at "/").
+    if scope.get("type") == "websocket":
+        mappath = None
     path = upstream_path(route, absolute, raw_path, mappath)
     expanded = expand_dict(overrides, dict(template_variables or {})) if overrides else None
     headers = upstream_headers(
