@@ -1,14 +1,20 @@
-"""Running one child process: its own process group, its output drained, stopped with its group.
+"""Running one child process: its own process group, its output drained, stopped with its family.
 
-A child never outlives trioproxy: stopping sends SIGTERM to the child's process group and SIGKILL
-after a grace period, and whatever the group leader leaves behind when it exits is killed with
-it. If trioproxy itself is killed with SIGKILL it cannot do that, so an :class:`OrphanGuard`
-process (started once) holds the other end of a pipe and kills every registered group when the
-pipe closes, and removes the directories registered with it.
+A child never outlives trioproxy, nor does anything it started. Its *family* is its process
+group and every process that carries its mark in its environment (:data:`FAMILY_VARIABLE`,
+inherited by whatever it starts): daemonizing programs (``vncserver`` starting its X server)
+call ``setsid`` and fork, leaving the group and the session, but not their environment.
+Stopping sends SIGTERM to the whole family and gives it ``stop_timeout`` in all before SIGKILL;
+when the child exits on its own, what it leaves behind gets the same SIGTERM and grace. If
+trioproxy itself is killed with SIGKILL it cannot do that, so an :class:`OrphanGuard` process
+(started once) holds the other end of a pipe and, when the pipe closes, ends every registered
+group and mark and removes the directories registered with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -22,8 +28,13 @@ from functools import partial
 
 import trio
 
+from ._orphan_guard import FAMILY_VARIABLE, family_members
+
 MAX_LINE = 4096
 DRAIN_AFTER_EXIT = 1.0  # seconds to read what is left in the pipe once the group is gone
+FAMILY_POLL = 0.05  # how often a stopping family is looked at
+_PROC = os.path.isdir("/proc")
+_families = itertools.count(1)
 
 
 class OutputLog:
@@ -71,17 +82,66 @@ def _signal_group(pgid: int, signum: int) -> bool:
     return True
 
 
-async def _stop_group(stop_timeout: float, process: trio.Process) -> None:
+class Family:
+    """A child's process group and the descendants that left it, as one thing to stop."""
+
+    def __init__(self, name: str, stop_timeout: float) -> None:
+        self.mark = f"{os.getpid()}-{next(_families)}"
+        self.name = name
+        self.stop_timeout = stop_timeout
+        self.pgid: int | None = None
+        self.deadline: float | None = None  # SIGKILL after this (trio time), once stopping
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum`` to every live member; whether any was there to get it."""
+        reached = False
+        if self.pgid is not None and (signum != 0 or not _PROC):
+            # Without /proc, the group is all there is to see (zombies included).
+            reached = _signal_group(self.pgid, signum) and not _PROC
+        for pid in family_members(self.mark, self.pgid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+                reached = True
+        return reached
+
+    def alive(self) -> bool:
+        return self.signal(0)
+
+    def terminate(self) -> None:
+        """SIGTERM to all, once: the grace period starts now."""
+        if self.deadline is None:
+            self.deadline = trio.current_time() + self.stop_timeout
+            self.signal(signal.SIGTERM)
+
+    async def end(self) -> None:
+        """Terminate what is left, wait for it within the grace, then kill the rest."""
+        if not self.alive():
+            return
+        self.terminate()
+        assert self.deadline is not None
+        with trio.move_on_at(self.deadline):
+            # Polled: processes that are not our children can only be looked at.
+            while self.alive():  # noqa: ASYNC110
+                await trio.sleep(FAMILY_POLL)
+            return
+        logging.getLogger("trioproxy.process").warning(
+            "%s: processes ignored SIGTERM for %.1f s; sending SIGKILL", self.name, self.stop_timeout
+        )
+        self.signal(signal.SIGKILL)
+
+
+async def _stop_family(family: Family, process: trio.Process) -> None:
     # trio calls this (shielded) when the task running the child is cancelled, then waits
-    # for the child to exit.
-    _signal_group(process.pid, signal.SIGTERM)
-    with trio.move_on_after(stop_timeout):
+    # for the child to exit; the rest of the family is waited for once it has.
+    family.terminate()
+    assert family.deadline is not None
+    with trio.move_on_at(family.deadline):
         await process.wait()
         return
     logging.getLogger("trioproxy.process").warning(
-        "process %d ignored SIGTERM for %.1f s; sending SIGKILL", process.pid, stop_timeout
+        "process %d ignored SIGTERM for %.1f s; sending SIGKILL", process.pid, family.stop_timeout
     )
-    _signal_group(process.pid, signal.SIGKILL)
+    family.signal(signal.SIGKILL)
 
 
 async def _drain(stream: trio.abc.ReceiveStream, output: OutputLog, logger: logging.Logger) -> None:
@@ -125,6 +185,7 @@ async def run_child(
     """
     logger = logging.getLogger(f"trioproxy.server.{spec.name}")
     start_error: OSError | None = None
+    family = Family(spec.name, spec.stop_timeout)
     async with trio.open_nursery() as nursery:
         try:
             process: trio.Process = await nursery.start(
@@ -136,17 +197,18 @@ async def run_child(
                     stderr=subprocess.STDOUT,
                     check=False,
                     start_new_session=True,
-                    env=dict(spec.env),
+                    env={**spec.env, FAMILY_VARIABLE: family.mark},
                     cwd=spec.cwd,
-                    deliver_cancel=partial(_stop_group, spec.stop_timeout),
+                    deliver_cancel=partial(_stop_family, family),
                 )
             )
         except OSError as exc:
             # Raised here, not from inside the nursery, it stays a plain OSError.
             start_error = exc
         else:
+            family.pgid = process.pid
             if guard is not None:
-                guard.watch(process.pid)
+                guard.watch(process.pid, family.mark)
             assert process.stdout is not None
             # Shielded: a child stopped with SIGTERM often prints as it shuts down, and would
             # get a broken pipe (or block) if its output stopped being read. Once the whole
@@ -154,7 +216,7 @@ async def run_child(
             # group still holds the pipe.
             draining = trio.CancelScope(shield=True)
             nursery.start_soon(_drain_within, draining, process.stdout, output, logger)
-            nursery.start_soon(_clear_group_after_exit, process, guard, draining)
+            nursery.start_soon(_end_family_after_exit, process, family, guard, draining)
             task_status.started(process)
     if start_error is not None:
         raise start_error
@@ -169,17 +231,17 @@ async def _drain_within(
         await _drain(stream, output, logger)
 
 
-async def _clear_group_after_exit(
-    process: trio.Process, guard: OrphanGuard | None, draining: trio.CancelScope
+async def _end_family_after_exit(
+    process: trio.Process, family: Family, guard: OrphanGuard | None, draining: trio.CancelScope
 ) -> None:
     # Shielded: on cancellation trio.run_process stops the leader and waits for it; only then
-    # is the rest of the group killed. Whatever is left would hold the port or the output pipe
-    # (and so the drain) open.
+    # is the rest of the family ended, within what is left of the same grace. Whatever is left
+    # would hold the port or the output pipe (and so the drain) open.
     with trio.CancelScope(shield=True):
         await process.wait()
-    _signal_group(process.pid, signal.SIGKILL)
+        await family.end()
     if guard is not None:
-        guard.unwatch(process.pid)
+        guard.unwatch(process.pid, family.mark)
     draining.deadline = trio.current_time() + DRAIN_AFTER_EXIT
 
 
@@ -204,11 +266,15 @@ class OrphanGuard:
             os.close(self._fd)
             self._fd = None
 
-    def watch(self, pgid: int) -> None:
+    def watch(self, pgid: int, mark: str | None = None) -> None:
         self._send(f"+{pgid}")
+        if mark is not None:
+            self._send(f"*{mark}")
 
-    def unwatch(self, pgid: int) -> None:
+    def unwatch(self, pgid: int, mark: str | None = None) -> None:
         self._send(f"-{pgid}")
+        if mark is not None:
+            self._send(f"/{mark}")
 
     def remove_on_exit(self, directory: str) -> None:
         """Have the guard remove ``directory`` (and what is in it) once trioproxy has gone,
