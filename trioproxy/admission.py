@@ -300,7 +300,7 @@ def relayed_request(scope: dict[str, Any]) -> RelayedRequest:
 
     ``path`` and ``uri`` are as the client sent them (still percent-encoded), as in Tornado.
     """
-    from .relay.rewrite import HeaderMap
+    from .relay.header_map import HeaderMap
 
     headers = HeaderMap.from_raw(scope["headers"])
     query = scope.get("query_string", b"").decode("latin-1")

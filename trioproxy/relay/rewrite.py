@@ -8,81 +8,19 @@ what the one before it left.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import http.cookies
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..templating import call_with_asked_args
-from .headers import Headers as HeaderList
-
-
-class HeaderMap:
-    """Case-insensitive headers that keep repeats (Set-Cookie) and their order."""
-
-    def __init__(self, items: Sequence[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] = list(items)
-
-    @classmethod
-    def from_raw(cls, raw: HeaderList) -> HeaderMap:
-        return cls([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
-
-    def raw(self) -> HeaderList:
-        return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in self._items]
-
-    def get_list(self, name: str) -> list[str]:
-        key = name.lower()
-        return [v for n, v in self._items if n.lower() == key]
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        values = self.get_list(name)
-        return ",".join(values) if values else default
-
-    def add(self, name: str, value: str) -> None:
-        self._items.append((name, str(value)))
-
-    def __getitem__(self, name: str) -> str:
-        value = self.get(name)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __setitem__(self, name: str, value: str) -> None:
-        key = name.lower()
-        self._items = [(n, v) for n, v in self._items if n.lower() != key]
-        self._items.append((name, str(value)))
-
-    def __delitem__(self, name: str) -> None:
-        key = name.lower()
-        if not any(n.lower() == key for n, _ in self._items):
-            raise KeyError(name)
-        self._items = [(n, v) for n, v in self._items if n.lower() != key]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and any(n.lower() == name.lower() for n, _ in self._items)
-
-    def __iter__(self) -> Iterator[str]:
-        seen: list[str] = []
-        for n, _ in self._items:
-            if n.lower() not in (s.lower() for s in seen):
-                seen.append(n)
-        return iter(seen)
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-    def items(self) -> list[tuple[str, str]]:
-        return list(self._items)
-
-    def copy(self) -> HeaderMap:
-        return HeaderMap(self._items)
-
-    def __repr__(self) -> str:
-        return f"HeaderMap({self._items!r})"
+from .header_map import HeaderList, HeaderMap, headers_of
 
 
 @dataclass
@@ -154,6 +92,19 @@ class RelayedRequest:
 
     def full_url(self) -> str:
         return f"{self.protocol}://{self.host}{self.uri}"
+
+    @functools.cached_property
+    def cookies(self) -> dict[str, http.cookies.Morsel[str]]:
+        """The request's cookies by name, as Tornado's ``request.cookies`` gives them."""
+        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        for header in self.headers.get_list("Cookie"):
+            with contextlib.suppress(http.cookies.CookieError):  # Tornado skips what does not parse
+                jar.load(header)
+        return dict(jar)
+
+    def get_cookie(self, name: str, default: str | None = None) -> str | None:
+        morsel = self.cookies.get(name)
+        return morsel.value if morsel is not None else default
 
     @functools.cached_property
     def query_arguments(self) -> dict[str, list[bytes]]:
@@ -242,6 +193,6 @@ def apply_rewrites(
             },
         )
     body_out = response.body if isinstance(response.body, bytes) else str(response.body).encode()
-    raw = [(n, v) for n, v in response.headers.raw() if n != b"content-length"]
+    raw = [(n, v) for n, v in headers_of(response.headers).raw() if n != b"content-length"]
     raw.append((b"content-length", str(len(body_out)).encode()))
     return int(response.code), raw, body_out
