@@ -129,3 +129,23 @@ def test_the_request_offers_its_cookies_as_tornado_does() -> None:
     request = relayed_request(scope)
     assert {name: morsel.value for name, morsel in request.cookies.items()} == {"a": "1", "session": "xyz", "b": "2"}
     assert request.get_cookie("session") == "xyz" and request.get_cookie("none", "d") == "d"
+
+
+def _failing_rewrite(response: Any) -> None:
+    raise ValueError("the package's own bug")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_failing_callable_is_named_and_logged_with_its_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    proxy = await start_proxy(nursery, {"bad": {"command": echo_command(), "rewrite_response": _failing_rewrite}})
+    async with proxy.client() as client:
+        response = await client.request(method, "bad/x", content=b"a body" if method == "POST" else None)
+    assert response.status_code == 500
+    name = f"{__name__}._failing_rewrite"
+    assert response.json()["message"] == f"bad: the rewrite_response callable {name} raised ValueError: the package's own bug"
+    (record,) = [r for r in caplog.records if r.name == "trioproxy.app" and r.levelname == "ERROR"]
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert "_failing_rewrite" in caplog.text.split("Traceback", 1)[1]  # the package's frame is shown
+    assert "ExceptionGroup" not in response.text

@@ -23,7 +23,7 @@ from .auth import Authenticator, TokenAuth
 from .backend import Backend, BackendError, ClientOptions, ProxyTargets
 from .body import BodyGuard
 from .config import ServerProcess
-from .errors import send_error, send_redirect
+from .errors import CallableFailed, send_error, send_redirect, sole_exception
 from .listener import CLIENT_SOCKET
 from .metrics import PROXY_LABEL, HttpExchange, Metrics, WebSocketExchange, log_access
 from .relay.framing import FramingError, declared_length
@@ -220,26 +220,31 @@ class Dispatcher:
         respond: Any = send
         if admission.identity.set_cookie is not None:
             respond = _with_header(send, (b"set-cookie", admission.identity.set_cookie))
-        refused: Refused | None = None
         try:
             await relay_http(scope, body, respond, target)
-        except ServerUnavailable as exc:  # its replacement could not start
-            refused = self.gate.refusal(exc)
-        except BackendError as exc:
-            if body.failure is not None:
-                refused = Refused(*body.failure, server=server)
-            elif not send.started:
-                log.warning("%s: %s", server, exc)
-                refused = self.gate.refusal(Refused(exc.status, f"{server}: {exc}", server=server))
-        except Exception as exc:  # a rewrite callable or a protocol error: report, don't crash
-            if body.failure is not None:
-                log.info("%s: request body refused: %s", server, body.failure[1])
-                refused = Refused(*body.failure, server=server)
-            else:
-                log.error("%s: relay failed: %s: %s", server, type(exc).__name__, exc)
-                refused = self.gate.refusal(Refused(500, f"{server}: {type(exc).__name__}: {exc}", server=server))
-        if refused is not None and not send.started:
-            await self._refuse(scope, None, respond, refused)
+        except Exception as exc:  # nurseries in the relay may wrap it in a group
+            refused = self._relay_failed(server, body, sole_exception(exc))
+            if refused is not None and not send.started:
+                await self._refuse(scope, None, respond, refused)
+
+    def _relay_failed(self, server: str, body: BodyGuard, failure: BaseException) -> Refused | None:
+        """What the client of a failed relay is told, if its response has not begun."""
+        if isinstance(failure, ServerUnavailable):  # its replacement could not start
+            return self.gate.refusal(failure)
+        if body.failure is not None:  # the request's body was refused: that is the answer
+            log.info("%s: request body refused: %s", server, body.failure[1])
+            return Refused(*body.failure, server=server)
+        if isinstance(failure, BackendError):
+            log.warning("%s: %s", server, failure)
+            return self.gate.refusal(Refused(failure.status, f"{server}: {failure}", server=server))
+        if isinstance(failure, CallableFailed) and failure.cause is not None:
+            cause = failure.cause
+            log.error("%s: %s raised %s: %s", server, failure.what, type(cause).__name__, cause, exc_info=cause)
+            message = f"{server}: the {failure.what} raised {type(cause).__name__}: {cause}"
+        else:  # a protocol error, or a bug: report, don't crash
+            log.error("%s: relay failed: %s: %s", server, type(failure).__name__, failure, exc_info=failure)
+            message = f"{server}: {type(failure).__name__}: {failure}"
+        return self.gate.refusal(Refused(500, message, server=server))
 
     def _rewrites(self, process: ServerProcess | None, headers: Headers) -> list[Callable[..., Any]]:
         accept = next((v for n, v in headers if n == b"accept"), b"")

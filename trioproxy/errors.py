@@ -18,6 +18,28 @@ if sys.version_info < (3, 11):
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class CallableFailed(Exception):
+    """A configured callable (``rewrite_response``, ``mappath``…) raised; ``__cause__`` is what.
+
+    ``what`` names the option and the callable, so that a package's author sees whose code
+    failed: ``rewrite_response callable jupyter_rsession_proxy.rewrite_netloc``.
+    """
+
+    def __init__(self, option: str, function: object) -> None:
+        self.what = f"{option} callable {describe_callable(function)}"
+        super().__init__(self.what)
+
+    @property
+    def cause(self) -> BaseException | None:
+        return self.__cause__
+
+
+def describe_callable(function: object) -> str:
+    module = getattr(function, "__module__", None)
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
+    return f"{module}.{name}" if module else str(name)
+
+
 def sole_exception(exc: BaseException) -> BaseException:
     """The one exception that nurseries wrapped in groups, or the group if it holds several."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:

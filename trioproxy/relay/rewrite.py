@@ -19,6 +19,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..errors import CallableFailed
 from ..templating import call_with_asked_args
 from .header_map import HeaderList, HeaderMap, headers_of
 
@@ -181,17 +182,20 @@ def apply_rewrites(
     response = copy.copy(original)
     response.headers = original.headers.copy()
     for rewrite in rewrites:
-        call_with_asked_args(
-            rewrite,
-            {
-                "response": response,
-                "orig_response": original,
-                "request": context.request,
-                "host": context.host,
-                "port": context.port,
-                "path": context.path,
-            },
-        )
+        try:
+            call_with_asked_args(
+                rewrite,
+                {
+                    "response": response,
+                    "orig_response": original,
+                    "request": context.request,
+                    "host": context.host,
+                    "port": context.port,
+                    "path": context.path,
+                },
+            )
+        except Exception as exc:
+            raise CallableFailed("rewrite_response", rewrite) from exc
     body_out = response.body if isinstance(response.body, bytes) else str(response.body).encode()
     raw = [(n, v) for n, v in headers_of(response.headers).raw() if n != b"content-length"]
     raw.append((b"content-length", str(len(body_out)).encode()))
