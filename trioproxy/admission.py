@@ -208,7 +208,7 @@ class Gate:
         try:
             upstream = self._upstream(scope, route, supervisor)
         except Exception as exc:  # a mapping callable or a header template that fails
-            log.error("%s: cannot build the request: %s: %s", server, type(exc).__name__, exc)
+            log.error("%s: cannot build the request: %s: %s", server, type(exc).__name__, exc, exc_info=exc)
             raise self.refusal(
                 Refused(500, f"Cannot build the request for {server}: {exc}", server=server)
             ) from None
@@ -269,6 +269,7 @@ class Gate:
                     process.name,
                     type(exc).__name__,
                     exc,
+                    exc_info=exc,
                 )
             return True
 
