@@ -235,3 +235,34 @@ async def test_mappath_maps_http_requests_not_websockets(nursery: trio.Nursery, 
     await stream.aclose()
     assert status == 101
     assert backend.requests[0].startswith(b"GET / HTTP/1.1\r\n")
+
+
+async def test_a_server_removed_while_its_request_authenticates_is_a_404(nursery: trio.Nursery) -> None:
+    from trioproxy.auth import TokenAuth
+
+    arrived, release = trio.Event(), trio.Event()
+
+    class SlowAuth(TokenAuth):  # as the Hub's check can take a while
+        async def authenticate(self, scope: dict[str, object]):  # type: ignore[no-untyped-def]
+            arrived.set()
+            await release.wait()
+            return await super().authenticate(scope)
+
+    backend = await start_raw_server(nursery, held_handshake(trio.Event()))
+    proxy = await start_proxy(nursery, {"gone": {"port": backend.port}})
+    proxy.app.extensions["trioproxy"].settings.auth = SlowAuth(TOKEN)
+    async with proxy.client() as client:
+        async with trio.open_nursery() as requests:
+            answers = []
+
+            async def ask() -> None:
+                answers.append(await client.get("gone/x", headers={"Accept": "application/json"}))
+
+            requests.start_soon(ask)
+            with trio.fail_after(10):
+                await arrived.wait()
+            await proxy.supervisors.remove("gone")
+            release.set()
+    assert answers[0].status_code == 404
+    assert "no server named 'gone'" in answers[0].json()["message"]
+    assert not backend.requests

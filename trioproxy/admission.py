@@ -169,7 +169,11 @@ class Gate:
                 supervisor = None
             elif route.kind == "server":
                 server = route.name
-                supervisor = self.supervisors[route.name]
+                # Looked up after authenticating (which may wait for the Hub): a reload may
+                # have removed the server meanwhile.
+                supervisor = self.supervisors.get(route.name)
+                if supervisor is None:
+                    raise Refused(404, f"Not found: no server named {route.name!r} (any more).")
                 if not websocket and supervisor.process.raw_socket_proxy:
                     raise Refused(405, f"{route.name!r} only accepts WebSocket connections.", server=server)
             else:
