@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import ipaddress
@@ -35,6 +34,7 @@ from .config import (
     ConfigError,
     LauncherEntry,
     Reloader,
+    ReloadError,
     ServerProcess,
     ServerProxy,
     collect_servers,
@@ -489,8 +489,12 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
     reloader = asgi_app.extensions["trioproxy"].settings.reloader
 
     async def reload_logged() -> None:
-        with contextlib.suppress(ConfigError):  # logged by the reloader
+        try:
             await reloader.reload()
+        except (ConfigError, ReloadError):
+            pass  # logged by the reloader
+        except Exception:  # a bug outside the reloader's own boundary: that reload only
+            log.exception("reload failed")
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -28,6 +28,7 @@ from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess
 from .health import FailureStreak, probe
 from .histogram import Histogram
+from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_dict, expand_list
@@ -45,6 +46,7 @@ RETRY_WHILE_STARTING = 2.0
 IDLE_POLL = 0.1
 
 _T = TypeVar("_T")
+log = logging.getLogger("trioproxy.supervisor")
 
 
 class State(str, Enum):
@@ -526,12 +528,29 @@ class ServerSupervisor:
                 self._set_state(State.STARTING, f"{detail}; restarting")
 
     def _spec(self) -> ChildSpec:
-        self.address.prepare()
+        """What to start, every value checked: callables and templates are evaluated now,
+        and a value that cannot work fails this server's start (with the option named),
+        never the supervisor."""
+        if self.process.config_error is not None:
+            raise _StartFailed(self.process.config_error)
+        try:
+            if self.address.unix_socket and not self.address.owned_dir:
+                check_unix_socket(self.address.unix_socket)  # a directory may have appeared since
+            self.address.prepare()
+        except OptionError as exc:
+            raise _StartFailed(str(exc)) from None
+        except OSError as exc:
+            raise _StartFailed(f"cannot prepare {self.backend.describe()}: {exc.strerror or exc}") from None
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
         extra_env = _expanded("environment", expand_dict, self.process.environment, variables)
         if not argv:
             raise _StartFailed("the command is empty")
+        try:
+            check_argv(argv)
+            check_environment(extra_env)
+        except OptionError as exc:
+            raise _StartFailed(str(exc)) from None
         return ChildSpec(
             name=self.name,
             argv=argv,
@@ -563,6 +582,8 @@ class ServerSupervisor:
                     except OSError as exc:
                         # Kept out of the nursery, which would wrap it in an ExceptionGroup.
                         start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
+                    except (ValueError, TypeError) as exc:  # what the checks in _spec missed
+                        start_error = f"cannot start {spec.argv[0]!r}: {type(exc).__name__}: {exc}"
                     else:
                         self.pid = child.pid
                         self.starts += 1
@@ -780,10 +801,11 @@ class Supervisors(Mapping[str, ServerSupervisor]):
 
     def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
         """Run ``action`` (a reload) in the supervisors' nursery: it outlives the request that
-        asked. Raises ServerUnavailable (503) once trioproxy is shutting down."""
+        asked. Raises ServerUnavailable (503) once trioproxy is shutting down. An error in
+        ``action`` is logged with its traceback; it ends no supervisor."""
         if self._nursery is None:
             raise ServerUnavailable("*", 503, "trioproxy is shutting down")
-        self._nursery.start_soon(action)
+        self._nursery.start_soon(_logged, "a reconfiguration", action)
 
     def processes(self) -> dict[str, ServerProcess]:
         return {name: supervisor.process for name, supervisor in self._supervisors.items()}
@@ -798,9 +820,23 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         scope = self._scopes[supervisor] = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            started = False
+
+            def report_started() -> None:
+                nonlocal started
+                started = True
+                task_status.started()
+
             try:
                 with scope:
-                    await supervisor.run(task_status=task_status)
+                    await supervisor.run(task_status=cast("trio.TaskStatus[None]", _Started(report_started)))
+            except Exception as exc:
+                if not started:
+                    raise  # to the caller of nursery.start: this add or replace failed
+                # A bug in one supervisor ends that one, never the others (nor trioproxy).
+                log.exception("%s: supervisor failed; the server is out of service", supervisor.name)
+                supervisor.state = State.FAILED
+                supervisor.reason = f"trioproxy's supervisor failed: {type(exc).__name__}: {exc}"
             finally:
                 self._scopes.pop(supervisor, None)
 
@@ -808,11 +844,14 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         return supervisor
 
     async def _end(self, supervisor: ServerSupervisor) -> None:
-        """Stop a supervisor's process (gracefully), then the supervisor itself."""
-        await supervisor.stop()
-        scope = self._scopes.get(supervisor)
-        if scope is not None:
-            scope.cancel()
+        """Stop a supervisor's process (gracefully), then the supervisor itself (whatever
+        the stop did: cancelling the supervisor reaps its process all the same)."""
+        try:
+            await supervisor.stop()
+        finally:
+            scope = self._scopes.get(supervisor)
+            if scope is not None:
+                scope.cancel()
 
     async def add(self, process: ServerProcess) -> None:
         self._cancel_waiting(process.name)
@@ -841,12 +880,13 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         async def when_no_one_uses_it() -> None:
             with scope:
                 # Polled: the dispatcher counts requests under way without telling anyone.
-                while self._supervisors[name].active:  # noqa: ASYNC110
+                while name in self._supervisors and self._supervisors[name].active:  # noqa: ASYNC110
                     await trio.sleep(IDLE_POLL)
                 del self._waiting_for_idle[name]
-                await self._replace(process)
+                if name in self._supervisors:
+                    await self._replace(process)
 
-        self._nursery.start_soon(when_no_one_uses_it)
+        self._nursery.start_soon(_logged, f"restarting {name!r} once idle", when_no_one_uses_it)
 
     def waiting_for_idle(self) -> list[str]:
         return sorted(self._waiting_for_idle)
@@ -857,6 +897,8 @@ class Supervisors(Mapping[str, ServerSupervisor]):
             scope.cancel()
 
     async def _replace(self, process: ServerProcess) -> None:
+        """If the new supervisor cannot be started, the old one stays, untouched; once it is,
+        the old one is ended whatever happens next."""
         old = self._supervisors[process.name]
         was_running = old.has_command and old.state in (State.STARTING, State.READY, State.BACKOFF)
         old_gone = trio.Event()
@@ -864,9 +906,28 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         new = await self._start_supervisor(process, predecessor_gone=old_gone)
         self._supervisors[process.name] = new
         self.generation += 1
-        if was_running:
-            await new.start(wait=False)
         try:
-            await self._end(old)
+            if was_running:
+                await new.start(wait=False)
         finally:
-            old_gone.set()
+            try:
+                await self._end(old)
+            finally:
+                old_gone.set()
+
+
+class _Started:
+    """A task status that tells its owner when ``started`` was called."""
+
+    def __init__(self, started: Callable[[], None]) -> None:
+        self._started = started
+
+    def started(self, value: object = None) -> None:
+        self._started()
+
+
+async def _logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await action()
+    except Exception:
+        log.exception("%s failed", what)
