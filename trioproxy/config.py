@@ -328,13 +328,13 @@ def _check_values(process: ServerProcess) -> None:
         raise ServerOptionError(process.name, exc.option, exc.detail) from None
 
 
-def failed_server(name: str, error: ServerOptionError) -> ServerProcess:
-    """A stand-in for a server whose option cannot work: it runs nothing, and each start
-    (one at trioproxy's start, then one per request or API call) fails at once with the
-    error, so its URL answers 503 naming the option and the API lists it as failed."""
+def failed_server(name: str, reason: str) -> ServerProcess:
+    """A stand-in for a server that cannot run (``reason`` says why): it runs nothing, and
+    each start (one at once, then one per request or API call) fails with the reason, so its
+    URL answers 503 with it and the API lists it as failed. A reload replaces it."""
     process = ServerProcess(name=name, autostart=True)
-    process.command = ["(not started: configuration error)"]  # never run: config_error is seen first
-    process.config_error = f"option {error.option!r}: {error.detail}; fix the configuration and reload"
+    process.command = ["(not started)"]  # never run: the supervisor sees config_error first
+    process.config_error = reason
     return process
 
 
@@ -345,7 +345,7 @@ def load_server(name: str, settings: Any, parent: Configurable | None = None) ->
         return make_server_process(name, settings, parent=parent)
     except ServerOptionError as exc:
         log.error("%s; this server will not start, the others will", exc)
-        return failed_server(name, exc)
+        return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
 
 
 def _short(exc: TraitError) -> str:

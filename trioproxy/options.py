@@ -173,6 +173,8 @@ def check_server(process: Any) -> None:
     if health is not None:
         check_duration("health_check", health.interval, zero=False)
         check_duration("health_check", health.timeout, zero=False)
+        if health.path is not None:
+            check_request_path("health_check", health.path)
     if not callable(process.command):
         for index, item in enumerate(process.command):
             check_os_string("command", f"item {index}", item)

@@ -19,13 +19,14 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import Enum
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import trio
 
 from .addresses import ServerAddress
 from .backend import Backend, BackendClient, ClientOptions, connect
-from .config import ServerProcess
+from .config import ServerProcess, failed_server
 from .health import FailureStreak, probe
 from .histogram import Histogram
 from .options import OptionError, check_argv, check_environment, check_unix_socket
@@ -833,15 +834,28 @@ class Supervisors(Mapping[str, ServerSupervisor]):
             except Exception as exc:
                 if not started:
                     raise  # to the caller of nursery.start: this add or replace failed
-                # A bug in one supervisor ends that one, never the others (nor trioproxy).
+                # A bug in one supervisor ends that one (its process reaped), never the others
+                # nor trioproxy; a stand-in answers for the server until a reload replaces it.
                 log.exception("%s: supervisor failed; the server is out of service", supervisor.name)
-                supervisor.state = State.FAILED
-                supervisor.reason = f"trioproxy's supervisor failed: {type(exc).__name__}: {exc}"
+                cause = _first_leaf(exc)
+                reason = f"trioproxy's supervisor failed: {type(cause).__name__}: {cause}; reload to start it again"
+                if self._nursery is not None and self._supervisors.get(supervisor.name) is supervisor:
+                    self._nursery.start_soon(_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
             finally:
                 self._scopes.pop(supervisor, None)
 
         await self._nursery.start(run)
         return supervisor
+
+    async def _stand_in(self, crashed: ServerSupervisor, reason: str) -> None:
+        if self._supervisors.get(crashed.name) is not crashed:
+            return
+        stand_in = await self._start_supervisor(failed_server(crashed.name, reason))
+        if self._supervisors.get(crashed.name) is crashed:
+            self._supervisors[crashed.name] = stand_in
+            self.generation += 1
+        else:  # a reload replaced it meanwhile
+            await self._end(stand_in)
 
     async def _end(self, supervisor: ServerSupervisor) -> None:
         """Stop a supervisor's process (gracefully), then the supervisor itself (whatever
@@ -924,6 +938,12 @@ class _Started:
 
     def started(self, value: object = None) -> None:
         self._started()
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
