@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.conftest import PY, ProxyProcess, echo_command, launch_trioproxy, pid_alive, start_proxy, wait_for
-from trioproxy.config import ConfigError, ReloadError, Reloader, load_server
+from trioproxy.config import ConfigError, Reloader, ReloadError, load_server
 
 pytestmark = pytest.mark.timeout(90)
 TOKEN = "boundary-token"
@@ -167,7 +167,7 @@ def _settings(**extra: Any) -> dict[str, Any]:
 
 def _rewrite_with_a_default() -> Any:
     # A config file read again makes the same function anew: same code, new default objects.
-    def rewrite(response: Any, marker: Any = _Uncomparable()) -> None:
+    def rewrite(response: Any, marker: Any = _Uncomparable()) -> None:  # noqa: B008
         pass
 
     return rewrite

@@ -27,6 +27,7 @@ import trio
 from .addresses import ServerAddress
 from .backend import Backend, BackendClient, ClientOptions, connect
 from .config import ServerProcess, failed_server
+from .errors import sole_exception
 from .health import FailureStreak, probe
 from .histogram import Histogram
 from .options import OptionError, check_argv, check_environment, check_unix_socket
@@ -837,7 +838,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
                 # A bug in one supervisor ends that one (its process reaped), never the others
                 # nor trioproxy; a stand-in answers for the server until a reload replaces it.
                 log.exception("%s: supervisor failed; the server is out of service", supervisor.name)
-                cause = _first_leaf(exc)
+                cause = sole_exception(exc)
                 reason = f"trioproxy's supervisor failed: {type(cause).__name__}: {cause}; reload to start it again"
                 if self._nursery is not None and self._supervisors.get(supervisor.name) is supervisor:
                     self._nursery.start_soon(_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
@@ -938,12 +939,6 @@ class _Started:
 
     def started(self, value: object = None) -> None:
         self._started()
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
