@@ -141,6 +141,21 @@ def test_a_unix_socket_naming_a_directory_is_refused(tmp_path: Path) -> None:
     make_server_process("web", {"command": ["x"], "unix_socket": str(tmp_path / "later" / "socket")})
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("graceful_timeout", math.nan), ("graceful_timeout", -1), ("body_timeout", 0), ("port", 70000), ("max_body_size", -1), ("websocket_max_message_size", 0)],
+)
+def test_trioproxys_own_options(option: str, value: Any) -> None:
+    from trioproxy.cli import TrioProxy
+    from trioproxy.options import check_app_options
+
+    app = TrioProxy()
+    check_app_options(app)  # the defaults pass
+    setattr(app, option, value)
+    with pytest.raises(OptionError, match=f"option {option!r}: "):
+        check_app_options(app)
+
+
 def test_good_values_pass() -> None:
     process = make_server_process(
         "web",

@@ -201,6 +201,17 @@ def check_server(process: Any) -> None:
         check_request_path("ready_check_path", process.ready_check_path)
 
 
+def check_app_options(app: Any) -> None:
+    """trioproxy's own options (a ``TrioProxy``: command line and ``c.TrioProxy``), which are
+    trioproxy's as a whole: a bad one is a configuration error at start-up. Raises OptionError."""
+    check_count("port", app.port, least=0, most=65535)
+    check_duration("graceful_timeout", app.graceful_timeout)
+    check_duration("body_timeout", app.body_timeout, zero=False)
+    check_count("websocket_max_message_size", app.websocket_max_message_size, least=1)
+    if app.max_body_size is not None:
+        check_count("max_body_size", app.max_body_size, least=0)
+
+
 def _describe(char: str) -> str:
     if char == " ":
         return "a space"

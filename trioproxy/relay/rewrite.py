@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -220,14 +220,17 @@ def _callable_name(rewrite: Callable[..., Any]) -> str:
     return f"{module}.{name}" if module and module not in ("builtins", "__main__") else name
 
 
-def response_problem(response: RewritableResponse) -> str | None:
-    """Why ``response`` cannot be sent as it is, or None."""
+def response_problem(response: RewritableResponse, headers_before: Collection[tuple[str, str]] = ()) -> str | None:
+    """Why ``response`` cannot be sent as it is, or None. Headers in ``headers_before`` (what
+    the backend sent, as our parser accepted it) are not checked again."""
     code = response.code
     if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
         return f"set the status to {code!r}; a final response needs 200 to 599"
     if not isinstance(response.headers, HeaderMap):
         return f"replaced the headers with a {type(response.headers).__name__}"
     for name, value in response.headers.items():
+        if (name, value) in headers_before:
+            continue
         problem = header_name_problem(name) or header_value_problem(name, value)
         if problem is not None:
             return f"set {problem}"
@@ -266,6 +269,7 @@ def apply_rewrites(
     response = copy.copy(original)
     response.headers = original.headers.copy()
     for rewrite in rewrites:
+        headers_before = set(response.headers.items()) if isinstance(response.headers, HeaderMap) else set()
         try:
             call_with_asked_args(
                 rewrite,
@@ -282,7 +286,7 @@ def apply_rewrites(
             raise RewriteError(
                 f"rewrite_response {_callable_name(rewrite)} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        problem = response_problem(response)
+        problem = response_problem(response, headers_before)
         if problem is not None:
             raise RewriteError(f"rewrite_response {_callable_name(rewrite)} {problem}")
     body_out = response.body if isinstance(response.body, bytes) else str(response.body).encode()
