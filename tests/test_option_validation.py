@@ -120,7 +120,7 @@ def test_environment_entries_the_os_cannot_take(environment: dict[str, str]) -> 
         ({"request_headers_override": {"X-Who": "a\0b"}}, "request_headers_override", "NUL"),
         ({"request_headers_override": {"X-Who": "{prot}"}}, "request_headers_override", "cannot expand"),
         ({"request_headers_override": {"Content-Length": "0"}}, "request_headers_override", "set by trioproxy"),
-        ({"ready_check_path": "/a b"}, "ready_check_path", "not a request path"),
+        ({"ready_check_path": "/a\x01b"}, "ready_check_path", "not a request path"),
     ],
 )
 def test_values_that_cannot_work_name_the_server_and_option(settings: dict[str, Any], option: str, detail: str) -> None:

@@ -840,7 +840,8 @@ class Supervisors(Mapping[str, ServerSupervisor]):
                 log.exception("%s: supervisor failed; the server is out of service", supervisor.name)
                 cause = sole_exception(exc)
                 reason = f"trioproxy's supervisor failed: {type(cause).__name__}: {cause}; reload to start it again"
-                if self._nursery is not None and self._supervisors.get(supervisor.name) is supervisor:
+                ours = self._supervisors.get(supervisor.name) is supervisor
+                if self._nursery is not None and ours and supervisor.process.config_error is None:
                     self._nursery.start_soon(_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
             finally:
                 self._scopes.pop(supervisor, None)
