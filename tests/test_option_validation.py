@@ -351,3 +351,28 @@ async def test_supervisor_keeps_running_when_every_server_is_bad(nursery: trio.N
         for name in BAD:
             assert (await client.get(f"{name}/")).status_code == 503
             assert (await client.post(f"server-proxy/api/servers/{name}/start")).status_code == 503
+
+
+async def test_a_socket_that_cannot_be_prepared_or_a_cwd_the_os_refuses_fails_that_start(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    servers = {
+        "sock": {"command": echo_command(unix=True), "unix_socket": str(not_a_directory / "socket"), "max_failures": 1},
+        "cwd": {"command": echo_command(), "max_failures": 1},
+        "good": {"command": echo_command()},
+    }
+    proxy = await start_proxy(nursery, servers)
+    # Set after loading (which refuses it), so that the start itself meets it: trio.Process
+    # raises ValueError for a NUL, which must fail the start like an OSError does.
+    proxy.supervisors["cwd"].process.cwd = str(tmp_path) + "\0"
+    async with proxy.client() as client:
+        response = await client.get("sock/")
+        assert response.status_code == 503
+        assert response.json()["message"].startswith("server 'sock': option 'unix_socket': cannot clear ")
+        assert response.json()["message"].endswith("socket': Not a directory")
+        response = await client.get("cwd/")
+        assert response.status_code == 503
+        assert "ValueError" in response.json()["message"] and "null" in response.json()["message"]
+        assert (await client.get("good/")).status_code == 200

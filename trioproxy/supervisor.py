@@ -542,7 +542,10 @@ class ServerSupervisor:
         except OptionError as exc:
             raise _StartFailed(str(exc)) from None
         except OSError as exc:
-            raise _StartFailed(f"cannot prepare {self.backend.describe()}: {exc.strerror or exc}") from None
+            why = exc.strerror or str(exc)
+            if self.address.unix_socket:
+                raise _StartFailed(f"option 'unix_socket': cannot clear {self.address.unix_socket!r}: {why}") from None
+            raise _StartFailed(f"cannot pick a port: {why}") from None
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
         extra_env = _expanded("environment", expand_dict, self.process.environment, variables)
@@ -584,8 +587,9 @@ class ServerSupervisor:
                     except OSError as exc:
                         # Kept out of the nursery, which would wrap it in an ExceptionGroup.
                         start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
-                    except (ValueError, TypeError) as exc:  # what the checks in _spec missed
-                        start_error = f"cannot start {spec.argv[0]!r}: {type(exc).__name__}: {exc}"
+                    except Exception as exc:  # what the checks in _spec missed (ValueError for a NUL...)
+                        cause = sole_exception(exc)
+                        start_error = f"cannot start {spec.argv[0]!r}: {type(cause).__name__}: {cause}"
                     else:
                         self.pid = child.pid
                         self.starts += 1
