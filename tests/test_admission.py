@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from .conftest import TOKEN, start_proxy, wait_for
+from .conftest import BACKENDS, TOKEN, echo_command, start_proxy, wait_for
 from .test_websocket import RawServer, read_request_head, start_raw_server
 from .test_websocket_fastpath import KEY
 
@@ -266,3 +266,31 @@ async def test_a_server_removed_while_its_request_authenticates_is_a_404(nursery
     assert answers[0].status_code == 404
     assert "no server named 'gone'" in answers[0].json()["message"]
     assert not backend.requests
+
+
+async def test_a_request_waiting_for_a_start_is_served_by_the_server_a_reload_put_in_its_place(
+    nursery: trio.Nursery,
+) -> None:
+    from trioproxy.config import make_server_process
+
+    from .conftest import PY
+
+    echo = str(BACKENDS / "echo.py")
+    # The echo backend, listening only after a second: long enough for a reload to come.
+    code = f"import runpy, sys, time; time.sleep(1); sys.argv = [{echo!r}, sys.argv[1]]; runpy.run_path({echo!r}, run_name='__main__')"
+    slow = [PY, "-c", code, "{port}"]
+    proxy = await start_proxy(nursery, {"app": {"command": slow, "timeout": 20}})
+    old = proxy.supervisors["app"]
+    async with proxy.client() as client:
+        answers = []
+        async with trio.open_nursery() as requests:
+
+            async def ask() -> None:
+                answers.append(await client.get("app/x"))
+
+            requests.start_soon(ask)
+            with trio.fail_after(10):
+                await wait_for(lambda: old.state.value == "starting")
+            await proxy.supervisors.replace(make_server_process("app", {"command": echo_command(), "timeout": 20}))
+    assert proxy.supervisors["app"] is not old
+    assert answers[0].status_code == 200, answers[0].text

@@ -182,9 +182,20 @@ class Gate:
                 before_start(server)
         except Refused as exc:
             raise self.refusal(exc) from None
-        with supervisor.in_use() if supervisor is not None else nullcontext():
-            admission = await self._open(scope, route, identity, server, supervisor)
-            yield admission
+        while True:
+            with supervisor.in_use() if supervisor is not None else nullcontext():
+                try:
+                    admission = await self._open(scope, route, identity, server, supervisor)
+                except ServerUnavailable as exc:
+                    # A reload replaced the server while this request waited for it: the old
+                    # one's stop fails its waiting requests; the new one may serve this one.
+                    successor = self.supervisors.get(route.name) if supervisor is not None else None
+                    if successor is None or successor is supervisor:
+                        raise self.refusal(exc) from None
+                    supervisor = successor
+                    continue
+                yield admission
+                return
 
     async def _open(
         self,
@@ -208,7 +219,9 @@ class Gate:
                     supervisor.touch()
                 client = await supervisor.ensure_ready()
         except ServerUnavailable as exc:
-            raise self.refusal(exc) from None
+            if supervisor is None:
+                raise self.refusal(exc) from None
+            raise  # admit() decides: its server may have been replaced meanwhile
         try:
             upstream = self._upstream(scope, route, supervisor)
         except Exception as exc:  # a mapping callable or a header template that fails

@@ -9,6 +9,7 @@ site (its ``oauth`` flow, e.g. JupyterHub's), whose answers are turned into resp
 from __future__ import annotations
 
 import html
+import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from quart import Blueprint, Response, current_app, jsonify, make_response, redi
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
-from .config import ConfigError
+from .config import ConfigError, ReloadError
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
@@ -292,8 +293,13 @@ class Pages:
         async def apply() -> None:
             try:
                 outcome["result"] = await reloader.reload(when_idle=when == "idle")
-            except ConfigError as exc:
-                outcome["error"] = str(exc)
+            except ConfigError as exc:  # logged by the reloader
+                outcome["error"] = (400, f"Reload failed, nothing changed: config error: {exc}")
+            except ReloadError as exc:  # logged by the reloader, with its traceback
+                outcome["error"] = (500, f"Reload failed: {exc}")
+            except Exception as exc:  # a bug outside the reloader's own boundary
+                logging.getLogger("trioproxy.api").exception("reload failed")
+                outcome["error"] = (500, f"Reload failed: {type(exc).__name__}: {exc}")
             finally:
                 done.set()
 
@@ -303,7 +309,7 @@ class Pages:
             return _error(exc.status, str(exc))
         await done.wait()
         if "error" in outcome:
-            return _error(400, f"Reload failed, nothing changed: config error: {outcome['error']}")
+            return _error(*outcome["error"])
         return jsonify(outcome["result"])
 
     async def one_server(self, name: str) -> Any:

@@ -31,7 +31,7 @@ from .relay.headers import Headers
 from .relay.http import RelayTarget, relay_http
 from .relay.pump import AVAILABLE as PUMP_AVAILABLE
 from .relay.pump import TunnelPump
-from .relay.rewrite import RewriteContext
+from .relay.rewrite import RewriteContext, RewriteError
 from .relay.upstream import DEFAULT_FORWARDED_ALLOW
 from .routing import Route
 from .supervisor import ServerUnavailable, Supervisors
@@ -237,7 +237,10 @@ class Dispatcher:
         if isinstance(failure, BackendError):
             log.warning("%s: %s", server, failure)
             return self.gate.refusal(Refused(failure.status, f"{server}: {failure}", server=server))
-        if isinstance(failure, CallableFailed) and failure.cause is not None:
+        if isinstance(failure, RewriteError):  # it left a response that cannot be sent
+            log.error("%s: %s", server, failure)
+            message = f"{server}: {failure}"
+        elif isinstance(failure, CallableFailed) and failure.cause is not None:
             cause = failure.cause
             log.error("%s: %s raised %s: %s", server, failure.what, type(cause).__name__, cause, exc_info=cause)
             message = f"{server}: the {failure.what} raised {type(cause).__name__}: {cause}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import ipaddress
@@ -35,6 +34,7 @@ from .config import (
     ConfigError,
     LauncherEntry,
     Reloader,
+    ReloadError,
     ServerProcess,
     ServerProxy,
     collect_servers,
@@ -42,6 +42,7 @@ from .config import (
 )
 from .errors import sole_exception
 from .logs import BatchedHandler, setup_logging
+from .options import OptionError, check_app_options
 
 log = logging.getLogger("trioproxy")
 
@@ -392,6 +393,10 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     ip, port, base_url = _listen_address(app, hub)
     _check_origin_pattern(app.allow_origin_pat)
     _check_tls(app)
+    try:
+        check_app_options(app)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from None
     proxy = ServerProxy(parent=app)
     servers = _servers(app, proxy)
     root_server = ROOT_SERVER if app.extra_args else None
@@ -489,8 +494,12 @@ async def serve(app: TrioProxy, formatter: MaskingFormatter, access_log: Batched
     reloader = asgi_app.extensions["trioproxy"].settings.reloader
 
     async def reload_logged() -> None:
-        with contextlib.suppress(ConfigError):  # logged by the reloader
+        try:
             await reloader.reload()
+        except (ConfigError, ReloadError):
+            pass  # logged by the reloader
+        except Exception:  # a bug outside the reloader's own boundary: that reload only
+            log.exception("reload failed")
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:

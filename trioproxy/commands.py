@@ -276,7 +276,10 @@ def reload_command(argv: list[str]) -> int:
             print(f"{key}: {', '.join(result[key])}")
     if not any(result.get(key) for key in ("added", "removed", "changed")):
         print("no change")
-    return 0
+    # Servers whose options cannot work: the rest was applied, but this needs fixing.
+    for why in sorted(result.get("invalid", {}).values()):
+        print(f"trioproxy reload: {why}", file=sys.stderr)
+    return 1 if result.get("invalid") else 0
 
 
 _COMMANDS = {

@@ -39,6 +39,7 @@ from traitlets import (
 from traitlets.config import Configurable
 
 from .health import HealthCheck
+from .options import OptionError, check_server
 
 log = logging.getLogger("trioproxy.config")
 
@@ -47,6 +48,23 @@ ENTRY_POINT_GROUP = "jupyter_serverproxy_servers"
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message is one line naming what is wrong."""
+
+
+class ServerOptionError(ConfigError):
+    """One server's option has a value that cannot work (a NUL in its command, a negative
+    timeout...): that server fails, the others run. Unknown options and values of the wrong
+    type are plain ConfigErrors: the file is not what its author meant, so none of it is used."""
+
+    def __init__(self, server: str, option: str, detail: str) -> None:
+        super().__init__(f"server {server!r}: option {option!r}: {detail}")
+        self.server = server
+        self.option = option
+        self.detail = detail
+
+
+class ReloadError(Exception):
+    """A reload that failed for another reason than the configuration (logged with its
+    traceback); the message says what was left as it was."""
 
 
 class LauncherEntry(Configurable):
@@ -215,11 +233,8 @@ class ServerProcess(Configurable):
         settings = {"title": self.name, "path_info": self.name + "/", **value}
         return LauncherEntry(parent=self, **settings)
 
-    @validate("connect_timeout", "response_timeout", "pool_idle_timeout", "max_connections")
-    def _validate_positive(self, proposal: Any) -> Any:
-        if proposal["value"] <= 0:
-            raise TraitError("must be greater than 0")
-        return proposal["value"]
+    # Not an option: why this server cannot run (see failed_server); None for a usable one.
+    config_error = Unicode(None, allow_none=True)
 
     @validate("exclude_last_activity_patterns")
     def _validate_patterns(self, proposal: Any) -> list[re.Pattern[str]]:
@@ -278,10 +293,13 @@ SERVER_OPTIONS = frozenset(ServerProcess.class_trait_names(config=True)) - {"nam
 
 
 def make_server_process(name: str, settings: Any, parent: Configurable | None = None) -> ServerProcess:
-    """Build and validate one server's settings; raise ConfigError with one clear line."""
+    """Build and validate one server's settings; raise ConfigError with one clear line
+    (ServerOptionError for a value that cannot work, see :func:`load_server`)."""
     if isinstance(settings, ServerProcess):
         if not settings.name:
             settings.name = name
+        if settings.config_error is None:
+            _check_values(settings)
         return settings
     if not isinstance(settings, dict):
         raise ConfigError(
@@ -299,7 +317,35 @@ def make_server_process(name: str, settings: Any, parent: Configurable | None = 
             setattr(process, option, value)
         except TraitError as exc:
             raise ConfigError(f"server {name!r}: option {option!r}: {_short(exc)}") from None
+    _check_values(process)
     return process
+
+
+def _check_values(process: ServerProcess) -> None:
+    try:
+        check_server(process)
+    except OptionError as exc:
+        raise ServerOptionError(process.name, exc.option, exc.detail) from None
+
+
+def failed_server(name: str, reason: str) -> ServerProcess:
+    """A stand-in for a server that cannot run (``reason`` says why): it runs nothing, and
+    each start (one at once, then one per request or API call) fails with the reason, so its
+    URL answers 503 with it and the API lists it as failed. A reload replaces it."""
+    process = ServerProcess(name=name, autostart=True)
+    process.command = ["(not started)"]  # never run: the supervisor sees config_error first
+    process.config_error = reason
+    return process
+
+
+def load_server(name: str, settings: Any, parent: Configurable | None = None) -> ServerProcess:
+    """:func:`make_server_process`, but a value that cannot work fails that server alone
+    (logged; a :func:`failed_server` takes its place). Other ConfigErrors are raised."""
+    try:
+        return make_server_process(name, settings, parent=parent)
+    except ServerOptionError as exc:
+        log.error("%s; this server will not start, the others will", exc)
+        return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
 
 
 def _short(exc: TraitError) -> str:
@@ -339,7 +385,7 @@ def collect_servers(proxy: ServerProxy) -> dict[str, ServerProcess]:
     for name, settings in merged.items():
         check_server_name(name)
         try:
-            servers[name] = make_server_process(name, settings, parent=proxy)
+            servers[name] = load_server(name, settings, parent=proxy)
         except ConfigError as exc:
             if name in entry_point_names and name not in proxy.servers:
                 log.error("skipping server %r from an entry point: %s", name, exc)
@@ -375,19 +421,30 @@ class ReloadPlan:
 
 def plan_reload(old: dict[str, ServerProcess], new: dict[str, ServerProcess]) -> ReloadPlan:
     """Compare two configurations server by server (pure: nothing is started or stopped)."""
+    same = {name: _same(old[name], new[name]) for name in new if name in old}
     return ReloadPlan(
         added=[name for name in new if name not in old],
         removed=[name for name in old if name not in new],
-        changed=[name for name in new if name in old and settings_of(old[name]) != settings_of(new[name])],
-        unchanged=[name for name in new if name in old and settings_of(old[name]) == settings_of(new[name])],
+        changed=[name for name in new if name in old and not same[name]],
+        unchanged=[name for name in new if name in old and same[name]],
     )
+
+
+def _same(old: ServerProcess, new: ServerProcess) -> bool:
+    try:
+        return bool(settings_of(old) == settings_of(new))
+    except Exception:  # a default argument whose == raises: call it changed, restart it
+        log.warning("cannot compare the settings of server %r; treating them as changed", new.name, exc_info=True)
+        return False
 
 
 def settings_of(process: ServerProcess) -> dict[str, Any]:
     """A server's options in a form that compares equal when a config file read again says
     the same: functions compare by their code, not by identity, since reading a ``.py``
     config again makes new function objects."""
-    return {name: _comparable(getattr(process, name)) for name in sorted(SERVER_OPTIONS)}
+    settings = {name: _comparable(getattr(process, name)) for name in sorted(SERVER_OPTIONS)}
+    settings["config_error"] = process.config_error
+    return settings
 
 
 def _comparable(value: Any) -> Any:
@@ -413,6 +470,11 @@ class Reloader:
     changed ones are restarted (at once, or once idle), unchanged ones are left alone, open
     connections and all.
 
+    A reload is a boundary: reading and planning change nothing until they have succeeded,
+    and each server's change is applied on its own, so that one that fails (logged with its
+    traceback) leaves the others' applied and no server stopped that the plan did not stop.
+    A changed server whose new settings cannot work keeps running as it was.
+
     ``load`` reads the configuration and returns every server (the CLI's, which knows the
     files and the command line); ``supervisors`` is :class:`trioproxy.supervisor.Supervisors`.
     """
@@ -423,9 +485,12 @@ class Reloader:
         self._lock: Any = None
 
     async def reload(self, *, when_idle: bool = False) -> dict[str, Any]:
-        """Apply the configuration as it is now; the plan as a dict.
+        """Apply the configuration as it is now; the plan as a dict (with ``invalid``: the
+        servers whose options cannot work and why, when there are any).
 
-        Raises ConfigError, having changed nothing, when the configuration cannot be used.
+        Raises ConfigError, having changed nothing, when the configuration cannot be used;
+        ReloadError when something else failed: while planning (nothing changed), or while
+        applying one server's change (that server as the message says, the rest applied).
         """
         import trio
 
@@ -438,7 +503,12 @@ class Reloader:
                 error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
                 log.error("reload failed, nothing changed: config error: %s", error)
                 raise error from None
-            plan = plan_reload(self._supervisors.processes(), new)
+            try:
+                new, invalid = self._keep_working(new)
+                plan = plan_reload(self._supervisors.processes(), new)
+            except Exception as exc:
+                log.exception("reload failed, nothing changed: cannot plan it")
+                raise ReloadError(f"nothing changed: cannot plan it: {type(exc).__name__}: {exc}") from None
             log.info(
                 "reloading the configuration: added %s, removed %s, changed %s, unchanged %d",
                 plan.added or "none",
@@ -446,17 +516,49 @@ class Reloader:
                 plan.changed or "none",
                 len(plan.unchanged),
             )
+            failures: dict[str, str] = {}
+
+            async def apply(name: str, what: str, change: Callable[[], Any]) -> None:
+                try:
+                    await change()
+                except Exception as exc:
+                    log.exception("reload: could not %s server %r", what, name)
+                    failures[name] = f"could not {what} it: {type(exc).__name__}: {exc}"
+
             async with trio.open_nursery() as nursery:
                 for name in plan.removed:
-                    nursery.start_soon(self._supervisors.remove, name)
+                    nursery.start_soon(apply, name, "remove", partial(self._supervisors.remove, name))
                 for name in plan.changed:
-                    nursery.start_soon(partial(self._supervisors.replace, new[name], when_idle=when_idle))
+                    change = partial(self._supervisors.replace, new[name], when_idle=when_idle)
+                    nursery.start_soon(apply, name, "restart", change)
                 for name in plan.added:
-                    await self._supervisors.add(new[name])
-            return {
+                    await apply(name, "add", partial(self._supervisors.add, new[name]))
+            result: dict[str, Any] = {
                 "added": plan.added,
                 "removed": plan.removed,
                 "changed": plan.changed,
                 "unchanged": plan.unchanged,
                 "waiting_for_idle": self._supervisors.waiting_for_idle(),
             }
+            if invalid:
+                result["invalid"] = invalid
+            if failures:
+                summary = "; ".join(f"server {name!r}: {why}" for name, why in sorted(failures.items()))
+                raise ReloadError(f"{summary}; the other changes were applied")
+            return result
+
+    def _keep_working(self, new: dict[str, ServerProcess]) -> tuple[dict[str, ServerProcess], dict[str, str]]:
+        """The servers to apply, and why those whose options cannot work cannot: a running
+        server keeps its settings rather than become one that cannot start."""
+        current = self._supervisors.processes()
+        kept = dict(new)
+        invalid: dict[str, str] = {}
+        for name, process in new.items():
+            if process.config_error is None:
+                continue
+            invalid[name] = f"server {name!r}: {process.config_error}"
+            if name in current and current[name].config_error is None:
+                kept[name] = current[name]
+                invalid[name] += " (its running settings are kept)"
+                log.error("reload: %s", invalid[name])
+        return kept, invalid

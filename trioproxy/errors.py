@@ -37,7 +37,7 @@ class CallableFailed(Exception):
 def describe_callable(function: object) -> str:
     module = getattr(function, "__module__", None)
     name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
-    return f"{module}.{name}" if module else str(name)
+    return f"{module}.{name}" if module and module not in ("builtins", "__main__") else str(name)
 
 
 def sole_exception(exc: BaseException) -> BaseException:

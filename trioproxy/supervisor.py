@@ -20,15 +20,18 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import trio
 
 from .addresses import ServerAddress
 from .backend import Backend, BackendClient, ClientOptions
-from .config import ServerProcess
+from .config import ServerProcess, failed_server
+from .errors import sole_exception
 from .health import FailureStreak, Prober, probe, wait_until_ready
 from .histogram import Histogram
+from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_dict, expand_list
@@ -40,6 +43,7 @@ MAX_PORT_RETRIES = 3
 RETRY_WHILE_STARTING = 2.0
 
 _T = TypeVar("_T")
+log = logging.getLogger("trioproxy.supervisor")
 
 
 class State(str, Enum):
@@ -504,12 +508,32 @@ class ServerSupervisor:
                 self._set_state(State.STARTING, f"{detail}; restarting")
 
     def _spec(self) -> ChildSpec:
-        self.address.prepare()
+        """What to start, every value checked: callables and templates are evaluated now,
+        and a value that cannot work fails this server's start (with the option named),
+        never the supervisor."""
+        if self.process.config_error is not None:
+            raise _StartFailed(self.process.config_error)
+        try:
+            if self.address.unix_socket and not self.address.owned_dir:
+                check_unix_socket(self.address.unix_socket)  # a directory may have appeared since
+            self.address.prepare()
+        except OptionError as exc:
+            raise _StartFailed(str(exc)) from None
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if self.address.unix_socket:
+                raise _StartFailed(f"option 'unix_socket': cannot clear {self.address.unix_socket!r}: {why}") from None
+            raise _StartFailed(f"cannot pick a port: {why}") from None
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
         extra_env = _expanded("environment", expand_dict, self.process.environment, variables)
         if not argv:
             raise _StartFailed("the command is empty")
+        try:
+            check_argv(argv)
+            check_environment(extra_env)
+        except OptionError as exc:
+            raise _StartFailed(str(exc)) from None
         return ChildSpec(
             name=self.name,
             argv=argv,
@@ -541,6 +565,9 @@ class ServerSupervisor:
                     except OSError as exc:
                         # Kept out of the nursery, which would wrap it in an ExceptionGroup.
                         start_error = _describe_start_error(spec.argv[0], spec.cwd, exc)
+                    except Exception as exc:  # what the checks in _spec missed (ValueError for a NUL...)
+                        cause = sole_exception(exc)
+                        start_error = f"cannot start {spec.argv[0]!r}: {type(cause).__name__}: {cause}"
                     else:
                         self.pid = child.pid
                         self.starts += 1
@@ -758,10 +785,11 @@ class Supervisors(Mapping[str, ServerSupervisor]):
 
     def spawn(self, action: Callable[[], Awaitable[object]]) -> None:
         """Run ``action`` (a reload) in the supervisors' nursery: it outlives the request that
-        asked. Raises ServerUnavailable (503) once trioproxy is shutting down."""
+        asked. Raises ServerUnavailable (503) once trioproxy is shutting down. An error in
+        ``action`` is logged with its traceback; it ends no supervisor."""
         if self._nursery is None:
             raise ServerUnavailable("*", 503, "trioproxy is shutting down")
-        self._nursery.start_soon(action)
+        self._nursery.start_soon(_logged, "a reconfiguration", action)
 
     def processes(self) -> dict[str, ServerProcess]:
         return {name: supervisor.process for name, supervisor in self._supervisors.items()}
@@ -776,21 +804,52 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         scope = self._scopes[supervisor] = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            started = False
+
+            def report_started() -> None:
+                nonlocal started
+                started = True
+                task_status.started()
+
             try:
                 with scope:
-                    await supervisor.run(task_status=task_status)
+                    await supervisor.run(task_status=cast("trio.TaskStatus[None]", _Started(report_started)))
+            except Exception as exc:
+                if not started:
+                    raise  # to the caller of nursery.start: this add or replace failed
+                # A bug in one supervisor ends that one (its process reaped), never the others
+                # nor trioproxy; a stand-in answers for the server until a reload replaces it.
+                log.exception("%s: supervisor failed; the server is out of service", supervisor.name)
+                cause = sole_exception(exc)
+                reason = f"trioproxy's supervisor failed: {type(cause).__name__}: {cause}; reload to start it again"
+                ours = self._supervisors.get(supervisor.name) is supervisor
+                if self._nursery is not None and ours and supervisor.process.config_error is None:
+                    self._nursery.start_soon(_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
             finally:
                 self._scopes.pop(supervisor, None)
 
         await self._nursery.start(run)
         return supervisor
 
+    async def _stand_in(self, crashed: ServerSupervisor, reason: str) -> None:
+        if self._supervisors.get(crashed.name) is not crashed:
+            return
+        stand_in = await self._start_supervisor(failed_server(crashed.name, reason))
+        if self._supervisors.get(crashed.name) is crashed:
+            self._supervisors[crashed.name] = stand_in
+            self.generation += 1
+        else:  # a reload replaced it meanwhile
+            await self._end(stand_in)
+
     async def _end(self, supervisor: ServerSupervisor) -> None:
-        """Stop a supervisor's process (gracefully), then the supervisor itself."""
-        await supervisor.stop()
-        scope = self._scopes.get(supervisor)
-        if scope is not None:
-            scope.cancel()
+        """Stop a supervisor's process (gracefully), then the supervisor itself (whatever
+        the stop did: cancelling the supervisor reaps its process all the same)."""
+        try:
+            await supervisor.stop()
+        finally:
+            scope = self._scopes.get(supervisor)
+            if scope is not None:
+                scope.cancel()
 
     async def add(self, process: ServerProcess) -> None:
         self._cancel_waiting(process.name)
@@ -818,11 +877,14 @@ class Supervisors(Mapping[str, ServerSupervisor]):
 
         async def when_no_one_uses_it() -> None:
             with scope:
-                await self._supervisors[name].wait_until_unused()
+                supervisor = self._supervisors.get(name)
+                if supervisor is not None:
+                    await supervisor.wait_until_unused()
                 del self._waiting_for_idle[name]
-                await self._replace(process)
+                if name in self._supervisors:
+                    await self._replace(process)
 
-        self._nursery.start_soon(when_no_one_uses_it)
+        self._nursery.start_soon(_logged, f"restarting {name!r} once idle", when_no_one_uses_it)
 
     def waiting_for_idle(self) -> list[str]:
         return sorted(self._waiting_for_idle)
@@ -833,6 +895,8 @@ class Supervisors(Mapping[str, ServerSupervisor]):
             scope.cancel()
 
     async def _replace(self, process: ServerProcess) -> None:
+        """If the new supervisor cannot be started, the old one stays, untouched; once it is,
+        the old one is ended whatever happens next."""
         old = self._supervisors[process.name]
         was_running = old.has_command and old.state in (State.STARTING, State.READY, State.BACKOFF)
         old_gone = trio.Event()
@@ -840,9 +904,28 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         new = await self._start_supervisor(process, predecessor_gone=old_gone)
         self._supervisors[process.name] = new
         self.generation += 1
-        if was_running:
-            await new.start(wait=False)
         try:
-            await self._end(old)
+            if was_running:
+                await new.start(wait=False)
         finally:
-            old_gone.set()
+            try:
+                await self._end(old)
+            finally:
+                old_gone.set()
+
+
+class _Started:
+    """A task status that tells its owner when ``started`` was called."""
+
+    def __init__(self, started: Callable[[], None]) -> None:
+        self._started = started
+
+    def started(self, value: object = None) -> None:
+        self._started()
+
+
+async def _logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await action()
+    except Exception:
+        log.exception("%s failed", what)

@@ -4,6 +4,11 @@ Each callable gets, by the names it asks for, ``response`` (a :class:`Rewritable
 change in place), ``orig_response`` (the response as the backend sent it), ``request``,
 ``host``, ``port`` and ``path``, as in jupyter-server-proxy. They run in order, each seeing
 what the one before it left.
+
+What a callable leaves is checked before the next one runs: a final status (200 to 599: a
+1xx such as 101 cannot end a response), headers that HTTP can carry, a body of bytes or text.
+A callable that raises or leaves anything else fails the response with :class:`RewriteError`,
+which names the callable (the relay answers 500 with it); nothing it produced is sent.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import copy
 import functools
 import http.cookies
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import CallableFailed
+from ..errors import CallableFailed, describe_callable
+from ..options import header_name_problem, header_value_problem
 from ..templating import call_with_asked_args
 from .header_map import HeaderList, HeaderMap, headers_of
 
@@ -156,6 +162,31 @@ def _last(name: str, values: list[str], default: Any) -> Any:
     return default
 
 
+class RewriteError(Exception):
+    """A ``rewrite_response`` callable that raised or left a response that cannot be sent."""
+
+
+def response_problem(response: RewritableResponse, headers_before: Collection[tuple[str, str]] = ()) -> str | None:
+    """Why ``response`` cannot be sent as it is, or None. Headers in ``headers_before`` (what
+    the backend sent, as our parser accepted it) are not checked again."""
+    code = response.code
+    if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
+        return f"set the status to {code!r}; a final response needs 200 to 599"
+    if not isinstance(response.headers, Mapping):
+        return f"replaced the headers with a {type(response.headers).__name__}"
+    for name, value in headers_of(response.headers).get_all():
+        if (name, value) in headers_before:
+            continue
+        problem = header_name_problem(name) or header_value_problem(name, value)
+        if problem is not None:
+            return f"set {problem}"
+    if not isinstance(response.body, (bytes, str)):
+        return f"set the body to a {type(response.body).__name__}, not bytes or str"
+    if code in (204, 304) and response.body:
+        return f"set a body on a {code} response, which has none"
+    return None
+
+
 @dataclass
 class RewriteContext:
     request: RelayedRequest
@@ -172,7 +203,9 @@ def apply_rewrites(
     headers: HeaderList,
     body: bytes,
 ) -> tuple[int, HeaderList, bytes]:
-    """Run the chain; return the final status, headers (with a fresh Content-Length) and body."""
+    """Run the chain; return the final status, headers (with a fresh Content-Length) and body.
+
+    Raises RewriteError naming the callable that failed or left something unsendable."""
     original = RewritableResponse(
         code=status,
         headers=HeaderMap.from_raw(headers),
@@ -182,6 +215,7 @@ def apply_rewrites(
     response = copy.copy(original)
     response.headers = original.headers.copy()
     for rewrite in rewrites:
+        headers_before = set(response.headers.get_all()) if isinstance(response.headers, HeaderMap) else set()
         try:
             call_with_asked_args(
                 rewrite,
@@ -196,6 +230,9 @@ def apply_rewrites(
             )
         except Exception as exc:
             raise CallableFailed("rewrite_response", rewrite) from exc
+        problem = response_problem(response, headers_before)
+        if problem is not None:
+            raise RewriteError(f"the rewrite_response callable {describe_callable(rewrite)} {problem}")
     body_out = response.body if isinstance(response.body, bytes) else str(response.body).encode()
     raw = [(n, v) for n, v in headers_of(response.headers).raw() if n != b"content-length"]
     raw.append((b"content-length", str(len(body_out)).encode()))

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from ..options import check_header
 from ..routing import Route
-from ..templating import TemplateError, call_with_asked_args, expand_dict
+from ..templating import call_with_asked_args, expand_dict
 from .framing import FRAMING
 from .headers import FORWARDING, Headers, forwarded_headers, replace_headers, requote_path, strip_hop_by_hop
 
@@ -95,7 +96,7 @@ def upstream_headers(
 ) -> Headers:
     """The client's end-to-end headers, our forwarded headers and the overrides, plus Host.
 
-    Raises TemplateError if an override would contain a line break.
+    Raises OptionError if an override (from a callable or a template) is not a header.
     """
     client_headers: Headers = scope["headers"]
     dropped = FRAMING if trusted else FRAMING | FORWARDING
@@ -117,8 +118,7 @@ def upstream_headers(
     )
     if overrides:
         for name, value in overrides.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise TemplateError(f"header {name!r} would contain a line break")
+            check_header("request_headers_override", name, value)
         headers = replace_headers(
             headers, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in overrides.items()]
         )
