@@ -198,6 +198,27 @@ def test_entry_point_loads(matrix: Matrix, case: Case) -> None:
     _require_loaded(matrix, case)
 
 
+def _servers_info(matrix: Matrix, proxy: str) -> dict[str, Any]:
+    with matrix.client(proxy) as client:
+        info = client.get("server-proxy/servers-info")
+    assert info.status_code == 200, matrix.log(proxy)[-4000:]
+    return {item["name"]: item for item in info.json()["server_processes"]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_same_launcher_entry_as_jupyter_server_proxy(matrix: Matrix, case: Case) -> None:
+    # What JupyterLab's launcher shows and where it leads (title, path_info, icon, new tab).
+    theirs = _servers_info(matrix, JSP)[case.server]
+    _require_loaded(matrix, case)
+    ours = _servers_info(matrix, TRIOPROXY)[case.server]
+    key = f"{case.server}.servers-info"
+    listed = differences()
+    if key in listed:
+        assert ours != theirs, f"differences.toml lists {key!r}, but both answer the same: remove it"
+    else:
+        assert ours == theirs
+
+
 def _relay(matrix: Matrix, proxy: str, case: Case) -> list[dict[str, Any]]:
     with matrix.client(proxy) as client:
         return [matrix.normalizer.answer(*_get(client, path)) for path, _ in case.requests]
@@ -326,6 +347,7 @@ def test_compare_reports_unlisted_differences_and_stale_entries() -> None:
 
 def test_every_listed_difference_names_a_request_of_the_matrix() -> None:
     keys = {f"{case.server}.{path}.{field}" for case in CASES for path, _ in case.requests for field in FIELDS}
+    keys |= {f"{case.server}.servers-info" for case in CASES}
     for key, reason in differences().items():
         assert key in keys and reason.strip(), key
 
