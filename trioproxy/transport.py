@@ -256,7 +256,7 @@ class Connection(TCPServer):
             pass
         else:
             try:
-                await self.stream.send_eof()  # type: ignore[attr-defined]
+                await self.stream.send_eof()
             except (trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError):
                 pass  # gone already, or TLS (no EOF of its own)
             finally:
