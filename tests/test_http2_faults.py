@@ -23,6 +23,8 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+import wsproto.connection
+import wsproto.events
 from hyperframe.frame import DataFrame, PriorityFrame
 
 from tests.conftest import BACKENDS, PY, ProxyProcess, echo_command, launch_trioproxy
@@ -32,6 +34,16 @@ pytestmark = pytest.mark.timeout(180)
 TOKEN = "h2-faults-token"
 AUTH = (b"authorization", f"token {TOKEN}".encode())
 MODES = ["tls", "prior", "h2c"]
+
+
+# A backend that accepts connections and never answers them.
+SILENT = """
+import socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+held = []
+while True:
+    held.append(server.accept())
+"""
 
 
 class Proxies:
@@ -59,6 +71,7 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxies]:
     servers = {
         "echo": {"command": echo_command()},
         "ws": {"command": [PY, str(BACKENDS / "ws_echo.py"), "{port}"]},
+        "silent": {"command": [PY, "-c", SILENT, "{port}"]},
     }
     config.write_text(f"c.ServerProxy.servers = {servers!r}\n")
     common = ["--port", "0", "--token", TOKEN, "--config", str(config)]
@@ -558,3 +571,82 @@ def test_a_reset_download_stops_the_backend_and_the_connection_goes_on(
         assert client.get(b"/echo/same-connection")[0] == 200
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("mode", ["tls", "prior"])
+def test_a_websocket_over_http2_echoes_and_closes_cleanly(proxies: Proxies, mode: str) -> None:
+    client = H2Client.open(proxies.address(mode), mode)
+    try:
+        stream_id = websocket_connect(client, b"/ws/echo", auth=True)
+        client.wait_answered(stream_id)
+        assert client.status(stream_id) == 200
+        ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
+        client.connection.send_data(stream_id, ws.send(wsproto.events.TextMessage("over h2")))
+        client.flush()
+        received: list[wsproto.events.Event] = []
+
+        def take() -> list[wsproto.events.Event]:
+            ws.receive_data(client.body(stream_id)[taken[0]:])
+            taken[0] = len(client.body(stream_id))
+            received.extend(ws.events())
+            return received
+
+        taken = [0]
+        client.wait(lambda: any(isinstance(event, wsproto.events.TextMessage) for event in take()))
+        assert [event.data for event in received if isinstance(event, wsproto.events.TextMessage)] == ["over h2"]
+        client.connection.send_data(stream_id, ws.send(wsproto.events.CloseConnection(1000, "bye")))
+        client.flush()
+        # The close is answered, then the stream ends (not reset), and the connection goes on.
+        client.wait_ended(stream_id)
+        take()
+        assert any(isinstance(event, wsproto.events.CloseConnection) for event in received)
+        assert client.reset_code(stream_id) is None
+        assert client.get(b"/echo/after-websocket")[0] == 200
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["tls", "prior"])
+def test_a_client_that_leaves_during_the_backend_handshake_is_let_go(proxies: Proxies, mode: str) -> None:
+    pid = proxies.process(mode).process.pid
+    client = H2Client.open(proxies.address(mode), mode)
+    websocket_connect(client, b"/silent/ws", auth=True)  # starts the silent server
+    time.sleep(2)
+    client.close()
+
+    def steady() -> bool:
+        count = open_fds(pid)
+        time.sleep(1)
+        return open_fds(pid) == count
+
+    assert wait_until(steady, timeout=30, interval=0)
+    baseline = open_fds(pid)
+    for index in range(10):
+        client = H2Client.open(proxies.address(mode), mode)
+        websocket_connect(client, b"/silent/ws", auth=True)
+        time.sleep(0.3)  # the relay is waiting for the backend's 101
+        leave(client, "reset" if index % 2 else "close")
+    # Well within the 30 s handshake timeout: the client's leaving ends the wait.
+    assert wait_until(lambda: open_fds(pid) <= baseline + 3, timeout=10), (baseline, open_fds(pid))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rst_stream_floods_and_goaway(proxies: Proxies, mode: str) -> None:
+    logged = len(proxies.process(mode).lines)
+    client = H2Client.open(proxies.address(mode), mode)
+    try:
+        # 950 streams: just under keep_alive_max_requests (1000), after which Hypercorn sends
+        # GOAWAY(NO_ERROR) and takes no more requests on the connection.
+        for _ in range(190):
+            streams = [client.request(b"/echo/bytes?size=100000") for _ in range(5)]
+            for stream_id in streams:
+                client.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            client.flush()
+        assert client.get(b"/echo/after-resets")[0] == 200
+        # A GOAWAY with a stream under way: the connection ends, the proxy goes on.
+        client.request(b"/echo/bytes?size=10000000")
+        client.connection.close_connection()
+        client.flush()
+    finally:
+        client.close()
+    assert_healthy(proxies, mode, logged)
