@@ -10,12 +10,14 @@ the process is alive, and nothing was logged as a failure of trioproxy.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -23,12 +25,15 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+import trio
 import wsproto.connection
 import wsproto.events
 from hyperframe.frame import DataFrame, PriorityFrame
 
 from tests.conftest import BACKENDS, PY, ProxyProcess, echo_command, launch_trioproxy
 from tests.test_tls import make_certificate
+from trioproxy import transport
+from trioproxy.listener import serve
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN = "h2-faults-token"
@@ -650,3 +655,80 @@ def test_rst_stream_floods_and_goaway(proxies: Proxies, mode: str) -> None:
     finally:
         client.close()
     assert_healthy(proxies, mode, logged)
+
+
+# -- what nobody foresaw: the boundary inside HTTP/2 (in-process, with a fault injected) -----
+
+
+async def _answer_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _in_process(nursery: trio.Nursery) -> tuple[str, int]:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    binds = await nursery.start(serve, _answer_ok, config)
+    host, port = binds[0].split("//", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def _terminated_by_boom(address: tuple[str, int]) -> h2.events.ConnectionTerminated | None:
+    client = H2Client.open(address, "prior")
+    try:
+        client.request(b"/boom")
+        client.wait(lambda: client.closed or client.terminated() is not None)
+        return client.terminated()
+    finally:
+        client.close()
+
+
+def _answers(address: tuple[str, int]) -> int | None:
+    client = H2Client.open(address, "prior")
+    try:
+        return client.get(b"/fine")[0]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("where", ["receiving", "sending"])
+async def test_an_unforeseen_error_ends_that_connection_with_goaway_logged_once(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    if where == "receiving":
+        checked = transport.refusal
+
+        def refusal(headers: list[tuple[bytes, bytes]]) -> transport.Refusal | None:
+            if (b":path", b"/boom") in headers:
+                raise RuntimeError("injected")
+            return checked(headers)
+
+        monkeypatch.setattr(transport, "refusal", refusal)
+    else:
+        sending = transport.H2._send_data
+
+        async def send_data(self: transport.H2, stream_id: int) -> None:
+            if stream_id == 1:  # the first stream of a connection: /boom
+                raise RuntimeError("injected")
+            await sending(self, stream_id)
+
+        monkeypatch.setattr(transport.H2, "_send_data", send_data)
+    address = await _in_process(nursery)
+    terminated = await trio.to_thread.run_sync(_terminated_by_boom, address)
+    assert terminated is not None and terminated.error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+    if where == "sending":
+        monkeypatch.setattr(transport.H2, "_send_data", sending)
+    assert await trio.to_thread.run_sync(_answers, address) == 200
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].name == "trioproxy.transport" and errors[0].exc_info is not None
+    assert "unexpected error" in errors[0].getMessage()

@@ -457,12 +457,13 @@ class H2(H2Protocol):
 
     async def handle(self, event: Event) -> None:
         try:
-            await super().handle(event)
             if isinstance(event, Closed):
                 # Nothing will be sent any more: an app waiting for its data to go (a refusal
                 # draining, a download pushing) would wait for ever, and hold the connection.
+                # First, since telling the streams' apps (below) can wait for their queues.
                 for stream_id in list(self.stream_buffers):
                     await self._forget(stream_id)
+            await super().handle(event)
         except Exception:
             if self.closed:
                 raise
