@@ -437,11 +437,6 @@ def refusal(headers: list[tuple[bytes, bytes]]) -> Refusal | None:
 class H2(H2Protocol):
     """Hypercorn's HTTP/2, which keeps every stream's failure to that stream (module docstring)."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        # Only streams being answered are ever in the tree (PRIORITY signals are ignored).
-        self.priority = priority.PriorityTree()
-
     async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None) -> None:
         if headers is None:
             await super().initiate(None, settings)
