@@ -1,14 +1,14 @@
 """Accepting connections: a look at each connection's first request, then Hypercorn.
 
-Hypercorn serves every connection here as ``hypercorn.trio.serve`` would, with its own
-per-connection server (``TCPServer``), lifespan and worker context, composed as its
-``trio/run.py: worker_serve`` composes them. The one difference: before a connection is handed
-over, its first request head is read (bounded in size and time) and, when it is an HTTP/1.1
-WebSocket upgrade, offered to an *upgrade handler* (:mod:`trioproxy.fastpath`), which may take
-the connection for itself. Everything else, and every upgrade the handler declines, goes to
-Hypercorn with the bytes already read replayed first, so Hypercorn sees the connection exactly
-as the client sent it. Only connections that start with ``GET`` are held back for a head; any
-other first bytes (another method, HTTP/2's preface, TLS with ``h2`` chosen) go over at once.
+Every accepted connection runs inside its own boundary (:func:`_owned_connection`). Before a
+connection is handed to Hypercorn (:mod:`trioproxy.transport`, the one module that knows
+Hypercorn's insides), its first request head is read (bounded in size and time) and, when it
+is an HTTP/1.1 WebSocket upgrade, offered to an *upgrade handler* (:mod:`trioproxy.fastpath`),
+which may take the connection for itself. Everything else, and every upgrade the handler
+declines, goes to Hypercorn with the bytes already read replayed first, so Hypercorn sees the
+connection exactly as the client sent it. Only connections that start with ``GET`` are held
+back for a head; any other first bytes (another method, HTTP/2's preface, TLS with ``h2``
+chosen) go over at once.
 
 Graceful shutdown follows Hypercorn's: on ``shutdown_trigger`` the listening sockets close,
 Hypercorn's connections are told to finish (its worker context), the upgrade handler is told to
@@ -27,22 +27,18 @@ from __future__ import annotations
 import logging
 import select
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Updated
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
+from . import transport
 from .relay.headers import Headers
+from .transport import CLIENT_SOCKET as CLIENT_SOCKET
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # noqa: F401
@@ -50,9 +46,6 @@ if sys.version_info < (3, 11):
 log = logging.getLogger("trioproxy.listener")
 
 READ_SIZE = 65536
-HYPERCORN_READ_SIZE = 256 * 1024  # per read once Hypercorn serves a connection (it asks for 64 KiB)
-# Scope key: the client connection's socket (a trio socket), for :func:`client_gone`.
-CLIENT_SOCKET = "trioproxy.client_socket"
 
 
 @dataclass
@@ -75,51 +68,6 @@ class UpgradeHandler(Protocol):
         """Close every connection taken, promptly (a graceful shutdown has begun)."""
 
 
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream that gives back bytes already read from it before reading on.
-
-    Hypercorn's ``TCPServer`` finds out whether its stream is TLS by trying the TLS
-    methods, so everything but reading is the wrapped stream's own.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, replay: bytes) -> None:
-        self._stream = stream
-        self._replay = replay
-        # Every byte of the connection passes here: the wrapped stream's own methods, bound
-        # once, cost no extra coroutine frame per call.
-        self.send_all = stream.send_all  # type: ignore[method-assign]
-        self.wait_send_all_might_not_block = stream.wait_send_all_might_not_block  # type: ignore[method-assign]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._replay:
-            data, self._replay = self._replay, b""
-            self.receive_some = self._receive_large  # type: ignore[method-assign]  # from now on
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._receive_large()
-
-    def _receive_large(self, max_bytes: int | None = None) -> Coroutine[Any, Any, bytes | bytearray]:
-        # Hypercorn asks for 64 KiB at a time; each read becomes one body message through h11,
-        # its queue and the relay, so larger reads make uploads cheaper per byte. (Not a
-        # coroutine of its own: no extra frame on every read.)
-        return cast(Coroutine[Any, Any, bytes | bytearray], self._stream.receive_some(HYPERCORN_READ_SIZE))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()  # type: ignore[attr-defined]  # AttributeError for TLS, as TCPServer expects
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
 async def serve(
     app: Any,
     config: Config,
@@ -133,23 +81,10 @@ async def serve(
 
     ``on_shutdown`` is called once a graceful shutdown has begun (new connections refused).
     """
-    asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
-    lifespan_state: dict[str, Any] = {}
-    lifespan = Lifespan(asgi, config, lifespan_state)
-    context = WorkerContext(None)
-
-    async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.handle_lifespan)
-        await lifespan.wait_for_startup()
+    async with transport.worker(app, config) as worker:
         async with trio.open_nursery() as connections:
             listeners, binds = _listen(config)
-            state = ConnectionState(lifespan_state.copy())
-
-            def hypercorn(stream: trio.abc.Stream, sock: Any) -> TCPServer:
-                # (Hypercorn's annotations ask for its own types; any trio stream will do.)
-                return _Connection(cast(Any, _WithClientSocket(asgi, sock)), config, context, state, cast(Any, stream))
-
-            handler = partial(_owned_connection, partial(_connection, hypercorn, config, upgrade_handler))
+            handler = partial(_owned_connection, partial(_connection, worker, config, upgrade_handler))
             task_status.started(binds)
             try:
                 async with trio.open_nursery() as accepting:
@@ -159,14 +94,12 @@ async def serve(
                     await (shutdown_trigger or trio.sleep_forever)()
                     accepting.cancel_scope.cancel()  # closes the listening sockets
             finally:
-                await context.terminated.set()
+                await worker.terminate()
                 if on_shutdown is not None:
                     on_shutdown()
                 if upgrade_handler is not None:
                     upgrade_handler.shut_down()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
-        await lifespan.wait_for_shutdown()
-        lifespan_nursery.cancel_scope.cancel()
 
 
 def _listen(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
@@ -181,11 +114,11 @@ def _listen(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
                 trio.SocketListener(trio.socket.from_stdlib_socket(sock)), ssl_context, https_compatible=True  # type: ignore[arg-type]
             )
         )
-        binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+        binds.append(f"https://{transport.bound_address(sock)}")
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+        binds.append(f"http://{transport.bound_address(sock)}")
     return listeners, binds
 
 
@@ -222,22 +155,19 @@ def unexpected_errors(exc: BaseException) -> BaseException | None:
 
 
 async def _connection(
-    hypercorn: Callable[[trio.abc.Stream, Any], TCPServer],
-    config: Config,
-    upgrade_handler: UpgradeHandler | None,
-    stream: trio.abc.Stream,
+    worker: transport.Worker, config: Config, upgrade_handler: UpgradeHandler | None, stream: trio.abc.Stream
 ) -> None:
     tls = isinstance(stream, trio.SSLStream)
     sock = stream.transport_stream.socket if tls else stream.socket  # type: ignore[attr-defined]
     if upgrade_handler is None:
-        await hypercorn(stream, sock).run()
+        await worker.serve(stream, sock)
         return
     try:
         if isinstance(stream, trio.SSLStream):
             with trio.fail_after(config.ssl_handshake_timeout):
                 await stream.do_handshake()
             if stream.selected_alpn_protocol() not in (None, "http/1.1"):
-                await hypercorn(stream, sock).run()  # HTTP/2: Hypercorn's, from the first byte
+                await worker.serve(stream, sock)  # HTTP/2: Hypercorn's, from the first byte
                 return
         # An unfinished head is dropped when Hypercorn's idle timer would drop it.
         with trio.fail_after(config.keep_alive_timeout):
@@ -248,47 +178,7 @@ async def _connection(
         return  # connected and left without a word
     if request is not None and await upgrade_handler(stream, request):
         return
-    await hypercorn(ReplayStream(stream, read), sock).run()
-
-
-class _WithClientSocket:
-    """Hypercorn's wrapped app for one connection: puts the connection's socket in each scope."""
-
-    __slots__ = ("app", "sock")
-
-    def __init__(self, app: Any, sock: Any) -> None:
-        self.app = app
-        self.sock = sock
-
-    def __call__(self, scope: dict[str, Any], *args: Any) -> Coroutine[Any, Any, None]:
-        # Not a coroutine of its own: the app's is returned, one frame fewer per resumption.
-        scope[CLIENT_SOCKET] = self.sock
-        return cast(Coroutine[Any, Any, None], self.app(scope, *args))
-
-
-class _Connection(TCPServer):
-    """Hypercorn's handler of one client connection, which lets go of it when the client has.
-
-    Hypercorn runs a keep-alive timer task beside an idle connection and closes the socket only
-    once every task of the connection has ended; when the client closes an idle connection, the
-    reader stops but the timer runs on, so the socket (a file descriptor, in CLOSE_WAIT) stayed
-    open until ``keep_alive_timeout``. Once nothing more can be read, the timer has nothing to
-    wait for: stop it. (A request still being answered stopped the timer already; its end
-    closes the connection, as the client's side is gone.)
-    """
-
-    _client_gone = False
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        self._client_gone = True
-        await self.idle_task.stop()
-
-    def protocol_send(self, event: Any) -> Coroutine[Any, Any, None]:
-        # A response that ends after the client left would start the timer again.
-        if self._client_gone and isinstance(event, Updated) and event.idle:
-            event = Closed()
-        return super().protocol_send(event)
+    await worker.serve(stream, sock, read)
 
 
 def client_gone(sock: Any) -> bool:
@@ -352,14 +242,8 @@ def _upgrade_request(stream: trio.abc.Stream, data: bytes, end: int, tls: bool) 
     sock = stream.transport_stream.socket if tls else stream.socket  # type: ignore[attr-defined]
     # The client may have reset the connection since its head arrived (ENOTCONN): then it is
     # gone, and the caller's handling of a client that left applies.
-    return RequestHead(
-        target=event.target,
-        headers=headers,
-        trailing=data[end:],
-        client=parse_socket_addr(sock.family, sock.getpeername()),
-        server=parse_socket_addr(sock.family, sock.getsockname()),
-        tls=tls,
-    )
+    client, server = transport.addresses(sock)
+    return RequestHead(target=event.target, headers=headers, trailing=data[end:], client=client, server=server, tls=tls)
 
 
 def _tokens(headers: Headers, name: bytes) -> set[bytes]:

@@ -95,7 +95,7 @@ class HeadLimit:
     """ASGI middleware that answers 431 to a request whose head is larger than ``limit`` bytes.
 
     Hypercorn's ``h11_max_incomplete_size`` only refuses a head that is still incomplete after
-    that many bytes; one that arrives complete within a single read (up to `listener.HYPERCORN_READ_SIZE`, 256 KiB) passes.
+    that many bytes; one that arrives complete within a single read (up to `transport.READ_SIZE`, 256 KiB) passes.
     The head's size is counted here from what h11 parsed, which leaves out only the optional
     whitespace around header values.
     """

@@ -170,6 +170,10 @@ class _Client:
         await self._send({"type": "websocket.http.response.body", "body": body})
 
 
+class _ClientLeft(Exception):
+    """The client went away before the backend's WebSocket was open: nothing to answer."""
+
+
 class _WatchedStream(trio.abc.Stream):
     """A backend stream that tells when the backend has gone away.
 
@@ -225,6 +229,8 @@ async def relay_websocket(
             await _relay_raw(receive, client, target)
         else:
             await _relay_messages(receive, client, target)
+    except _ClientLeft:
+        log.debug("%s: the client left during the backend's WebSocket handshake", target.server)
     except _Refused as refusal:
         level = logging.INFO if refusal.body is not None else logging.WARNING  # the backend's own answer
         log.log(level, "%s: WebSocket refused (%d): %s", target.server, refusal.status, refusal.message)
@@ -275,7 +281,7 @@ async def _relay_messages(receive: Receive, client: _Client, target: WebSocketTa
     stream = _WatchedStream(await _connect(target))
     try:
         async with trio.open_nursery() as nursery:
-            backend = await _open_handshake(nursery, stream, target)
+            backend = await _open_handshake(nursery, stream, target, receive, client)
             await client.accept(backend.subprotocol, _cookies(backend.handshake_headers))
             nursery.start_soon(_backend_to_client, backend, client, target, nursery.cancel_scope)
             await _client_to_backend(receive, backend, client, target)
@@ -285,7 +291,7 @@ async def _relay_messages(receive: Receive, client: _Client, target: WebSocketTa
         sole = sole_exception(group)
         if isinstance(sole, ConnectionRejected):
             raise _Refused.from_rejection(sole) from None
-        if isinstance(sole, _Refused):
+        if isinstance(sole, (_Refused, _ClientLeft)):
             raise sole from None
         if isinstance(sole, (ProtocolError, h11.ProtocolError)) and not client.accepted:
             # trio-websocket's reader fails this way on an answer that is not HTTP at all
@@ -300,30 +306,55 @@ async def _relay_messages(receive: Receive, client: _Client, target: WebSocketTa
 
 
 async def _open_handshake(
-    nursery: trio.Nursery, stream: _WatchedStream, target: WebSocketTarget
+    nursery: trio.Nursery, stream: _WatchedStream, target: WebSocketTarget, receive: Receive, client: _Client
 ) -> WebSocketConnection:
     host, headers = _split_host(target)
     scope = trio.move_on_after(target.handshake_timeout)
     stream.on_end = scope.cancel
+    backend: WebSocketConnection | None = None
+    failure: Exception | None = None
     try:
-        with scope:
-            return await trio_websocket.wrap_client_stream(
-                nursery,
-                stream,  # type: ignore[arg-type]  # any trio stream does; the hint is narrower
-                host,
-                target.target.decode("latin-1"),
-                subprotocols=target.subprotocols,
-                extra_headers=headers,
-                max_message_size=target.max_message_size,
-                receive_buffer_size=None,
-            )
+        async with trio.open_nursery() as watching:
+            # A client that leaves meanwhile ends the wait (its sockets are not held until the
+            # handshake timeout).
+            watching.start_soon(_cancel_when_client_leaves, receive, client, scope)
+            with scope:
+                try:
+                    backend = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        stream,  # type: ignore[arg-type]  # any trio stream does; the hint is narrower
+                        host,
+                        target.target.decode("latin-1"),
+                        subprotocols=target.subprotocols,
+                        extra_headers=headers,
+                        max_message_size=target.max_message_size,
+                        receive_buffer_size=None,
+                    )
+                except Exception as exc:  # raised below, outside the watcher's nursery
+                    failure = exc
+            watching.cancel_scope.cancel()
     finally:
         stream.on_end = None
+    if failure is not None:
+        raise failure
+    if backend is not None:
+        return backend
+    if client.disconnected:
+        raise _ClientLeft()
     if stream.ended:
         raise _Refused(502, "the backend closed the connection during the WebSocket handshake")
     raise _Refused(
         504, f"the backend did not answer the WebSocket upgrade within {target.handshake_timeout:g} s"
     )
+
+
+async def _cancel_when_client_leaves(receive: Receive, client: _Client, scope: trio.CancelScope) -> None:
+    # Before the client is accepted, the only message that can come is its disconnect.
+    # (Hypercorn's receive is a memory channel's: cancelling it loses nothing.)
+    message = await receive()
+    if message["type"] == "websocket.disconnect":
+        client.disconnected = True
+        scope.cancel()
 
 
 def _split_host(target: WebSocketTarget) -> tuple[str, Headers]:
