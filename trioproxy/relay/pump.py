@@ -97,9 +97,9 @@ _CARRY, _RELEASE, _STOP = "carry", "release", "stop"
 class TunnelPump:
     """Copies tunnels' bytes on a thread of its own while :meth:`run` runs.
 
-    ``fault`` is a seam for tests: if set before :meth:`run`, the thread calls it at named
-    points ("turn": after each wait, outside any tunnel; "hand back": as it lets a tunnel go),
-    and an exception it raises is one the thread did not expect.
+    ``fault`` is a seam for tests: when set, the thread calls it at named points ("turn":
+    after each wait, outside any tunnel; "hand back": as it lets a tunnel go), and an
+    exception it raises is one the thread did not expect.
     """
 
     def __init__(self) -> None:
@@ -124,7 +124,7 @@ class TunnelPump:
         inbox, self._wake = socket.socketpair()
         inbox.setblocking(False)
         self._wake.setblocking(False)
-        thread = _PumpThread(inbox, self._requests, token, self._deliver, self.fault)
+        thread = _PumpThread(inbox, self._requests, token, self._deliver, self)
         with inbox, self._wake:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_thread, thread)
@@ -256,13 +256,13 @@ class _PumpThread:
         requests: collections.deque[tuple[str, Any]],
         token: Any,
         deliver: Callable[[_Carriage, Handback], None],
-        fault: Callable[[str], None] | None,
+        seam: TunnelPump,
     ) -> None:
         self.inbox = inbox
         self.requests = requests
         self.token = token
         self.deliver = deliver
-        self.fault = fault
+        self.seam = seam  # for its ``fault`` only
         self.poller = select.epoll()
         self.buffer = ctypes.create_string_buffer(READ_SIZE)
         self.by_fd: dict[int, _Carriage] = {}
@@ -281,11 +281,11 @@ class _PumpThread:
 
     def _loop(self) -> None:
         inbox = self.inbox.fileno()
-        fault = self.fault
+        seam = self.seam
         while True:
             ready = self.poller.poll()
-            if fault is not None:
-                fault("turn")
+            if seam.fault is not None:
+                seam.fault("turn")
             for fd, events in ready:
                 if fd == inbox:
                     if not self._take_requests():
@@ -410,8 +410,8 @@ class _PumpThread:
 
     def _hand_back(self, carried: _Carriage, handback: Handback) -> None:
         """Let ``carried`` go: out of every record and of epoll, then to the event loop."""
-        if self.fault is not None:
-            self.fault("hand back")
+        if self.seam.fault is not None:
+            self.seam.fault("hand back")
         self.by_tunnel.pop(carried.tunnel, None)
         for fd in carried.directions:
             if self.by_fd.pop(fd, None) is not None:
