@@ -153,7 +153,7 @@ async def open_tunnel(nursery: trio.Nursery, pump: TunnelPump | None, limit: int
         ends.ended.set()
 
     nursery.start_soon(run)
-    if pump is not None:
+    if pump is not None and pump.running:  # carried soon
         with trio.fail_after(10):
             while pump.carried == 0:
                 await trio.sleep(0.01)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from trioproxy.relay.pump import READ_SIZE, THREAD_NAME, TunnelPump
+from trioproxy.relay.pump import AVAILABLE, READ_SIZE, THREAD_NAME, TunnelPump
 from trioproxy.relay.tunnel import FrameCursor, Tunnel
 
 from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
@@ -34,10 +34,11 @@ from .test_websocket import (
     start_raw_server,
     ws_echo_command,
 )
+from .test_tunnel_frames import Ends, client_frame, close_code, frames_in, open_tunnel, read_exactly, read_to_end, server_frame
 from .test_websocket_fastpath import proxy_port, raw_handshake, switching_protocols
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="the tunnel pump exists on Linux only (epoll); elsewhere tunnels run on the event loop"
+    not AVAILABLE, reason="the tunnel pump runs on CPython on Linux only; elsewhere tunnels run on the event loop"
 )
 
 MIB = 1024 * 1024
@@ -353,3 +354,152 @@ async def test_the_pump_keeps_websockets_moving_while_the_event_loop_is_busy(nur
     else:
         assert any(busy_from <= sent < busy_until for sent in client.sends), "the client sent nothing meanwhile"
         assert inside == [], f"{len(inside)} round trips while the event loop was busy"
+
+
+# -- the thread's death ---------------------------------------------------------------------------
+
+
+class _Fault:
+    """The pump's fault seam: once armed, raises at ``point`` on the thread."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.armed = threading.Event()
+        self.raised = 0
+
+    def __call__(self, point: str) -> None:
+        if point == self.point and self.armed.is_set():
+            self.raised += 1
+            raise RuntimeError(f"injected: the pump's thread fails at {point!r}")
+
+
+async def _dying_pump(nursery: trio.Nursery, point: str) -> tuple[TunnelPump, _Fault]:
+    pump = TunnelPump()
+    fault = _Fault(point)
+    pump.fault = fault
+    await nursery.start(pump.run)
+    return pump, fault
+
+
+async def _exchange(ends: Ends, text: str) -> None:
+    """One frame each way, checked byte for byte at the other end."""
+    up, down = client_frame(0x1, text.encode()), server_frame(0x1, text.encode())
+    await ends.client.send_all(up)
+    assert await read_exactly(ends.backend, len(up)) == up
+    await ends.backend.send_all(down)
+    assert await read_exactly(ends.client, len(down)) == down
+
+
+def _closed_with(data: bytes, code: int) -> None:
+    ((opcode, payload),) = frames_in(data)
+    assert opcode == 0x8 and close_code(payload) == code, (opcode, payload)
+
+
+async def _the_pump_steps_aside(nursery: trio.Nursery, pump: TunnelPump) -> None:
+    """After its thread died, tunnels run on the event loop."""
+    assert not pump.running and pump_loops_running() == 0
+    async with await open_tunnel(nursery, pump) as ends:
+        await _exchange(ends, "on the event loop now")
+        assert pump.carried == 0
+
+
+async def test_a_thread_that_dies_ends_every_tunnel_it_carried_with_1011(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Death outside any tunnel's bytes: each tunnel's state is whole, each end at rest gets
+    1011 and its connection ends; nothing more is copied; the pump steps aside, logged."""
+    pump, fault = await _dying_pump(nursery, "turn")
+    with trio.fail_after(20), caplog.at_level(logging.ERROR, logger="trioproxy.pump"):
+        tunnels = [await open_tunnel(nursery, pump) for _ in range(3)]
+        for number, ends in enumerate(tunnels):
+            await _exchange(ends, f"tunnel {number}")
+        assert pump.carried == 3
+        fault.armed.set()
+        pump.release(tunnels[0].tunnel)  # wakes the thread, which fails before it looks
+        for ends in tunnels:
+            async with ends:
+                _closed_with(await read_to_end(ends.client), 1011)
+                _closed_with(await read_to_end(ends.backend), 1011)
+                await ends.ended.wait()
+                assert ends.tunnel.broken
+        await _the_pump_steps_aside(nursery, pump)
+    assert fault.raised == 1
+    assert "the WebSocket tunnel pump failed" in caplog.text
+    assert "RuntimeError: injected: the pump's thread fails at 'turn'" in caplog.text  # with its traceback
+    assert "ended while carrying 3 tunnel(s)" in caplog.text
+
+
+async def test_a_dead_threads_partial_write_is_never_resumed(nursery: trio.Nursery) -> None:
+    """The thread dies while a backend that stopped reading holds part of a write: the bytes
+    it got are exactly a prefix of what the client sent (none again), then its connection ends
+    without a frame of ours in the middle of one; the client, at rest, gets 1011."""
+    pump, fault = await _dying_pump(nursery, "turn")
+    message = binary_frame(os.urandom(8 * MIB))
+    with trio.fail_after(30):
+        async with await open_tunnel(nursery, pump, limit=16 * MIB) as ends:
+            await _exchange(ends, "before")
+            nursery.start_soon(_send_quietly, ends.client, message)
+            carriage = pump._carried[ends.tunnel]
+            await wait_for(lambda: 0 < carriage.flows[0].written < len(carriage.flows[0].unsent))
+            fault.armed.set()
+            pump.release(ends.tunnel)
+            received = await read_to_end(ends.backend, timeout=20)
+            _closed_with(await read_to_end(ends.client), 1011)
+            await ends.ended.wait()
+    assert 0 < len(received) < len(message)
+    assert received == message[: len(received)], "bytes were sent twice or out of place"
+    await _the_pump_steps_aside(nursery, pump)
+
+
+async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data)
+
+
+async def test_a_thread_that_dies_inside_a_tunnels_bytes_just_closes_that_one(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It fails handing a tunnel back, and again handling that failure: where that tunnel's
+    frames stand is unknown, so its connections just close; the others get 1011."""
+    pump, fault = await _dying_pump(nursery, "hand back")
+    with trio.fail_after(20), caplog.at_level(logging.ERROR, logger="trioproxy.pump"):
+        failing, other = await open_tunnel(nursery, pump), await open_tunnel(nursery, pump)
+        await _exchange(failing, "one")
+        await _exchange(other, "two")
+        fault.armed.set()
+        await failing.client.send_eof()  # the thread reads the end and hands the tunnel back
+        async with failing, other:
+            assert await read_to_end(failing.backend) == b""
+            assert await read_to_end(failing.client) == b""
+            _closed_with(await read_to_end(other.client), 1011)
+            _closed_with(await read_to_end(other.backend), 1011)
+            await failing.ended.wait()
+            await other.ended.wait()
+        await _the_pump_steps_aside(nursery, pump)
+    assert fault.raised == 2
+    assert "ending a tunnel after an unexpected error" in caplog.text
+    assert "the WebSocket tunnel pump failed" in caplog.text
+
+
+async def test_a_stopping_thread_hands_its_tunnels_back_whole(nursery: trio.Nursery) -> None:
+    """The pump stops (its service is cancelled) while a write is half done: the tunnel goes
+    on on the event loop from where the thread was, and every byte arrives once, in order."""
+    pump = TunnelPump()
+    scope = trio.CancelScope()
+
+    async def run_pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await pump.run(task_status=task_status)
+
+    await nursery.start(run_pump)
+    message = binary_frame(os.urandom(8 * MIB))
+    with trio.fail_after(30):
+        async with await open_tunnel(nursery, pump, limit=16 * MIB) as ends:
+            nursery.start_soon(_send_quietly, ends.client, message)
+            carriage = pump._carried[ends.tunnel]
+            await wait_for(lambda: 0 < carriage.flows[0].written < len(carriage.flows[0].unsent))
+            scope.cancel()
+            await wait_for(lambda: pump.carried == 0)
+            assert await read_exactly(ends.backend, len(message), timeout=20) == message
+            await _exchange(ends, "after")
+    assert not ends.tunnel.broken
