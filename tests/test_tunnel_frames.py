@@ -20,6 +20,8 @@ import trio
 from trioproxy.relay.pump import AVAILABLE, TunnelPump
 from trioproxy.relay.tunnel import BackendFailed, Tunnel, open_backend
 
+from .conftest import wait_for
+
 MIB = 1024 * 1024
 KEY = b"\x01\x02\x03\x04"
 
@@ -69,10 +71,10 @@ def frames_in(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def read_until_close(stream: trio.SocketStream, timeout: float = 10) -> list[tuple[int, bytes]]:
+async def read_until_close(stream: trio.SocketStream, within: float = 10) -> list[tuple[int, bytes]]:
     """The frames up to and including a close frame, then close the connection, as an end does."""
     data = b""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             try:
                 frames = frames_in(data)
@@ -99,10 +101,10 @@ async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return one, other
 
 
-async def read_to_end(stream: trio.SocketStream, timeout: float = 10) -> bytes:
+async def read_to_end(stream: trio.SocketStream, within: float = 10) -> bytes:
     """Everything until the other side closes (or resets: what came before still counts)."""
     data = b""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             try:
                 chunk = await stream.receive_some(MIB)
@@ -113,9 +115,9 @@ async def read_to_end(stream: trio.SocketStream, timeout: float = 10) -> bytes:
             data += chunk
 
 
-async def read_exactly(stream: trio.SocketStream, size: int, timeout: float = 10) -> bytes:
+async def read_exactly(stream: trio.SocketStream, size: int, within: float = 10) -> bytes:
     data = b""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while len(data) < size:
             chunk = await stream.receive_some(size - len(data))
             assert chunk, f"the connection ended after {len(data)} of {size} bytes"
@@ -154,9 +156,7 @@ async def open_tunnel(nursery: trio.Nursery, pump: TunnelPump | None, limit: int
 
     nursery.start_soon(run)
     if pump is not None and pump.running:  # carried soon
-        with trio.fail_after(10):
-            while pump.carried == 0:
-                await trio.sleep(0.01)
+        await wait_for(lambda: pump.carried > 0)
     return ends
 
 

@@ -13,7 +13,10 @@ import hashlib
 import logging
 import os
 import resource
+import signal
 import socket
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +29,16 @@ from trioproxy.relay.pump import AVAILABLE, READ_SIZE, THREAD_NAME, TunnelPump
 from trioproxy.relay.tunnel import FrameCursor, Tunnel
 
 from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
+from .test_tunnel_frames import (
+    Ends,
+    client_frame,
+    close_code,
+    frames_in,
+    open_tunnel,
+    read_exactly,
+    read_to_end,
+    server_frame,
+)
 from .test_websocket import (
     RawServer,
     open_ws,
@@ -34,7 +47,6 @@ from .test_websocket import (
     start_raw_server,
     ws_echo_command,
 )
-from .test_tunnel_frames import Ends, client_frame, close_code, frames_in, open_tunnel, read_exactly, read_to_end, server_frame
 from .test_websocket_fastpath import proxy_port, raw_handshake, switching_protocols
 
 pytestmark = pytest.mark.skipif(
@@ -434,16 +446,16 @@ async def test_a_dead_threads_partial_write_is_never_resumed(nursery: trio.Nurse
     it got are exactly a prefix of what the client sent (none again), then its connection ends
     without a frame of ours in the middle of one; the client, at rest, gets 1011."""
     pump, fault = await _dying_pump(nursery, "turn")
-    message = binary_frame(os.urandom(8 * MIB))
+    message = binary_frame(os.urandom(32 * MIB))  # more than loopback buffers hold
     with trio.fail_after(30):
-        async with await open_tunnel(nursery, pump, limit=16 * MIB) as ends:
+        async with await open_tunnel(nursery, pump, limit=64 * MIB) as ends:
             await _exchange(ends, "before")
             nursery.start_soon(_send_quietly, ends.client, message)
             carriage = pump._carried[ends.tunnel]
             await wait_for(lambda: 0 < carriage.flows[0].written < len(carriage.flows[0].unsent))
             fault.armed.set()
             pump.release(ends.tunnel)
-            received = await read_to_end(ends.backend, timeout=20)
+            received = await read_to_end(ends.backend, within=20)
             _closed_with(await read_to_end(ends.client), 1011)
             await ends.ended.wait()
     assert 0 < len(received) < len(message)
@@ -492,14 +504,101 @@ async def test_a_stopping_thread_hands_its_tunnels_back_whole(nursery: trio.Nurs
             await pump.run(task_status=task_status)
 
     await nursery.start(run_pump)
-    message = binary_frame(os.urandom(8 * MIB))
+    message = binary_frame(os.urandom(32 * MIB))  # more than loopback buffers hold
     with trio.fail_after(30):
-        async with await open_tunnel(nursery, pump, limit=16 * MIB) as ends:
+        async with await open_tunnel(nursery, pump, limit=64 * MIB) as ends:
             nursery.start_soon(_send_quietly, ends.client, message)
             carriage = pump._carried[ends.tunnel]
             await wait_for(lambda: 0 < carriage.flows[0].written < len(carriage.flows[0].unsent))
             scope.cancel()
             await wait_for(lambda: pump.carried == 0)
-            assert await read_exactly(ends.backend, len(message), timeout=20) == message
+            assert await read_exactly(ends.backend, len(message), within=20) == message
             await _exchange(ends, "after")
     assert not ends.tunnel.broken
+
+
+# -- SIGPIPE --------------------------------------------------------------------------------------
+
+_SEND_TO_A_VANISHED_PEER = """
+import ctypes, errno, os, signal, socket, sys
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a program embedding trioproxy might have it
+from trioproxy.relay import pump
+mine, peer = socket.socketpair()
+peer.close()
+data = b"x" * 4096
+if sys.argv[1] == "pump":
+    sent = pump._libc_send(mine.fileno(), data, len(data), pump._NO_SIGNAL)
+    assert sent == -1 and ctypes.get_errno() == errno.EPIPE, (sent, ctypes.get_errno())
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    sent = pump._libc_send_at(mine.fileno(), address + 10, len(data) - 10, pump._NO_SIGNAL)
+    assert sent == -1 and ctypes.get_errno() == errno.EPIPE, (sent, ctypes.get_errno())
+else:
+    os.write(mine.fileno(), data)  # write(2), as the pump once did
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("how, survives", [("pump", True), ("write", False)])
+def test_the_pumps_sends_to_a_vanished_peer_fail_with_epipe_not_sigpipe(how: str, survives: bool) -> None:
+    """With SIGPIPE at its default (the process would die of it), the pump's two sends fail
+    with EPIPE; write(2), as a control, kills the process."""
+    done = subprocess.run([sys.executable, "-c", _SEND_TO_A_VANISHED_PEER, how], capture_output=True, text=True, timeout=60)
+    if survives:
+        assert (done.returncode, done.stdout) == (0, "alive\n"), done.stderr
+    else:
+        assert done.returncode == -signal.SIGPIPE
+
+
+def _ignored_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigIgn:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no SigIgn line")
+
+
+async def _reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("vanishing", ["backend", "client"])
+async def test_a_peer_that_vanishes_mid_write_leaves_the_command_alive(
+    nursery: trio.Nursery, proxy_processes: list[ProxyProcess], vanishing: str
+) -> None:
+    """The ``trioproxy`` command keeps SIGPIPE ignored (as Python sets it), and a backend or a
+    client that resets while 32 MiB are being written to it ends that WebSocket only."""
+
+    async def backend_side(stream: trio.SocketStream, server: RawServer) -> None:
+        head = await read_request_head(stream)
+        await stream.send_all(switching_protocols(head))
+        if vanishing == "backend":
+            await stream.receive_some(65536)  # the flood has begun
+            await _reset(stream)
+        else:
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(32):
+                    await stream.send_all(bytes([0x82, 127]) + MIB.to_bytes(8, "big") + os.urandom(MIB))
+
+    server = await start_raw_server(nursery, backend_side)
+    echo = await start_echo_backend(nursery)
+    proxy = launch_trioproxy(["--port", "0", "--token", TOKEN])
+    proxy_processes.append(proxy)
+    assert _ignored_signals(proxy.process.pid) & 1 << (signal.SIGPIPE - 1)
+    with trio.fail_after(30):
+        for _ in range(3):
+            stream, head, _ = await raw_handshake(
+                proxy_port(proxy.base), f"proxy/{server.port}/flood", f"Authorization: token {TOKEN}"
+            )
+            async with stream:
+                assert head.startswith(b"HTTP/1.1 101")
+                if vanishing == "backend":
+                    await _send_quietly(stream, binary_frame(os.urandom(32 * MIB)))
+                    await read_to_end(stream)
+                else:
+                    await stream.receive_some(65536)
+                    await _reset(stream)
+        assert proxy.process.poll() is None
+        async with open_ws(proxy.base, f"proxy/{echo.port}/echo") as ws:
+            await ws.send_message("still here")
+            assert await ws.get_message() == "still here"

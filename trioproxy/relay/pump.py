@@ -119,7 +119,14 @@ class TunnelPump:
         return len(self._carried)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the thread until cancelled; tunnels still carried then are handed back."""
+        """Run the thread until cancelled; tunnels still carried then are handed back.
+
+        Where the pump cannot run (not :data:`AVAILABLE`), no thread starts and every carry
+        is declined: tunnels run on the event loop.
+        """
+        if not AVAILABLE:
+            task_status.started()
+            await trio.sleep_forever()
         token = trio.lowlevel.current_trio_token()
         inbox, self._wake = socket.socketpair()
         inbox.setblocking(False)
