@@ -312,7 +312,9 @@ def _frame_header(data: bytes, at: int) -> tuple[int, int, int, bool] | None:
             return None
         size = int.from_bytes(data[at + 2 : at + 10], "big")
     if second & 0x80:
-        header_size += 4  # the masking key
+        header_size += 4  # the masking key: part of the header, held back with it
+        if available < header_size:
+            return None
     return header_size, size, first & 0x0F, bool(first & 0x80)
 
 
