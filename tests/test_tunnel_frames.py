@@ -11,6 +11,7 @@ end, byte for byte, and the frames after it stay in step.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 
@@ -297,3 +298,31 @@ async def test_a_request_h11_refuses_is_a_500_naming_the_problem(headers: list, 
         assert named in failed.value.message
         await backend.aclose()
         assert await read_to_end(accepted) == b""  # nothing was sent
+
+
+async def test_an_activity_callback_that_fails_is_logged_and_the_tunnel_goes_on(
+    nursery: trio.Nursery, pump: TunnelPump | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the pump it is called through the trio token, where an exception would end the run."""
+    calls = []
+
+    def failing() -> None:
+        calls.append(1)
+        raise RuntimeError("the activity callback fails")
+
+    client, near = await socket_pair()
+    far, backend = await socket_pair()
+    tunnel = Tunnel(near, far, max_message_size=MIB, pump=pump, on_activity=failing)
+    ends = Ends(client, backend, tunnel)
+    async with near, far, ends:
+        nursery.start_soon(tunnel.run)
+        with trio.fail_after(10), caplog.at_level(logging.ERROR, logger="trioproxy.tunnel"):
+            for number in range(3):
+                sent = client_frame(0x1, f"message {number}".encode())
+                await ends.client.send_all(sent)
+                assert await read_exactly(ends.backend, len(sent)) == sent
+            await wait_for(lambda: calls)
+            if pump is not None:
+                tunnel.shut_down()  # a hand-back reports activity too
+                await read_until_close(ends.client)
+    assert "counting activity failed" in caplog.text

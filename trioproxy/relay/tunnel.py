@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .headers import Headers, canonical_name
 
 if TYPE_CHECKING:
     from .pump import TunnelPump
+
+log = logging.getLogger("trioproxy.tunnel")
 
 # Large reads: a 1 MiB message crosses in a few reads, and one read costs the same whatever
 # its size (measured in benchmarks/README.md).
@@ -441,11 +444,18 @@ class Tunnel:
                         flow.closed = True
 
     def report_activity(self) -> None:
-        """Count bytes the pump moved since the last report as activity."""
+        """Count bytes the pump moved since the last report as activity.
+
+        Also called by the trio token for the pump's thread, where an exception would end the
+        run: a failing callback is logged, never raised.
+        """
         if self.moved:
             self.moved = False
             if self.on_activity is not None:
-                self.on_activity()
+                try:
+                    self.on_activity()
+                except Exception:
+                    log.exception("WebSocket tunnel: counting activity failed")
 
     def shut_down(self, code: int = GOING_AWAY, reason: str = "the proxy is shutting down") -> None:
         """Close both ends with ``code`` (each at its next frame boundary), then end."""
@@ -519,7 +529,11 @@ class Tunnel:
             data = bytes(received) if isinstance(received, bytearray) else received
             step = flow.pass_on(data, stopping=way.stop_with is not None)
             if on_activity is not None:
-                on_activity()
+                try:
+                    on_activity()
+                except Exception:
+                    log.exception("WebSocket tunnel: counting activity failed; not counted from now on")
+                    on_activity = None
 
     async def _drain(self, source: Stream) -> None:
         """After our own close: read (and drop) until the other end closes too."""
