@@ -97,6 +97,13 @@ async def test_a_client_that_left_is_gone(strategy: str, how: str) -> None:
         await client.aclose()
 
 
+async def test_a_connection_closed_on_our_side_is_gone(strategy: str) -> None:
+    client, server = await _connection()
+    async with client:
+        await server.aclose()
+        assert client_gone(server.socket)
+
+
 def test_the_portable_paths_are_taken_when_forced_or_off_cpython_linux() -> None:
     cpython_linux = sys.implementation.name == "cpython" and sys.platform == "linux"
     assert pump.AVAILABLE == (cpython_linux and not portable.FORCED)

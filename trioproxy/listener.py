@@ -306,6 +306,8 @@ def client_gone(sock: Any) -> bool:
     from . import portable
 
     fd = sock.fileno()
+    if fd < 0:
+        return True  # closed on our side already: nobody to answer
     poller = select.poll()
     rdhup = portable.POLLRDHUP
     if rdhup is not None:
