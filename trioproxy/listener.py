@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import h11
 import trio
 from hypercorn.config import Config
 
-from . import transport
+from . import portable, transport
 from .relay.headers import Headers
 from .transport import CLIENT_SOCKET as CLIENT_SOCKET
 
@@ -184,12 +185,38 @@ async def _connection(
 def client_gone(sock: Any) -> bool:
     """Whether the client of a connection has closed (or reset) it.
 
-    The socket is only polled, never read: Hypercorn owns its bytes. A client that shut its
-    sending side is gone too, as nginx takes it (an HTTP client half-closes only to leave).
+    The socket is only polled and peeked at, never read: Hypercorn owns its bytes. A client
+    that shut its sending side is gone too, as nginx takes it (an HTTP client half-closes only
+    to leave). With ``POLLRDHUP`` (Linux) the kernel says so; without it
+    (:mod:`trioproxy.portable`), a socket that polls readable and peeks at no byte has reached
+    its end (one that half-closed after sending more bytes counts as gone only once those
+    are read).
     """
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # closed on our side already: nobody to answer
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP)
-    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+    rdhup = portable.POLLRDHUP
+    if rdhup is not None:
+        poller.register(fd, rdhup)
+        return any(events & (rdhup | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+    poller.register(fd, select.POLLIN)
+    events = 0
+    for _, happened in poller.poll(0):
+        events |= happened
+    if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+        return True
+    if not events & select.POLLIN:
+        return False
+    peeker = socket.socket(fileno=fd)  # the same descriptor, not a copy: detached below
+    try:
+        return peeker.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+    finally:
+        peeker.detach()
 
 
 async def read_first_head(stream: trio.abc.Stream, limit: int, tls: bool) -> tuple[bytes, RequestHead | None]:

@@ -20,6 +20,8 @@ copies. Both are used by :mod:`trioproxy.fastpath`.
 from __future__ import annotations
 
 import contextlib
+import enum
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from .headers import Headers, canonical_name
 if TYPE_CHECKING:
     from .pump import TunnelPump
 
+log = logging.getLogger("trioproxy.tunnel")
+
 # Large reads: a 1 MiB message crosses in a few reads, and one read costs the same whatever
 # its size (measured in benchmarks/README.md).
 READ_SIZE = 256 * 1024
@@ -41,9 +45,11 @@ MAX_REFUSAL_BODY = 1024 * 1024  # a refusal's body is an error page: read this m
 
 OP_CONTINUATION = 0x0
 OP_CLOSE = 0x8
+MAX_CONTROL_PAYLOAD = 125  # RFC 6455 §5.5
 
 # RFC 6455 §7.4.1 codes the tunnel sends itself.
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 
@@ -88,15 +94,17 @@ async def open_backend(stream: Stream, target: bytes, headers: Headers) -> Switc
     negotiate with each other. Raises :class:`BackendFailed`; the caller bounds the time.
     """
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
-    request = h11.Request(  # h11 writes names as given: canonical, as for HTTP requests
-        method="GET",
-        target=target,
-        headers=[*((canonical_name(n), v) for n, v in headers), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
-    )
     try:
+        request = h11.Request(  # h11 writes names as given: canonical, as for HTTP requests
+            method="GET",
+            target=target,
+            headers=[*((canonical_name(n), v) for n, v in headers), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
+        )
         head = (connection.send(request) or b"") + (connection.send(h11.EndOfMessage()) or b"")
-    except h11.LocalProtocolError as exc:
-        raise BackendFailed(500, f"cannot build the WebSocket request: {exc}") from None
+    except (h11.LocalProtocolError, ValueError, TypeError) as exc:
+        # A header h11 refuses (a space or NUL in a name, a control byte in a value, ...):
+        # the request cannot be sent as configured.
+        raise BackendFailed(500, f"cannot build the WebSocket request to the backend: {exc}") from None
     received = bytearray()
     try:
         await stream.send_all(head)
@@ -146,9 +154,17 @@ class FrameCursor:
     :meth:`advance` takes what was read and returns what may be passed on: all of it, except
     a frame header split across reads (held back until complete, so that a frame of the
     tunnel's own can still go before it) and what follows a boundary where it must stop.
+
+    It stops for good before a frame that takes its message over the limit (``too_big``) and
+    before one that no endpoint may send whatever was negotiated (``invalid``, RFC 6455
+    §5.2, §5.5: a 64-bit length with its top bit set, a control frame over 125 bytes or
+    fragmented). Everything else passes as it is, including what only the ends can judge:
+    reserved opcodes and RSV bits (an extension may define them), a client's frame unmasked,
+    a continuation out of place; the receiving end fails such a connection itself, and the
+    framing, which does not depend on them, stays in step.
     """
 
-    __slots__ = ("remaining", "partial", "message_size", "limit", "close_passed", "too_big")
+    __slots__ = ("remaining", "partial", "message_size", "limit", "close_passed", "too_big", "invalid")
 
     def __init__(self, limit: int) -> None:
         self.remaining = 0  # payload bytes of the current frame not yet seen
@@ -157,6 +173,7 @@ class FrameCursor:
         self.limit = limit
         self.close_passed = False
         self.too_big = False  # the next frame would take its message over the limit
+        self.invalid: str | None = None  # why the next frame cannot be passed on
 
     @property
     def at_boundary(self) -> bool:
@@ -164,6 +181,8 @@ class FrameCursor:
 
     def advance(self, data: bytes, stop: bool = False) -> bytes:
         """What of ``data`` to pass on; with ``stop``, up to the first frame boundary only."""
+        if self.too_big or self.invalid is not None:
+            return b""  # stopped for good before a frame it will not pass
         if self.partial:
             data = self.partial + data
             self.partial = b""
@@ -187,7 +206,13 @@ class FrameCursor:
                 self.partial = data[position:]
                 return data[:position]
             header_size, payload_size, opcode, final = header
+            if payload_size >> 63:
+                self.invalid = "a frame length with its most significant bit set"
+                return data[:position]
             if opcode >= OP_CLOSE:  # a control frame, maybe between a message's fragments
+                if payload_size > MAX_CONTROL_PAYLOAD or not final:
+                    self.invalid = "a fragmented control frame" if not final else "a control frame over 125 bytes"
+                    return data[:position]
                 if opcode == OP_CLOSE:
                     self.close_passed = True
             else:
@@ -198,6 +223,77 @@ class FrameCursor:
                 self.message_size = 0 if final else total
             position += header_size
             remaining = payload_size
+
+
+class Step(enum.Enum):
+    """What a copier does after a read has gone through the cursor (:meth:`Flow.pass_on`)."""
+
+    COPY = "copy"  # write what passed, read on
+    STOP = "stop"  # at a boundary where a close of the tunnel's own is due: nothing more passes
+    TOO_BIG = "too big"  # the next frame takes its message over the limit: close with 1009
+    INVALID = "invalid"  # the next frame is one no endpoint may send: close with 1002
+
+
+class Flow:
+    """One direction's bytes in transit: its cursor, what passed it not yet written, whether a
+    close frame went by.
+
+    Owned by one copier at a time (the direction's task, or the pump's thread while it carries
+    the tunnel) and handed between them whole: ``written`` (how much of ``unsent`` the sink has
+    taken) travels with the bytes, so neither copier writes a byte twice.
+    """
+
+    __slots__ = ("cursor", "unsent", "written", "closed")
+
+    def __init__(self, limit: int) -> None:
+        self.cursor = FrameCursor(limit)
+        self.unsent = b""
+        self.written = 0
+        self.closed = False  # a close frame was passed on (or one of ours sent)
+
+    @property
+    def pending(self) -> bool:
+        return self.written < len(self.unsent)
+
+    @property
+    def at_rest(self) -> bool:
+        """Whether the sink has all that passed and stands at a frame boundary."""
+        return self.cursor.at_boundary and not self.pending
+
+    def pass_on(self, data: bytes, stopping: bool = False) -> Step:
+        """Take ``data`` read from the source (all earlier bytes written) and decide what next.
+
+        The one step both copiers take after every read; ``stopping``: a close of the
+        tunnel's own waits for the next boundary.
+        """
+        self.unsent = self.cursor.advance(data, stopping)
+        self.written = 0
+        return self.next_step(stopping)
+
+    def next_step(self, stopping: bool = False) -> Step:
+        cursor = self.cursor
+        if cursor.close_passed:
+            self.closed = True
+        if cursor.too_big:
+            return Step.TOO_BIG
+        if cursor.invalid is not None:
+            return Step.INVALID
+        if stopping and cursor.at_boundary and not self.closed:
+            return Step.STOP
+        return Step.COPY
+
+
+@dataclass(frozen=True)
+class Handback:
+    """What the pump returns when it lets a tunnel go.
+
+    ``flows`` (client to backend, backend to client) whole, or None where the thread failed in
+    the middle of the tunnel's bytes and where its frames stand is unknown; ``failed``: the pump
+    failed (the tunnel only ends: 1011 to an end at rest, the others just closed).
+    """
+
+    flows: tuple[Flow, Flow] | None
+    failed: bool
 
 
 def _frame_header(data: bytes, at: int) -> tuple[int, int, int, bool] | None:
@@ -219,7 +315,9 @@ def _frame_header(data: bytes, at: int) -> tuple[int, int, int, bool] | None:
             return None
         size = int.from_bytes(data[at + 2 : at + 10], "big")
     if second & 0x80:
-        header_size += 4  # the masking key
+        header_size += 4  # the masking key: part of the header, held back with it
+        if available < header_size:
+            return None
     return header_size, size, first & 0x0F, bool(first & 0x80)
 
 
@@ -235,24 +333,24 @@ def close_frame(code: int, reason: str, masked: bool) -> bytes:
 
 
 class _Direction:
-    """One way through the tunnel: who reads, who writes, and where its frames stand."""
+    """One way through the tunnel: who reads, who writes, and the bytes in transit."""
 
     def __init__(self, source: Stream, sink: Stream, masked: bool, limit: int, gone: tuple[int, str]) -> None:
         self.source = source
         self.sink = sink
         self.masked = masked  # frames toward a backend are masked
-        self.cursor = FrameCursor(limit)
+        # None while the pump carries the tunnel: the thread owns it then.
+        self.flow: Flow | None = Flow(limit)
         self.gone = gone  # the close to send the sink when the source ends without one
         self.stop_with: tuple[int, str] | None = None  # a close of our own to send at a boundary
-        self.unsent = b""  # passed by the cursor, not yet taken by the sink
-        self.closed = False  # a close frame went to the sink (passed on, or ours)
         self.ended = False
         self.receiving: trio.CancelScope | None = None
 
     def request_close(self, code: int, reason: str) -> None:
-        if self.stop_with is None and not self.closed:
+        flow = self.flow
+        if self.stop_with is None and not (flow is not None and flow.closed):
             self.stop_with = (code, reason)
-            if self.cursor.at_boundary and self.receiving is not None:
+            if flow is not None and flow.cursor.at_boundary and self.receiving is not None:
                 self.receiving.cancel()
 
 
@@ -292,41 +390,72 @@ class Tunnel:
 
     async def run(self, to_backend: bytes = b"", to_client: bytes = b"") -> None:
         up, down = self.client_to_backend, self.backend_to_client
-        up.unsent = up.cursor.advance(to_backend)
-        down.unsent = down.cursor.advance(to_client)
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             if self._shutdown_pending is not None:
                 self.shut_down(*self._shutdown_pending)
-            if self._pumpable():
-                assert self.pump is not None
-                self._carried = True
-                try:
-                    await self.pump.carry(self)
-                finally:
-                    self._carried = False
-                    self.report_activity()
-                if self.broken:
+            assert up.flow is not None and down.flow is not None
+            up.flow.pass_on(to_backend)
+            down.flow.pass_on(to_client)
+            if self._pumpable(up.flow, down.flow):
+                if not await self._carry(up.flow, down.flow):
                     return  # the caller closes both connections
             nursery.start_soon(self._pump, up, down)
             nursery.start_soon(self._pump, down, up)
 
-    def _pumpable(self) -> bool:
-        up, down = self.client_to_backend, self.backend_to_client
+    def _pumpable(self, up: Flow, down: Flow) -> bool:
         return (
             self.pump is not None
-            and isinstance(up.source, trio.SocketStream)
-            and isinstance(down.source, trio.SocketStream)
-            and up.stop_with is None
-            and not (up.cursor.too_big or down.cursor.too_big)
+            and isinstance(self.client_to_backend.source, trio.SocketStream)
+            and isinstance(self.backend_to_client.source, trio.SocketStream)
+            and self.client_to_backend.stop_with is None
+            and up.next_step() is Step.COPY
+            and down.next_step() is Step.COPY
         )
 
+    async def _carry(self, up: Flow, down: Flow) -> bool:
+        """Let the pump copy until it hands the tunnel back; False if it can only end now."""
+        assert self.pump is not None
+        self.client_to_backend.flow = self.backend_to_client.flow = None
+        handback = Handback((up, down), failed=False)  # if not taken
+        self._carried = True
+        try:
+            handback = await self.pump.carry(self, (up, down)) or handback
+        finally:
+            self._carried = False
+            self.report_activity()
+        if handback.flows is not None:
+            self.client_to_backend.flow, self.backend_to_client.flow = handback.flows
+        if not handback.failed:
+            return True
+        self.broken = True
+        await self._end_after_pump_failure()
+        return False
+
+    async def _end_after_pump_failure(self) -> None:
+        """Tell each end at rest that the tunnel failed (1011); the rest just close."""
+        with trio.move_on_after(self.close_timeout):
+            for way in (self.client_to_backend, self.backend_to_client):
+                flow = way.flow
+                if flow is not None and flow.at_rest and not flow.closed:
+                    frame = close_frame(INTERNAL_ERROR, "the proxy's WebSocket tunnel failed", masked=way.masked)
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await way.sink.send_all(frame)
+                        flow.closed = True
+
     def report_activity(self) -> None:
-        """Count bytes the pump moved since the last report as activity."""
+        """Count bytes the pump moved since the last report as activity.
+
+        Also called by the trio token for the pump's thread, where an exception would end the
+        run: a failing callback is logged, never raised.
+        """
         if self.moved:
             self.moved = False
             if self.on_activity is not None:
-                self.on_activity()
+                try:
+                    self.on_activity()
+                except Exception:
+                    log.exception("WebSocket tunnel: counting activity failed")
 
     def shut_down(self, code: int = GOING_AWAY, reason: str = "the proxy is shutting down") -> None:
         """Close both ends with ``code`` (each at its next frame boundary), then end."""
@@ -355,28 +484,34 @@ class Tunnel:
             self._finish(way, other, abnormal=True)
             return
         way.ended = True
-        if not clean and way.cursor.at_boundary and not way.closed:
+        flow = way.flow
+        if not clean and flow is not None and flow.cursor.at_boundary and not flow.closed:
             # The source went without a close frame: tell the sink's end as a WebSocket would.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await way.sink.send_all(close_frame(*way.gone, masked=way.masked))
-                way.closed = True
+                flow.closed = True
         self._finish(way, other, abnormal=not clean)
 
     async def _copy(self, way: _Direction, other: _Direction) -> bool:
         """Pass frames on until the source ends; whether it ended cleanly (after a close)."""
-        cursor = way.cursor
+        flow = way.flow
+        assert flow is not None
         on_activity = self.on_activity
+        step = flow.next_step()
         while True:
-            if way.unsent:
-                await way.sink.send_all(way.unsent)
-                way.unsent = b""
-            if cursor.close_passed:
-                way.closed = True
-            if cursor.too_big and way.stop_with is None:
-                self._too_big(way, other)
-            if way.stop_with is not None and cursor.at_boundary and not way.closed:
-                await way.sink.send_all(close_frame(*way.stop_with, masked=way.masked))
-                way.closed = True
+            if flow.pending:
+                unsent = flow.unsent
+                await way.sink.send_all(unsent[flow.written :] if flow.written else unsent)
+                flow.unsent, flow.written = b"", 0
+            if step is Step.COPY and way.stop_with is not None:
+                step = flow.next_step(stopping=True)  # asked to stop while its bytes were written
+            if step is not Step.COPY:
+                if step is not Step.STOP and way.stop_with is None:
+                    self._refuse(way, other, step)
+                if not flow.closed:
+                    assert way.stop_with is not None
+                    await way.sink.send_all(close_frame(*way.stop_with, masked=way.masked))
+                    flow.closed = True
                 await self._drain(way.source)
                 return True
             received: bytes | bytearray | None = None
@@ -387,13 +522,18 @@ class Tunnel:
                     return False
             way.receiving = None
             if received is None:  # cancelled to stop at this boundary
+                step = flow.next_step(stopping=True)
                 continue
             if not received:
-                return way.closed
+                return flow.closed
             data = bytes(received) if isinstance(received, bytearray) else received
-            way.unsent = cursor.advance(data, way.stop_with is not None)
+            step = flow.pass_on(data, stopping=way.stop_with is not None)
             if on_activity is not None:
-                on_activity()
+                try:
+                    on_activity()
+                except Exception:
+                    log.exception("WebSocket tunnel: counting activity failed; not counted from now on")
+                    on_activity = None
 
     async def _drain(self, source: Stream) -> None:
         """After our own close: read (and drop) until the other end closes too."""
@@ -401,19 +541,30 @@ class Tunnel:
             while await source.receive_some(READ_SIZE):
                 continue
 
-    def _too_big(self, way: _Direction, other: _Direction) -> None:
-        limit = f"message over {self.max_message_size} bytes"
-        if way is self.client_to_backend:
-            way.stop_with = (GOING_AWAY, "the client sent a message over the size limit")
-            other.request_close(MESSAGE_TOO_BIG, limit)
+    def _refuse(self, way: _Direction, other: _Direction, step: Step) -> None:
+        """The close each end gets for a frame the tunnel will not pass (``step``): the end
+        that sent it learns why, the other that it sent one."""
+        from_client = way is self.client_to_backend
+        if step is Step.TOO_BIG:
+            code, problem = MESSAGE_TOO_BIG, f"message over {self.max_message_size} bytes"
+            sent = "a message over the size limit"
         else:
-            way.stop_with = (MESSAGE_TOO_BIG, limit)
-            other.request_close(MESSAGE_TOO_BIG, "the backend sent a " + limit)
+            assert way.flow is not None and way.flow.cursor.invalid is not None
+            code, problem = PROTOCOL_ERROR, f"invalid frame: {way.flow.cursor.invalid}"
+            sent = way.flow.cursor.invalid
+        if from_client:
+            way.stop_with = (GOING_AWAY, f"the client sent {sent}")
+            other.request_close(code, problem)
+        else:
+            way.stop_with = (code, problem)
+            other.request_close(code, f"the backend sent a {problem}" if step is Step.TOO_BIG else f"the backend sent {sent}")
         self._hurry()
 
     def _finish(self, way: _Direction, other: _Direction, *, abnormal: bool) -> None:
         assert self._scope is not None
-        if abnormal or other.ended or (way.closed and other.closed):
+        flows = (way.flow, other.flow)
+        closed = all(flow is not None and flow.closed for flow in flows)
+        if abnormal or other.ended or closed:
             self._scope.cancel()
         else:
             # A clean end one way: the other end's close is on its way; wait a little for it.
