@@ -294,3 +294,26 @@ async def test_a_request_waiting_for_a_start_is_served_by_the_server_a_reload_pu
             await proxy.supervisors.replace(make_server_process("app", {"command": echo_command(), "timeout": 20}))
     assert proxy.supervisors["app"] is not old
     assert answers[0].status_code == 200, answers[0].text
+
+
+@pytest.mark.parametrize("way", PATHS)
+@pytest.mark.parametrize("header", ["Sec-WebSocket-Protocol: ch\xffat", "Sec-WebSocket-Extensions: permessage-deflate\xe9"])
+async def test_a_handshake_header_that_is_not_ascii_is_a_400_on_either_path(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, way: str, header: str
+) -> None:
+    backend = await start_raw_server(nursery, held_handshake(trio.Event()))
+    proxy = await start_proxy(nursery, {"echo": {"port": backend.port}})
+    port = int(proxy.url.split(":")[2].split("/")[0])
+    stream = await connect(port)
+    if way == "asgi":
+        await stream.send_all(PLAIN.format(path="server-proxy/api/servers", extra=AUTH).encode())
+        assert (await read_response(stream))[0] == 200
+    await stream.send_all(UPGRADE.format(path="echo/", extra=AUTH + header + "\r\n").encode("latin-1"))
+    with trio.fail_after(10):
+        status, _, body = await read_response(stream)
+    await stream.aclose()
+    assert status == 400
+    name = header.split(":")[0].lower()
+    assert f"the {name} header of a WebSocket handshake must be ASCII" in body.decode()
+    assert not backend.requests
+    assert "a client connection failed" not in caplog.text

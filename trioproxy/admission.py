@@ -28,7 +28,7 @@ from .backend import Backend, BackendClient, ProxyTargets
 from .config import ServerProcess
 from .metrics import PROXY_LABEL
 from .origin import origin_allowed
-from .relay.headers import header_value
+from .relay.headers import handshake_not_ascii, header_value, non_ascii_handshake_header
 from .relay.rewrite import RelayedRequest
 from .relay.upstream import Upstream, upstream_request
 from .routing import Route, resolve
@@ -112,6 +112,10 @@ class Gate:
         """Limits of the request head that Hypercorn does not enforce (it bounds the size)."""
         if len(scope["headers"]) > self.settings.max_header_count:
             raise Refused(431, "Too many request headers.")
+        if scope["type"] == "websocket":
+            not_ascii = non_ascii_handshake_header(scope["headers"])
+            if not_ascii is not None:
+                raise Refused(400, handshake_not_ascii(not_ascii))
 
     async def authenticate(self, scope: dict[str, Any]) -> Identity:
         auth = self.settings.auth

@@ -59,6 +59,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import filter_pseudo_headers, parse_socket_addr, repr_socket_addr, wrap_app
 
+from .relay.headers import handshake_not_ascii, non_ascii_handshake_header
+
 log = logging.getLogger("trioproxy.transport")
 
 READ_SIZE = 256 * 1024  # per read of a connection Hypercorn serves (Hypercorn asks for 64 KiB)
@@ -309,7 +311,8 @@ class Protocols:
 
 
 class H11(H11Protocol):
-    """Hypercorn's HTTP/1.1, which refuses an ``h2c`` upgrade it could not carry out."""
+    """Hypercorn's HTTP/1.1, which refuses an ``h2c`` upgrade it could not carry out and a
+    WebSocket handshake whose headers are not ASCII (400, before any stream is made)."""
 
     async def _check_protocol(self, event: h11.Request) -> None:
         upgrade = b""
@@ -322,6 +325,11 @@ class H11(H11Protocol):
                 has_body = True
             elif name == b"http2-settings":
                 settings.append(value)
+        not_ascii = non_ascii_handshake_header(event.headers) if b"websocket" in upgrade else None
+        if not_ascii is not None:
+            log.info("WebSocket handshake from %s refused: %s is not ASCII", _where(self.client), not_ascii)
+            await self._refuse(400, handshake_not_ascii(not_ascii) + "\n")
+            raise _BadUpgrade()
         if upgrade == b"h2c" and not has_body:  # Hypercorn upgrades exactly these
             problem = h2c_settings_problem(settings)
             if problem is not None:

@@ -178,3 +178,23 @@ def wants_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     if b"text/html" in accept:
         return False
     return b"json" in accept or not accept or accept.strip() == b"*/*"
+
+
+# A WebSocket handshake's own headers: parsed as ASCII tokens by every WebSocket library
+# (wsproto, behind Hypercorn, raised on anything else), so a value that is not ASCII is a 400.
+WEBSOCKET_HANDSHAKE = frozenset(
+    {b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
+     b"sec-websocket-protocol", b"sec-websocket-extensions"}
+)  # fmt: skip
+
+
+def non_ascii_handshake_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The first handshake header whose value is not ASCII, or None."""
+    for name, value in headers:
+        if name in WEBSOCKET_HANDSHAKE and not value.isascii():
+            return name.decode()
+    return None
+
+
+def handshake_not_ascii(name: str) -> str:
+    return f"Bad Request: the {name} header of a WebSocket handshake must be ASCII."
