@@ -4,7 +4,8 @@ It is a real HTTP server (Quart-Trio under Hypercorn on loopback) implementing, 
 does: ``GET /hub/api/oauth2/authorize`` (logs in ``login_as`` and redirects back with a
 code), ``POST /hub/api/oauth2/token`` (code, client secret and PKCE verifier for a token),
 ``GET /hub/api/user`` (the token's user model with its scopes) and
-``POST /hub/api/users/<name>/activity``. Tests change its users, expire tokens, and read
+``POST /hub/api/users/<name>/activity``, and ``GET /hub/api/`` (the Hub's version, also in an
+``X-JupyterHub-Version`` header on every answer). Tests change its users, expire tokens, and read
 what it was sent.
 """
 
@@ -41,6 +42,8 @@ class FakeHub:
     client_id: str = CLIENT_ID
     redirect_uri: str = ""  # the registered OAuth callback; set once the proxy's port is known
     login_as: str = "alice"
+    version: str = "5.3.0"  # what the Hub announces (X-JupyterHub-Version on every answer, GET /hub/api/)
+    version_header: bool = True
     users: dict[str, list[str]] = field(default_factory=default_users)
     activity_status: int = 200
     url: str = ""
@@ -62,6 +65,16 @@ class FakeHub:
 
     def app(self) -> QuartTrio:
         app = QuartTrio("fakehub")
+
+        @app.after_request
+        async def version_header(response: Response) -> Response:
+            if self.version and self.version_header:
+                response.headers["X-JupyterHub-Version"] = self.version
+            return response
+
+        @app.route("/hub/api/")
+        async def root() -> Any:
+            return jsonify({"version": self.version})
 
         @app.route("/hub/api/oauth2/authorize")
         async def authorize() -> Any:

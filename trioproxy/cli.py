@@ -430,6 +430,9 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         max_body_size=app.max_body_size,
         body_timeout=app.body_timeout,
         forwarded_allow_ips=tuple(app.forwarded_allow_ips),
+        # The same list HubAuth fills with X-JupyterHub-Version.
+        response_headers=auth.response_headers if hub is not None else [],
+        default_url=hub.default_url if hub is not None else "",
     )
     supervisors = Supervisors(servers, base_url=base_url)
     settings.reloader = Reloader(partial(read_servers_again, app), supervisors)

@@ -26,6 +26,8 @@ from .activity import hub_reporter, latest_of, report_activity_forever
 from .client import HubClient, HubUnavailable
 from .oauth import HubOAuth, Sessions
 from .settings import HubSettings, scopes_allow
+from .version import HEADER as VERSION_HEADER
+from .version import announced_version, installed_version, is_token
 
 log = logging.getLogger("trioproxy.hub")
 
@@ -37,11 +39,24 @@ class HubAuth:
     settings: HubSettings
     cache_max_age: float = 60.0  # how long the Hub's word on a token is trusted
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    # The X-JupyterHub-Version to send; None: ask the Hub for its own when run() starts.
+    jupyterhub_version: str | None = field(default_factory=installed_version)
     _last_activity: float = field(default=-math.inf, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = HubClient(self.settings)
         self.sessions = Sessions()
+        # Headers every answer carries (trioproxy.app.Settings.response_headers is this list):
+        # filled here, or by run() before trioproxy listens.
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        if self.jupyterhub_version:
+            self._announce(self.jupyterhub_version)
+
+    def _announce(self, version: str) -> None:
+        if not is_token(version):
+            log.warning("not sending X-JupyterHub-Version %r: not a version", version)
+            return
+        self.response_headers[:] = [(VERSION_HEADER, version.encode("ascii"))]
 
     # -- the authenticator interface --------------------------------------------------------
 
@@ -159,6 +174,10 @@ class HubAuth:
         requests (e.g. WebSocket messages counted by the supervisors).
         """
         async with self.client.open():
+            if not self.response_headers:
+                announced = await announced_version(self.client)
+                if announced is not None:
+                    self._announce(announced)
             task_status.started()
             if not self.settings.activity_url:
                 await trio.sleep_forever()
