@@ -313,3 +313,63 @@ async def test_liveness_answers_without_credentials_and_says_nothing_else(
     assert below.status_code == 403
     assert api.headers["x-jupyterhub-version"] == JUPYTERHUB
     assert hub.user_requests == before  # a probe costs the Hub nothing
+
+
+# -- subdomain deployments: __Host- cookies ---------------------------------------------------
+
+
+def cookie_attributes(set_cookie: str) -> tuple[str, dict[str, str]]:
+    """(name, {attribute: value}) of one Set-Cookie header, attribute names lower-cased."""
+    first, *rest = [part.strip() for part in set_cookie.split(";")]
+    attributes = {}
+    for part in rest:
+        key, _, value = part.partition("=")
+        attributes[key.lower()] = value
+    return first.partition("=")[0], attributes
+
+
+async def test_host_prefixed_cookies_for_subdomain_deployments(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub
+) -> None:
+    proxy = await start(nursery, monkeypatch, tmp_path, hub, JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED="1")
+    assert proxy.auth.cookie_name.startswith("__Host-trioproxy-hub-")
+    # Step by step over plain http: a cookie jar would keep Secure cookies to itself.
+    async with proxy.client() as browser:
+        started = await browser.get("login", params={"next": PREFIX + "echo/landed"})
+        state_name, state = cookie_attributes(started.headers["set-cookie"])
+        assert state_name.startswith("__Host-") and state["path"] == "/" and "secure" in state
+        state_cookie = started.headers["set-cookie"].split(";")[0]
+        at_hub = await browser.get(started.headers["location"])
+        assert at_hub.status_code == 302
+        back = await browser.get(at_hub.headers["location"], headers={"Cookie": state_cookie})
+        assert back.status_code == 302 and back.headers["location"] == PREFIX + "echo/landed"
+        cookies = [cookie_attributes(value) for value in back.headers.get_list("set-cookie")]
+        session_name, session = next(c for c in cookies if c[0] == proxy.auth.cookie_name)
+        assert session["path"] == "/" and "secure" in session and "httponly" in session
+        spent_name, spent = next(c for c in cookies if c[0] == state_name)
+        assert spent["path"] == "/" and "secure" in spent  # deleted with the flags it was set with
+        session_cookie = next(v for v in back.headers.get_list("set-cookie") if v.startswith(session_name)).split(";")[0]
+
+        landed = await browser.get("echo/landed", headers={"Cookie": session_cookie})
+        assert landed.status_code == 200, landed.text
+        out = await browser.get("logout", headers={"Cookie": session_cookie})
+        assert out.status_code == 302
+        gone_name, gone = cookie_attributes(out.headers["set-cookie"])
+        assert gone_name == session_name and gone["path"] == "/" and "secure" in gone and gone.get("max-age") == "0"
+        assert (await browser.get("echo/landed", headers={"Cookie": session_cookie})).status_code == 403
+
+
+async def test_without_the_host_prefix_cookies_stay_under_the_prefix(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub
+) -> None:
+    proxy = await start(nursery, monkeypatch, tmp_path, hub, JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED="0")
+    assert proxy.auth.cookie_name.startswith("trioproxy-hub-")
+    async with proxy.client() as browser:
+        response = await browser.get("echo/x", headers=HTML, follow_redirects=True)
+        assert response.status_code == 200
+        cookies = [cookie_attributes(value) for value in response.history[-1].headers.get_list("set-cookie")]
+        session_name, session = next(c for c in cookies if c[0] == proxy.auth.cookie_name)
+        assert session["path"] == PREFIX and "secure" not in session
+        out = await browser.get("logout")
+        gone_name, gone = cookie_attributes(out.headers["set-cookie"])
+        assert gone_name == session_name and gone["path"] == PREFIX and gone.get("max-age") == "0"

@@ -64,7 +64,8 @@ def _login_response(answer: LoginAnswer) -> Response:
         response = Response(body, status=answer.status, content_type=content_type.decode())
     for cookie in answer.cookies:
         if cookie.max_age == 0:
-            response.delete_cookie(cookie.name, path=cookie.path)
+            # With the flags it was set with: a browser ignores a __Host- cookie's deletion otherwise.
+            response.delete_cookie(cookie.name, path=cookie.path, secure=cookie.secure, httponly=True, samesite="Lax")
         else:
             response.set_cookie(
                 cookie.name,
@@ -219,6 +220,8 @@ class Pages:
         return Response(page, status=status, content_type="text/html; charset=utf-8")
 
     async def logout(self) -> Any:
+        if self.auth.oauth is not None:
+            return _login_response(await self.auth.oauth.logout(self.login_request()))
         self.auth.end_session(cast(dict[str, Any], request.scope)["headers"])
         response = redirect(self.base_url + "login")
         response.delete_cookie(self.auth.cookie_name, path=self.base_url)

@@ -71,8 +71,11 @@ class HubAuth:
     @property
     def cookie_name(self) -> str:
         # Per OAuth client, as JupyterHub does, so two servers on one domain keep apart.
+        # Subdomain deployments (JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED): "__Host-", which a
+        # browser only takes from this very host, Secure and at Path=/ (hub.oauth sees to those).
         digest = hashlib.sha256(self.settings.client_id.encode()).hexdigest()[:10]
-        return f"trioproxy-hub-{digest}"
+        prefix = "__Host-" if self.settings.cookie_host_prefix else ""
+        return f"{prefix}trioproxy-hub-{digest}"
 
     @cached_property
     def oauth(self) -> HubOAuth:
