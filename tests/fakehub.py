@@ -45,6 +45,8 @@ class FakeHub:
     version: str = "5.3.0"  # what the Hub announces (X-JupyterHub-Version on every answer, GET /hub/api/)
     version_header: bool = True
     users: dict[str, list[str]] = field(default_factory=default_users)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # user -> the groups they are in
+    owner: str = "alice"  # whose server's token api_token is (its model is the owner's)
     activity_status: int = 200
     url: str = ""
     tokens: dict[str, str] = field(default_factory=dict)  # token -> user
@@ -117,9 +119,13 @@ class FakeHub:
             self.user_requests += 1
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             name = self.tokens.get(token.strip()) if scheme.lower() in ("token", "bearer") else None
+            scopes = self.users.get(name, []) if name is not None else []
+            if token.strip() == self.api_token and scheme.lower() in ("token", "bearer"):
+                name = self.owner  # the server's own token (JupyterHub: its owner's model, groups included)
+                scopes = [f"users:activity!user={name}", f"read:users:groups!user={name}"]
             if name is None:
                 return jsonify({"status": 403, "message": "Missing or invalid credentials"}), 403
-            return jsonify({"kind": "user", "name": name, "scopes": self.users.get(name, [])})
+            return jsonify({"kind": "user", "name": name, "scopes": scopes, "groups": self.groups.get(name, [])})
 
         @app.route("/hub/api/users/<name>/activity", methods=["POST"])
         async def activity(name: str) -> Any:

@@ -213,6 +213,14 @@ def test_scope_matching() -> None:
     assert not scopes_allow(required, ["access:servers!user=alicex", "access:servers!server=alice/x"])
     assert not scopes_allow(required, ["access:servers!group=alice", "access:services", "read:users"])
     assert not scopes_allow(required, [])
+    # A group filter grants access to the servers of that group's members.
+    assert scopes_allow(required, ["access:servers!group=staff"], owner_groups=["staff"])
+    assert scopes_allow(required, ["access:servers!group=staff"], owner_groups=["x", "staff"])
+    assert not scopes_allow(required, ["access:servers!group=staff"], owner_groups=["staffx"])
+    assert not scopes_allow(required, ["access:servers!group=staff"], owner_groups=[])
+    assert not scopes_allow(required, ["read:users!group=staff", "access:services!group=staff"], owner_groups=["staff"])
+    # ... not a service's (no user, no groups).
+    assert not scopes_allow({"access:services!service=x"}, ["access:services!group=staff"], owner_groups=["staff"])
 
 
 # -- tokens from API clients --------------------------------------------------------------------

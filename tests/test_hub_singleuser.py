@@ -373,3 +373,69 @@ async def test_without_the_host_prefix_cookies_stay_under_the_prefix(
         out = await browser.get("logout")
         gone_name, gone = cookie_attributes(out.headers["set-cookie"])
         assert gone_name == session_name and gone["path"] == PREFIX and gone.get("max-age") == "0"
+
+
+# -- group grants ---------------------------------------------------------------------------------
+
+
+async def test_group_grants_follow_the_owners_groups(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub
+) -> None:
+    # carol's role grants access:servers!group=staff; alice (the owner) is in staff, then leaves.
+    hub.users["carol"] = ["access:servers!group=staff"]
+    hub.users["dave"] = ["access:servers!group=other"]
+    hub.groups["alice"] = ["staff"]
+    proxy = await start(nursery, monkeypatch, tmp_path, hub)
+    proxy.auth.cache_max_age = 0  # ask the Hub every time, so that a change shows at once
+    carol, dave = hub.issue_token("carol"), hub.issue_token("dave")
+    async with proxy.client() as client:
+        assert (await client.get("echo/", headers={"Authorization": f"token {carol}"})).status_code == 200
+        assert (await client.get("echo/", headers={"Authorization": f"token {dave}"})).status_code == 403
+        hub.groups["alice"] = []
+        assert (await client.get("echo/", headers={"Authorization": f"token {carol}"})).status_code == 403
+        # Through the browser login as well.
+        hub.groups["alice"] = ["staff"]
+        hub.login_as = "carol"
+        response = await client.get("echo/x", headers=HTML, follow_redirects=True)
+        assert response.status_code == 200, response.text
+
+
+async def test_only_group_filtered_scopes_cost_a_question_about_groups(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub
+) -> None:
+    proxy = await start(nursery, monkeypatch, tmp_path, hub)
+    alice, bob = hub.issue_token("alice"), hub.issue_token("bob")
+    async with proxy.client() as client:
+        assert (await client.get("echo/", headers={"Authorization": f"token {alice}"})).status_code == 200
+        assert (await client.get("echo/", headers={"Authorization": f"token {bob}"})).status_code == 403
+    assert hub.user_requests == 2  # one per token: the owner's groups were never needed
+
+
+async def test_an_unreachable_hub_grants_no_group_access(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub.users["carol"] = ["access:servers!group=staff"]
+    hub.groups["alice"] = ["staff"]
+    proxy = await start(nursery, monkeypatch, tmp_path, hub)
+    carol = hub.issue_token("carol")
+    proxy.auth.client.cache.put(carol, {"kind": "user", "name": "carol", "scopes": ["access:servers!group=staff"]}, 60)
+    proxy.auth.client.settings = HubSettings.from_environ(
+        {**hub_environ(FakeHub(url=f"http://127.0.0.1:{free_port()}"), 9)}
+    )
+    with caplog.at_level(logging.WARNING, "trioproxy.hub"):
+        async with proxy.client() as client:
+            response = await client.get("echo/", headers={"Authorization": f"token {carol}"})
+    assert response.status_code == 403
+    assert "cannot ask the Hub for the groups of this server's owner" in caplog.text
+
+
+def test_the_recheck_interval_is_an_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trioproxy.config import ConfigError
+
+    from .test_hub import use_environ
+
+    use_environ(monkeypatch, hub_environ(FakeHub(url="http://127.0.0.1:9"), free_port()))
+    _hconfig, _supervisors, asgi_app = build(configured_app(tmp_path, ["--TrioProxy.hub_cache_max_age=2.5"]))
+    assert asgi_app.extensions["trioproxy"].settings.auth.cache_max_age == 2.5
+    with pytest.raises(ConfigError, match="hub_cache_max_age"):
+        build(configured_app(tmp_path, ["--TrioProxy.hub_cache_max_age=-1"]))

@@ -136,6 +136,11 @@ class TrioProxy(Application):
         5.0,
         help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
     ).tag(config=True)
+    hub_cache_max_age = Float(
+        60.0,
+        help="JupyterHub mode: seconds the Hub's word on a token (its user, scopes, shares and the owner's "
+        "groups) is trusted before the Hub is asked again; a revoked token or share stops working within that.",
+    ).tag(config=True)
     certfile = Unicode("", help="Serve HTTPS (and HTTP/2) with this certificate file (PEM).").tag(config=True)
     keyfile = Unicode("", help="The private key of --certfile (PEM).").tag(config=True)
     generate_config = Bool(False, help="Write a commented config file and exit.").tag(config=True)
@@ -400,7 +405,9 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     if hub is not None:
         from .hub import HubAuth
 
-        auth = HubAuth(hub)
+        if not 0 <= app.hub_cache_max_age <= 86400:
+            raise ConfigError(f"hub_cache_max_age must be between 0 and 86400 seconds, not {app.hub_cache_max_age}")
+        auth = HubAuth(hub, cache_max_age=app.hub_cache_max_age)
     else:
         if app.no_auth:
             if not _is_loopback(ip) and not app.allow_remote_no_auth:

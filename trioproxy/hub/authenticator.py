@@ -25,7 +25,7 @@ from ..relay.headers import Headers
 from .activity import hub_reporter, latest_of, report_activity_forever
 from .client import HubClient, HubUnavailable
 from .oauth import HubOAuth, Sessions
-from .settings import HubSettings, scopes_allow
+from .settings import HubSettings, group_filtered, scopes_allow
 from .version import HEADER as VERSION_HEADER
 from .version import announced_version, installed_version, is_token
 
@@ -149,7 +149,7 @@ class HubAuth:
         except HubUnavailable as exc:
             log.warning("cannot check a token with the Hub: %s", exc)
             return None
-        if model is None or not self._may_access(model):
+        if model is None or not await self._may_access(model):
             return None
         return model
 
@@ -157,11 +157,33 @@ class HubAuth:
         """The Hub's user model for ``token``, or None if the Hub does not accept it."""
         return await self.client.user_for_token(token, self.cache_max_age)
 
-    def _may_access(self, model: dict[str, Any]) -> bool:
+    async def _may_access(self, model: dict[str, Any]) -> bool:
         held = model.get("scopes")
         if not isinstance(held, list):
             return False  # a Hub too old to report scopes: refuse rather than guess
-        return scopes_allow(self.settings.access_scopes, held)
+        required = self.settings.access_scopes
+        if scopes_allow(required, held):
+            return True
+        if not group_filtered(held, required):
+            return False
+        try:
+            groups = await self.owner_groups()
+        except HubUnavailable as exc:
+            log.warning("cannot ask the Hub for the groups of this server's owner: %s", exc)
+            return False
+        return scopes_allow(required, held, groups)
+
+    async def owner_groups(self) -> list[str]:
+        """The groups of this server's owner, as the Hub says now (trusted ``cache_max_age``).
+
+        Asked with the server's own token, whose model is its owner's; JupyterHub lets a token
+        read its owner's groups. A service (no user) has none. Raises HubUnavailable.
+        """
+        model = await self.client.user_for_token(self.settings.api_token, self.cache_max_age)
+        if model is None or model.get("kind", "user") != "user" or model.get("name") != self.settings.user:
+            return []
+        groups = model.get("groups")
+        return [group for group in groups if isinstance(group, str)] if isinstance(groups, list) else []
 
     # -- lifetime and activity --------------------------------------------------------------
 

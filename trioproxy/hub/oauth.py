@@ -78,7 +78,7 @@ class HubOAuth:
         session_cookie: str,
         sessions: Sessions,
         user_for_token: Callable[[str], Awaitable[dict[str, Any] | None]],
-        may_access: Callable[[dict[str, Any]], bool],
+        may_access: Callable[[dict[str, Any]], Awaitable[bool]],
         secret: bytes,
     ) -> None:
         self.settings = settings
@@ -136,7 +136,7 @@ class HubOAuth:
             return LoginAnswer(502, message="The Hub could not be reached to finish the login.")
         if token is None or model is None:
             return LoginAnswer(403, message="The Hub did not accept this login; please try again.")
-        if not self._may_access(model):
+        if not await self._may_access(model):
             log.warning("refused Hub user %r: no access scope for this server", model["name"])
             return LoginAnswer(403, message=f"User {model['name']!r} is not allowed to access this server.")
         log.info("Hub user %r logged in", model["name"])

@@ -64,15 +64,32 @@ class HubSettings:
         )
 
 
-def scopes_allow(required: Iterable[str], held: Iterable[str]) -> bool:
+def scopes_allow(required: Iterable[str], held: Iterable[str], owner_groups: Iterable[str] = ()) -> bool:
     """Whether ``held`` grants any of ``required``.
 
     A scope without a filter covers all its filtered forms (``access:servers`` covers
-    ``access:servers!user=alice``), as in JupyterHub. Group filters cannot be resolved here
-    and grant nothing unless they match exactly.
+    ``access:servers!user=alice``), as in JupyterHub. A group filter
+    (``access:servers!group=staff``) covers a required ``!user=`` or ``!server=`` scope when
+    the server's owner is in that group: ``owner_groups`` are the owner's groups.
     """
     have = set(held)
-    return any(scope in have or scope.partition("!")[0] in have for scope in required)
+    groups = set(owner_groups)
+    for scope in required:
+        if scope in have:
+            return True
+        base, _, filter_ = scope.partition("!")
+        if base in have:
+            return True
+        if filter_.startswith(("user=", "server=")) and any(f"{base}!group={group}" in have for group in groups):
+            return True
+    return False
+
+
+def group_filtered(held: Iterable[str], required: Iterable[str]) -> bool:
+    """Whether ``held`` has a group-filtered form of a base in ``required`` (then the owner's
+    groups decide, and are worth asking the Hub for)."""
+    bases = {scope.partition("!")[0] for scope in required}
+    return any(scope.partition("!")[0] in bases and scope.partition("!")[2].startswith("group=") for scope in held)
 
 
 def _slashed(path: str) -> str:
