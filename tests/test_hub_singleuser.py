@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -439,3 +440,80 @@ def test_the_recheck_interval_is_an_option(monkeypatch: pytest.MonkeyPatch, tmp_
     assert asgi_app.extensions["trioproxy"].settings.auth.cache_max_age == 2.5
     with pytest.raises(ConfigError, match="hub_cache_max_age"):
         build(configured_app(tmp_path, ["--TrioProxy.hub_cache_max_age=-1"]))
+
+
+# -- Kubernetes: the pod's grace period ---------------------------------------------------------
+
+
+def test_kubernetes_grace_warning() -> None:
+    from trioproxy.cli import kubernetes_grace_warning
+    from trioproxy.config import ServerProxy, make_server_process
+
+    proxy = ServerProxy()
+    servers = {
+        "slow": make_server_process("slow", {"command": ["x"], "stop_timeout": 8}, parent=proxy),
+        "quick": make_server_process("quick", {"command": ["x"], "stop_timeout": 1}, parent=proxy),
+        "relayed": make_server_process("relayed", {"port": 9999}, parent=proxy),
+    }
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert kubernetes_grace_warning(5, servers, {}) is None  # not in Kubernetes
+    warning = kubernetes_grace_warning(5, servers, pod)
+    assert warning is not None
+    assert "up to 13 s" in warning and "killed after 1 s" in warning and "delete_grace_period to at least 13" in warning
+    # The admin says what grace they gave the pod: silent when it is enough.
+    assert kubernetes_grace_warning(5, servers, {**pod, "TRIOPROXY_DELETE_GRACE_PERIOD": "15"}) is None
+    assert "killed after 10 s" in (kubernetes_grace_warning(5, servers, {**pod, "TRIOPROXY_DELETE_GRACE_PERIOD": "10"}) or "")
+    assert kubernetes_grace_warning(0.5, {"relayed": servers["relayed"]}, pod) is None  # nothing to stop: 0.5 s
+    assert "must be a number" in (kubernetes_grace_warning(5, servers, {**pod, "TRIOPROXY_DELETE_GRACE_PERIOD": "soon"}) or "")
+
+
+def test_the_grace_warning_is_logged_at_start_in_hub_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .test_hub import use_environ
+
+    use_environ(monkeypatch, hub_environ(FakeHub(url="http://127.0.0.1:9"), free_port()))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with caplog.at_level(logging.WARNING, "trioproxy"):
+        build(configured_app(tmp_path))
+    assert "running in Kubernetes: a graceful stop takes up to 10 s" in caplog.text
+
+
+def test_the_kubernetes_example_fits_its_grace_period(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # examples/kubernetes: the config loads, and the grace period its values.yaml gives is enough.
+    from trioproxy.cli import TrioProxy, kubernetes_grace_warning
+
+    from .test_hub import use_environ
+
+    example = Path(__file__).parents[1] / "examples" / "kubernetes"
+    use_environ(monkeypatch, hub_environ(FakeHub(url="http://127.0.0.1:9"), free_port()))
+    app = TrioProxy()
+    app.initialize(["--config", str(example / "trioproxy_config.py")])
+    app.load_file(str(example / "trioproxy_config.py"))
+    _hconfig, supervisors, _asgi_app = build(app)
+    servers = supervisors._processes  # before they run, the supervisors hold only their configuration
+    assert sorted(servers) == ["files", "hello"]
+    values = (example / "values.yaml").read_text()
+    assert 'TRIOPROXY_DELETE_GRACE_PERIOD: "10"' in values and "delete_grace_period: 10" in values
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert kubernetes_grace_warning(app.graceful_timeout, servers, {**pod, "TRIOPROXY_DELETE_GRACE_PERIOD": "10"}) is None
+    assert kubernetes_grace_warning(app.graceful_timeout, servers, pod) is not None  # KubeSpawner's 1 s
+
+
+async def test_the_example_app_answers(nursery: trio.Nursery) -> None:
+    port = free_port()
+    app = Path(__file__).parents[1] / "examples" / "kubernetes" / "apps" / "hello.py"
+    command = [sys.executable, str(app), str(port)]
+    process = await nursery.start(partial(trio.run_process, command, env={"JUPYTERHUB_USER": "alice"}, check=False))
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        response = await client.get(f"http://127.0.0.1:{port}/x")
+                        break
+                    except httpx.ConnectError:
+                        await trio.sleep(0.05)
+        assert response.text == "Hello, alice! You asked for /x\n"
+    finally:
+        process.terminate()

@@ -7,6 +7,7 @@ import difflib
 import errno
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -445,6 +446,9 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
+        warning = kubernetes_grace_warning(app.graceful_timeout, servers, os.environ)
+        if warning is not None:
+            log.warning("%s", warning)
         asgi_app.extensions["trioproxy"].services.append(
             partial(auth.run, last_activity=partial(_latest_server_activity, supervisors))
         )
@@ -474,6 +478,42 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     _tls(hconfig, app)
     _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
+
+
+# KubeSpawner deletes a stopped server's pod with this grace period (its delete_grace_period,
+# 1 s by default), after which Kubernetes kills the pod: shorter than trioproxy's own stop.
+KUBESPAWNER_GRACE = 1.0
+GRACE_VARIABLE = "TRIOPROXY_DELETE_GRACE_PERIOD"  # the grace the admin configured, if not the default
+
+
+def kubernetes_grace_warning(
+    graceful_timeout: float, servers: Mapping[str, ServerProcess], env: Mapping[str, str]
+) -> str | None:
+    """The warning to log when trioproxy runs in a Kubernetes pod (under KubeSpawner) whose
+    grace period is shorter than trioproxy's graceful stop, else None.
+
+    A stop takes up to ``graceful_timeout`` (requests finishing) and then each server's
+    ``stop_timeout`` (SIGTERM to SIGKILL; the servers stop together, so the longest counts).
+    """
+    if not env.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    managed = [server.stop_timeout for server in servers.values() if server.command]
+    needed = graceful_timeout + max(managed, default=0.0)
+    raw = env.get(GRACE_VARIABLE, "")
+    try:
+        grace = float(raw) if raw else KUBESPAWNER_GRACE
+    except ValueError:
+        return f"{GRACE_VARIABLE} must be a number of seconds, not {raw!r}; assuming KubeSpawner's default of {KUBESPAWNER_GRACE:g} s"
+    if needed <= grace:
+        return None
+    source = f"{GRACE_VARIABLE}={raw}" if raw else f"KubeSpawner's default delete_grace_period of {grace:g} s"
+    return (
+        f"running in Kubernetes: a graceful stop takes up to {needed:g} s (graceful_timeout {graceful_timeout:g} s "
+        f"+ the longest stop_timeout {max(managed, default=0.0):g} s), but the pod is killed after {grace:g} s "
+        f"({source}): requests and apps are cut off. Set c.KubeSpawner.delete_grace_period to at least "
+        f"{math.ceil(needed)} (and {GRACE_VARIABLE} to the same in the pod's environment), or lower "
+        "--graceful-timeout and the servers' stop_timeout (README: KubeSpawner and zero-to-jupyterhub)"
+    )
 
 
 def _latest_server_activity(supervisors: Any) -> float | None:
