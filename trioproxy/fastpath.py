@@ -35,7 +35,7 @@ from .metrics import log_access
 from .relay.headers import Headers, header_value, strip_hop_by_hop
 from .relay.tunnel import BackendFailed, Refusal, Tunnel, open_backend
 from .routing import Route
-from .server import with_headers
+from .server import head_with_headers, with_headers
 
 if TYPE_CHECKING:
     from .app import Dispatcher
@@ -125,7 +125,7 @@ class WebSocketFastPath:
                     await _send_quietly(stream, _refusal_bytes(answer, self.response_headers))
                     return answer.status
                 try:
-                    await stream.send_all(_with_head_headers(answer.head, self.response_headers))
+                    await stream.send_all(head_with_headers(answer.head, self.response_headers))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return 101  # the client left while the backend accepted
                 await self._tunnel(stream, backend_stream, request, answer.trailing, admission)
@@ -245,13 +245,6 @@ def _refusal_bytes(refusal: Refusal, extra: Headers) -> bytes:
         if name.lower() != b"content-length"
     ]
     return _response_bytes(refusal.status, refusal.reason, with_headers(headers, extra), refusal.body)
-
-
-def _with_head_headers(head: bytes, extra: Headers) -> bytes:
-    """The backend's 101 head, byte for byte, with ``extra`` added at its end."""
-    if not extra or not head.endswith(b"\r\n\r\n"):
-        return head
-    return head[:-2] + b"".join(name + b": " + value + b"\r\n" for name, value in extra) + b"\r\n"
 
 
 def _response_bytes(status: int, reason: bytes, headers: Headers, body: bytes) -> bytes:

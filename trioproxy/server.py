@@ -142,6 +142,13 @@ def with_headers(
     return [(name, value) for name, value in headers if name.lower() not in names] + list(extra)
 
 
+def head_with_headers(head: bytes, extra: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A raw response head (a backend's 101, as it sent it) with ``extra`` added at its end."""
+    if not extra or not head.endswith(b"\r\n\r\n"):
+        return head
+    return head[:-2] + b"".join(name + b": " + value + b"\r\n" for name, value in extra) + b"\r\n"
+
+
 class HeadLimit:
     """ASGI middleware that answers 431 to a request whose head is larger than ``limit`` bytes.
 
