@@ -88,6 +88,7 @@ def hub_config(tmp: Path, ports: dict[str, int], token: str, target: str) -> str
             "PYTHONPATH": str(ROOT),
         },
         "token": token,
+        "first_port": 20000,
     }
     return "settings = " + json.dumps(settings) + "\n" + """
 c.JupyterHub.ip = "127.0.0.1"
@@ -109,6 +110,13 @@ c.Spawner.cmd = settings["cmd"]
 c.Spawner.environment = settings["environment"]
 c.Spawner.start_timeout = 300
 c.Spawner.http_timeout = 300
+# Each server gets a port of its own, below the ephemeral range: the local spawner's random
+# port (bind to 0, close, hand it on) is a race, which at N=50 gave two servers the same port
+# (the second could not listen, the Hub sent its user to the first). Not what is measured here.
+_ports = iter(range(settings["first_port"], settings["first_port"] + 10000))
+def _own_port(spawner):
+    spawner.port = next(_ports)
+c.Spawner.pre_spawn_hook = _own_port
 c.JupyterHub.services = [{"name": "bench", "api_token": settings["token"]}]
 c.JupyterHub.load_roles = [
     {"name": "bench-admin", "scopes": ["admin:users", "admin:servers", "tokens"], "services": ["bench"]},
