@@ -2,7 +2,8 @@
 """Scale benchmark under a real JupyterHub: N users spawning their single-user server at once.
 
     .venv/bin/python benchmarks/hub_scale.py --users 10 --users 25 [--targets trioproxy,jsp]
-        [--hold 20] [--output benchmarks/results/hub_scale.json] [--chart benchmarks/hub_scale.png]
+        [--hold 20] [--output benchmarks/results/hub_scale.json]
+    benchmarks/.env-jsp/bin/python benchmarks/hub_scale_chart.py RESULTS.json CHART.png
 
 For each target and each N, one JupyterHub (DummyAuthenticator, the simple local spawner,
 configurable-http-proxy) on 127.0.0.1 is started; N users are created and given API tokens;
@@ -316,6 +317,14 @@ async def spawn_and_use(hub: Hub, client: httpx.AsyncClient, user: UserRun, open
         user.failures.append(f"websocket: {type(exc).__name__}: {exc}")
 
 
+async def settled(user: Any, event: trio.Event) -> None:
+    """Run one user; ``event`` is set once their WebSocket is open (by them) or they are done."""
+    try:
+        await user
+    finally:
+        event.set()
+
+
 async def run_once(target: str, users: int, hold: float, scratch: Path) -> dict[str, Any]:
     tmp = scratch / f"{target}-{users}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,12 +350,12 @@ async def run_once(target: str, users: int, hold: float, scratch: Path) -> dict[
             hold_until: list[float] = []
             opened = [trio.Event() for _ in runs]
             async with trio.open_nursery() as nursery:
-                for run, event in zip(runs, opened):
-                    nursery.start_soon(spawn_and_use, hub, client, run, event, hold_until)
+                for run, event in zip(runs, opened, strict=True):
+                    nursery.start_soon(settled, spawn_and_use(hub, client, run, event, hold_until), event)
                 # The hold starts once every user got through (or failed), and lasts --hold s.
                 with trio.move_on_after(600):
-                    while not all(event.is_set() or run.failures for event, run in zip(opened, runs)):
-                        await trio.sleep(0.2)
+                    for event in opened:
+                        await event.wait()
                 await trio.sleep(hold / 2)
                 memory = await measure_memory(hub, client, runs)
                 await trio.sleep(hold / 2)
@@ -450,44 +459,13 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def draw(results: list[dict[str, Any]], destination: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = [
-        ("spawn_to_first_byte_p50_s", "spawn → first byte, p50 (s)"),
-        ("rss_with_app_mib", "RSS per user, with its app (MiB)"),
-        ("hub_cpu_s", "Hub CPU over the run (s)"),
-    ]
-    colors = {"trioproxy": "#1f77b4", "jsp": "#ff7f0e"}
-    for axis, (key, title) in zip(axes, panels):
-        for target in TARGETS:
-            rows = sorted((r for r in results if r["target"] == target and r.get(key) is not None), key=lambda r: r["users"])
-            if rows:
-                axis.plot([r["users"] for r in rows], [r[key] for r in rows], "o-", label=target, color=colors[target])
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("users spawning at once")
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(destination, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, action="append", help="N (repeatable); default 10")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--hold", type=float, default=20.0, help="seconds every WebSocket is kept open once all are")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "hub_scale.json")
-    parser.add_argument("--chart", type=Path, default=None, help="draw a PNG (needs matplotlib)")
-    parser.add_argument("--chart-only", action="store_true", help="only draw --chart from --output")
     args = parser.parse_args()
-    if args.chart_only:
-        draw(json.loads(args.output.read_text())["results"], args.chart)
-        return
     if shutil.which("configurable-http-proxy") is None:
         sys.exit("configurable-http-proxy is not installed (npm install -g configurable-http-proxy)")
     targets = [t for t in args.targets.split(",") if t]
@@ -509,8 +487,6 @@ def main() -> None:
     for row in results:
         for name, reasons in row["failures"].items():
             print(f"{row['target']} N={row['users']} {name}: {'; '.join(reasons)}")
-    if args.chart:
-        draw(results, args.chart)
 
 
 if __name__ == "__main__":
