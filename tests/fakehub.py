@@ -4,7 +4,8 @@ It is a real HTTP server (Quart-Trio under Hypercorn on loopback) implementing, 
 does: ``GET /hub/api/oauth2/authorize`` (logs in ``login_as`` and redirects back with a
 code), ``POST /hub/api/oauth2/token`` (code, client secret and PKCE verifier for a token),
 ``GET /hub/api/user`` (the token's user model with its scopes) and
-``POST /hub/api/users/<name>/activity``. Tests change its users, expire tokens, and read
+``POST /hub/api/users/<name>/activity``, and ``GET /hub/api/`` (the Hub's version, also in an
+``X-JupyterHub-Version`` header on every answer). Tests change its users, expire tokens, and read
 what it was sent.
 """
 
@@ -41,7 +42,11 @@ class FakeHub:
     client_id: str = CLIENT_ID
     redirect_uri: str = ""  # the registered OAuth callback; set once the proxy's port is known
     login_as: str = "alice"
+    version: str = "5.3.0"  # what the Hub announces (X-JupyterHub-Version on every answer, GET /hub/api/)
+    version_header: bool = True
     users: dict[str, list[str]] = field(default_factory=default_users)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # user -> the groups they are in
+    owner: str = "alice"  # whose server's token api_token is (its model is the owner's)
     activity_status: int = 200
     url: str = ""
     tokens: dict[str, str] = field(default_factory=dict)  # token -> user
@@ -62,6 +67,16 @@ class FakeHub:
 
     def app(self) -> QuartTrio:
         app = QuartTrio("fakehub")
+
+        @app.after_request
+        async def version_header(response: Response) -> Response:
+            if self.version and self.version_header:
+                response.headers["X-JupyterHub-Version"] = self.version
+            return response
+
+        @app.route("/hub/api/")
+        async def root() -> Any:
+            return jsonify({"version": self.version})
 
         @app.route("/hub/api/oauth2/authorize")
         async def authorize() -> Any:
@@ -104,9 +119,13 @@ class FakeHub:
             self.user_requests += 1
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             name = self.tokens.get(token.strip()) if scheme.lower() in ("token", "bearer") else None
+            scopes = self.users.get(name, []) if name is not None else []
+            if token.strip() == self.api_token and scheme.lower() in ("token", "bearer"):
+                name = self.owner  # the server's own token (JupyterHub: its owner's model, groups included)
+                scopes = [f"users:activity!user={name}", f"read:users:groups!user={name}"]
             if name is None:
                 return jsonify({"status": 403, "message": "Missing or invalid credentials"}), 403
-            return jsonify({"kind": "user", "name": name, "scopes": self.users.get(name, [])})
+            return jsonify({"kind": "user", "name": name, "scopes": scopes, "groups": self.groups.get(name, [])})
 
         @app.route("/hub/api/users/<name>/activity", methods=["POST"])
         async def activity(name: str) -> Any:

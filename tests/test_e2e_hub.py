@@ -3,7 +3,12 @@
 JupyterHub with configurable-http-proxy (from npm), DummyAuthenticator and the simple local
 spawner, whose single-user server is trioproxy in standalone mode: alice logs in through the
 Hub, her server is spawned, the Hub's OAuth lets her (and only her) in, WebSockets pass the
-Hub's proxy, and trioproxy reports activity to the Hub.
+Hub's proxy, and trioproxy reports activity to the Hub. Then what admins meet next: the Hub
+finds trioproxy's version header at the spawn, a named server, a JupyterHub 5 share from alice
+to bob (and its revocation, within trioproxy's re-check interval), and a group grant
+(``access:servers!group=staff`` for carol, alice being in staff).
+
+The spawned trioproxy is the one under test (PYTHONPATH in the Spawner's environment).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+
+import trioproxy
 
 from .conftest import BACKENDS, pid_alive
 from .e2e_helpers import (
@@ -54,6 +61,7 @@ pytestmark = [
 PASSWORD = "e2e-password"
 SERVICE_TOKEN = secrets.token_hex(16)
 ACTIVITY_INTERVAL = 1  # seconds between trioproxy's activity reports
+RECHECK = 1  # seconds trioproxy trusts the Hub's word on a token (--TrioProxy.hub_cache_max_age)
 
 
 @dataclass
@@ -107,8 +115,17 @@ def hub_config(tmp: Path, ports: dict[str, int], marker: str, ws_config: Path) -
         "api_url": f"http://127.0.0.1:{ports['api']}",
         "tmp": str(tmp),
         "home": str(tmp / "home" / "{username}"),
-        "args": ["--config", str(ws_config), "--", "python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
-        "environment": {"JUPYTERHUB_ACTIVITY_INTERVAL": str(ACTIVITY_INTERVAL), "TRIOPROXY_E2E": marker},
+        # A one-second re-check: a revoked share or group membership shows within the test.
+        "args": [
+            "--config", str(ws_config), f"--TrioProxy.hub_cache_max_age={RECHECK}",
+            "--", "python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1",
+        ],
+        "environment": {
+            "JUPYTERHUB_ACTIVITY_INTERVAL": str(ACTIVITY_INTERVAL),
+            "TRIOPROXY_E2E": marker,
+            # The trioproxy under test (a worktree's, not only the installed one).
+            "PYTHONPATH": str(Path(trioproxy.__file__).resolve().parents[1]),
+        },
         "token": SERVICE_TOKEN,
         "password": PASSWORD,
     }
@@ -128,7 +145,10 @@ c.JupyterHub.last_activity_interval = 3600
 
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = settings["password"]
-c.Authenticator.allowed_users = {"alice", "bob"}
+c.Authenticator.allowed_users = {"alice", "bob", "carol"}
+c.JupyterHub.allow_named_servers = True
+# carol may use the servers of the staff group's members (alice): a group grant.
+c.JupyterHub.load_groups = {"staff": {"users": ["alice"]}}
 
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = settings["home"]
@@ -141,7 +161,8 @@ c.Spawner.http_timeout = 60
 # The test's own admin client.
 c.JupyterHub.services = [{"name": "e2e", "api_token": settings["token"]}]
 c.JupyterHub.load_roles = [
-    {"name": "e2e-admin", "scopes": ["admin:users", "admin:servers", "tokens"], "services": ["e2e"]},
+    {"name": "e2e-admin", "scopes": ["admin:users", "admin:servers", "tokens", "shares", "read:users:name", "groups"], "services": ["e2e"]},
+    {"name": "staff-servers", "scopes": ["access:servers!group=staff"], "users": ["carol"]},
 ]
 """
 
@@ -151,7 +172,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     tmp = tmp_path_factory.mktemp("e2e-hub")
     marker = new_marker()
     ports = {"proxy": free_port(), "hub": free_port(), "api": free_port()}
-    for user in ("alice", "bob"):
+    for user in ("alice", "bob", "carol"):
         (tmp / "home" / user).mkdir(parents=True)
     (tmp / "home" / "alice" / "hello.txt").write_text("hello from alice's home")
     ws_config = tmp / "ws_config.py"
@@ -262,6 +283,108 @@ def test_activity_is_reported_to_the_hub(hub: Hub, alice_server: dict[str, Any])
 
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def through_consent(browser: httpx.Client, path: str) -> httpx.Response:
+    """GET ``path``, authorizing at the Hub's consent page if it shows one (access to another
+    user's server: the Hub asks before letting the owner's server identify you)."""
+    page = browser.get(path, follow_redirects=True)
+    if page.url.path != "/hub/api/oauth2/authorize" or "<form" not in page.text:
+        return page
+    fields = dict(re.findall(r'<input type="hidden" name="(_xsrf)" value="([^"]*)"', page.text))
+    scopes = re.findall(r'<input type="hidden" name="scopes" value="([^"]*)"', page.text)
+    data = {"_xsrf": fields["_xsrf"], "scopes": scopes}
+    return browser.post(str(page.url), data=data, follow_redirects=True)
+
+
+def get_as(hub: Hub, path: str, token: str) -> httpx.Response:
+    return httpx.get(f"{hub.url}{path}", headers={"Authorization": f"token {token}"}, timeout=30)
+
+
+def test_the_hub_sees_the_version_header(hub: Hub, alice_server: dict[str, Any]) -> None:
+    import importlib.metadata
+
+    health = httpx.get(f"{hub.url}/user/alice/server-proxy/api/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # no credentials needed
+    assert health.headers["x-jupyterhub-version"] == importlib.metadata.version("jupyterhub")
+    # The Hub checked it at the spawn: no "Single-user server has no version header" in its log.
+    assert "no version header" not in hub.log()
+
+
+def test_a_named_server(hub: Hub, alice_server: dict[str, Any]) -> None:
+    started = hub.api("POST", "/users/alice/servers/second")
+    assert started.status_code in (201, 202), started.text
+    try:
+        wait_until(
+            lambda: bool((hub.user("alice")["servers"].get("second") or {}).get("ready")),
+            timeout=60, what="alice's server 'second'", services=(hub.service,), interval=0.1,
+        )
+        assert hub.user("alice")["servers"]["second"]["url"] == "/user/alice/second/"
+        alice = get_as(hub, "/user/alice/second/hello.txt", hub.token_of("alice"))
+        assert alice.status_code == 200 and alice.text == "hello from alice's home"
+        assert get_as(hub, "/user/alice/second/hello.txt", hub.token_of("bob")).status_code == 403
+        with hub.browser("alice") as browser:
+            page = browser.get("/user/alice/second/hello.txt", follow_redirects=True)
+            assert page.status_code == 200 and page.text == "hello from alice's home"
+            hops = [urlpath(response.headers["location"]) for response in page.history]
+            assert hops[:3] == ["/user/alice/second/login", "/hub/api/oauth2/authorize", "/user/alice/second/oauth_callback"]
+    finally:
+        hub.api("DELETE", "/users/alice/servers/second")
+        wait_until(
+            lambda: "second" not in hub.user("alice")["servers"], timeout=30, what="'second' to stop", services=(hub.service,)
+        )
+
+
+def test_a_share_lets_bob_in_until_it_is_revoked(hub: Hub, alice_server: dict[str, Any]) -> None:
+    token = hub.token_of("bob")
+    assert get_as(hub, "/user/alice/hello.txt", token).status_code == 403
+    granted = hub.api("POST", "/shares/alice/", json={"user": "bob"})
+    assert granted.status_code == 200, granted.text
+    try:
+        # Within the re-check interval: the Hub's earlier "no" was trusted that long.
+        wait_until(
+            lambda: get_as(hub, "/user/alice/hello.txt", token).status_code == 200,
+            timeout=10 * RECHECK, what="bob let in by the share", interval=0.2,
+        )
+        with hub.browser("bob") as browser:
+            page = through_consent(browser, "/user/alice/hello.txt")
+            assert page.status_code == 200 and page.text == "hello from alice's home"
+            assert len(session_cookies(browser)) == 1
+            revoked = hub.api("PATCH", "/shares/alice/", json={"user": "bob"})
+            assert revoked.status_code == 200, revoked.text
+            # Both his token and his session stop working once trioproxy asks the Hub again.
+            wait_until(
+                lambda: get_as(hub, "/user/alice/hello.txt", token).status_code == 403,
+                timeout=10 * RECHECK, what="bob's token shut out", interval=0.2,
+            )
+            wait_until(
+                lambda: browser.get("/user/alice/hello.txt", follow_redirects=True).status_code == 403,
+                timeout=10 * RECHECK, what="bob's session shut out", interval=0.2,
+            )
+    finally:
+        hub.api("PATCH", "/shares/alice/", json={"user": "bob"})
+
+
+def test_a_group_grant(hub: Hub, alice_server: dict[str, Any]) -> None:
+    # carol's role: access:servers!group=staff; alice is in staff. The Hub's model of carol's
+    # token carries the group filter itself: trioproxy resolves it with alice's groups.
+    carol = hub.token_of("carol")
+    assert "access:servers!group=staff" in get_as(hub, "/hub/api/user", carol).json()["scopes"]
+    response = get_as(hub, "/user/alice/hello.txt", carol)
+    assert response.status_code == 200, response.text
+    with hub.browser("carol") as browser:
+        page = through_consent(browser, "/user/alice/hello.txt")
+        assert page.status_code == 200 and page.text == "hello from alice's home"
+    # alice leaves the group: carol is out within the re-check interval.
+    removed = hub.api("DELETE", "/groups/staff/users", json={"users": ["alice"]})
+    assert removed.status_code == 200, removed.text
+    try:
+        wait_until(
+            lambda: get_as(hub, "/user/alice/hello.txt", carol).status_code == 403,
+            timeout=10 * RECHECK, what="carol shut out", interval=0.2,
+        )
+    finally:
+        hub.api("POST", "/groups/staff/users", json={"users": ["alice"]})
 
 
 def test_stopping_the_server_leaves_no_process(hub: Hub, alice_server: dict[str, Any]) -> None:

@@ -67,9 +67,10 @@ def use_environ(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]) -> Non
         monkeypatch.setenv(name, value)
 
 
-def configured_app(tmp_path: Path, args: list[str] | None = None) -> TrioProxy:
+def configured_app(tmp_path: Path, args: list[str] | None = None, servers: dict[str, Any] | None = None) -> TrioProxy:
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"ServerProxy": {"servers": {"echo": {"command": echo_command()}}}}))
+    servers = servers if servers is not None else {"echo": {"command": echo_command()}}
+    config.write_text(json.dumps({"ServerProxy": {"servers": servers}}))
     app = TrioProxy()
     app.initialize(["--config", str(config), *(args or [])])
     app.load_file(str(config))
@@ -89,12 +90,13 @@ async def start_hub_proxy(
     tmp_path: Path,
     hub: FakeHub,
     env: dict[str, str] | None = None,
+    servers: dict[str, Any] | None = None,
 ) -> HubProxy:
     port = free_port()
     environ = {**hub_environ(hub, port), **(env or {})}
     hub.redirect_uri = environ["JUPYTERHUB_OAUTH_CALLBACK_URL"]
     use_environ(monkeypatch, environ)
-    hconfig, supervisors, asgi_app = build(configured_app(tmp_path))
+    hconfig, supervisors, asgi_app = build(configured_app(tmp_path, servers=servers))
     hconfig.graceful_timeout = 0.2
     binds = await nursery.start(run_app, asgi_app, hconfig)
     assert binds == [f"http://127.0.0.1:{port}"]
@@ -211,6 +213,14 @@ def test_scope_matching() -> None:
     assert not scopes_allow(required, ["access:servers!user=alicex", "access:servers!server=alice/x"])
     assert not scopes_allow(required, ["access:servers!group=alice", "access:services", "read:users"])
     assert not scopes_allow(required, [])
+    # A group filter grants access to the servers of that group's members.
+    assert scopes_allow(required, ["access:servers!group=staff"], owner_groups=["staff"])
+    assert scopes_allow(required, ["access:servers!group=staff"], owner_groups=["x", "staff"])
+    assert not scopes_allow(required, ["access:servers!group=staff"], owner_groups=["staffx"])
+    assert not scopes_allow(required, ["access:servers!group=staff"], owner_groups=[])
+    assert not scopes_allow(required, ["read:users!group=staff", "access:services!group=staff"], owner_groups=["staff"])
+    # ... not a service's (no user, no groups).
+    assert not scopes_allow({"access:services!service=x"}, ["access:services!group=staff"], owner_groups=["staff"])
 
 
 # -- tokens from API clients --------------------------------------------------------------------

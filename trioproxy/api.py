@@ -65,7 +65,8 @@ def _login_response(answer: LoginAnswer) -> Response:
         response = Response(body, status=answer.status, content_type=content_type.decode())
     for cookie in answer.cookies:
         if cookie.max_age == 0:
-            response.delete_cookie(cookie.name, path=cookie.path)
+            # With the flags it was set with: a browser ignores a __Host- cookie's deletion otherwise.
+            response.delete_cookie(cookie.name, path=cookie.path, secure=cookie.secure, httponly=True, samesite="Lax")
         else:
             response.set_cookie(
                 cookie.name,
@@ -94,10 +95,15 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/server-proxy/api/reload", "reload", ("POST",)),
     ("/server-proxy/metrics", "metrics", ("GET",)),
     ("/server-proxy/static/<path:filename>", "static_file", ("GET",)),
+    ("/server-proxy/api/health", "health", ("GET",)),
+    ("/api", "version", ("GET",)),
+    ("/server-proxy/launcher", "launcher_page", ("GET",)),
     ("/", "launcher", ("GET",)),
 )
-# Reachable without logging in (the login itself).
+# Reachable without logging in: the login itself, and the liveness answers (which say
+# nothing but that trioproxy is up, and its version).
 _OPEN_PATHS = ("login", "logout", "oauth_callback")  # first path segments
+_OPEN_ROUTES = frozenset({"/api", "/server-proxy/api/health"})  # whole paths
 
 
 def make_blueprint(settings: Settings, supervisors: Supervisors) -> Blueprint:
@@ -133,8 +139,11 @@ class Pages:
     async def require_login(self) -> Any:
         base_url = self.base_url
         path = request.path[len(base_url) - 1 :] if base_url != "/" else request.path
-        if path.split("/", 2)[1] in _OPEN_PATHS:
+        if path.split("/", 2)[1] in _OPEN_PATHS or path in _OPEN_ROUTES:
             return None
+        if path == "/" and self.settings.default_url:
+            # Before logging in, so that the login comes back to the default URL itself.
+            return redirect(self.base_url + self.settings.default_url)
         identity = await self.auth.authenticate(cast(dict[str, Any], request.scope))
         if identity is not None:
             cast(dict[str, Any], request.scope)[IDENTITY] = identity
@@ -212,6 +221,8 @@ class Pages:
         return Response(page, status=status, content_type="text/html; charset=utf-8")
 
     async def logout(self) -> Any:
+        if self.auth.oauth is not None:
+            return _login_response(await self.auth.oauth.logout(self.login_request()))
         self.auth.end_session(cast(dict[str, Any], request.scope)["headers"])
         response = redirect(self.base_url + "login")
         response.delete_cookie(self.auth.cookie_name, path=self.base_url)
@@ -389,6 +400,20 @@ class Pages:
         response.headers["X-Accel-Buffering"] = "no"
         return response
 
+    # -- liveness ---------------------------------------------------------------------------
+
+    async def health(self) -> Any:
+        """Unauthenticated: trioproxy answers (for Kubernetes probes). Nothing about servers."""
+        from . import __version__
+
+        return jsonify({"status": "ok", "version": __version__})
+
+    async def version(self) -> Any:
+        """Unauthenticated ``<prefix>api``, as jupyterhub-singleuser (Jupyter Server) answers it."""
+        from . import __version__
+
+        return jsonify({"version": __version__})
+
     # -- metrics ----------------------------------------------------------------------------
 
     async def metrics(self) -> Any:
@@ -410,9 +435,18 @@ class Pages:
         return response
 
     async def launcher(self) -> Any:
+        return self._launcher(_base_href(request.headers, self.public_base()))
+
+    async def launcher_page(self) -> Any:
+        """The launcher at a URL of its own, for when the root sends browsers to a default URL."""
+        public_base = self.public_base()
+        base = f"<base href='{html.escape(public_base)}'>" if _SAFE_PREFIX.fullmatch(public_base) else ""
+        return self._launcher(base)
+
+    def _launcher(self, base: str) -> Any:
         supervisors = self.supervisors
         entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
-        page = _launcher_page(entries, _base_href(request.headers, self.public_base()), supervisors.generation)
+        page = _launcher_page(entries, base, supervisors.generation)
         response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response

@@ -108,6 +108,9 @@ class OAuthFlow(Protocol):
 
     async def finish(self, request: LoginRequest) -> LoginAnswer: ...
 
+    async def logout(self, request: LoginRequest) -> LoginAnswer:
+        """End the request's session here and delete its cookie (as it was set: same path, same flags)."""
+
 
 def generate_token() -> str:
     return secrets.token_hex(24)  # 192 bits

@@ -6,6 +6,7 @@ import difflib
 import errno
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -136,6 +137,11 @@ class TrioProxy(Application):
     graceful_timeout = Float(
         5.0,
         help="On SIGTERM or SIGINT, seconds that requests under way get to finish before the servers are stopped.",
+    ).tag(config=True)
+    hub_cache_max_age = Float(
+        60.0,
+        help="JupyterHub mode: seconds the Hub's word on a token (its user, scopes, shares and the owner's "
+        "groups) is trusted before the Hub is asked again; a revoked token or share stops working within that.",
     ).tag(config=True)
     certfile = Unicode("", help="Serve HTTPS (and HTTP/2) with this certificate file (PEM).").tag(config=True)
     keyfile = Unicode("", help="The private key of --certfile (PEM).").tag(config=True)
@@ -405,7 +411,9 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     if hub is not None:
         from .hub import HubAuth
 
-        auth = HubAuth(hub)
+        if not 0 <= app.hub_cache_max_age <= 86400:
+            raise ConfigError(f"hub_cache_max_age must be between 0 and 86400 seconds, not {app.hub_cache_max_age}")
+        auth = HubAuth(hub, cache_max_age=app.hub_cache_max_age)
     else:
         if app.no_auth:
             if not _is_loopback(ip) and not app.allow_remote_no_auth:
@@ -435,11 +443,17 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         max_body_size=app.max_body_size,
         body_timeout=app.body_timeout,
         forwarded_allow_ips=tuple(app.forwarded_allow_ips),
+        # The same list HubAuth fills with X-JupyterHub-Version.
+        response_headers=auth.response_headers if hub is not None else [],
+        default_url=hub.default_url if hub is not None else "",
     )
     supervisors = Supervisors(servers, base_url=base_url)
     settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
+        warning = kubernetes_grace_warning(app.graceful_timeout, servers, os.environ)
+        if warning is not None:
+            log.warning("%s", warning)
         asgi_app.extensions["trioproxy"].services.append(
             partial(auth.run, last_activity=partial(_latest_server_activity, supervisors))
         )
@@ -469,6 +483,42 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     _tls(hconfig, app)
     _hub_tls(hconfig, hub)
     return hconfig, supervisors, asgi_app
+
+
+# KubeSpawner deletes a stopped server's pod with this grace period (its delete_grace_period,
+# 1 s by default), after which Kubernetes kills the pod: shorter than trioproxy's own stop.
+KUBESPAWNER_GRACE = 1.0
+GRACE_VARIABLE = "TRIOPROXY_DELETE_GRACE_PERIOD"  # the grace the admin configured, if not the default
+
+
+def kubernetes_grace_warning(
+    graceful_timeout: float, servers: Mapping[str, ServerProcess], env: Mapping[str, str]
+) -> str | None:
+    """The warning to log when trioproxy runs in a Kubernetes pod (under KubeSpawner) whose
+    grace period is shorter than trioproxy's graceful stop, else None.
+
+    A stop takes up to ``graceful_timeout`` (requests finishing) and then each server's
+    ``stop_timeout`` (SIGTERM to SIGKILL; the servers stop together, so the longest counts).
+    """
+    if not env.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    managed = [server.stop_timeout for server in servers.values() if server.command]
+    needed = graceful_timeout + max(managed, default=0.0)
+    raw = env.get(GRACE_VARIABLE, "")
+    try:
+        grace = float(raw) if raw else KUBESPAWNER_GRACE
+    except ValueError:
+        return f"{GRACE_VARIABLE} must be a number of seconds, not {raw!r}; assuming KubeSpawner's default of {KUBESPAWNER_GRACE:g} s"
+    if needed <= grace:
+        return None
+    source = f"{GRACE_VARIABLE}={raw}" if raw else f"KubeSpawner's default delete_grace_period of {grace:g} s"
+    return (
+        f"running in Kubernetes: a graceful stop takes up to {needed:g} s (graceful_timeout {graceful_timeout:g} s "
+        f"+ the longest stop_timeout {max(managed, default=0.0):g} s), but the pod is killed after {grace:g} s "
+        f"({source}): requests and apps are cut off. Set c.KubeSpawner.delete_grace_period to at least "
+        f"{math.ceil(needed)} (and {GRACE_VARIABLE} to the same in the pod's environment), or lower "
+        "--graceful-timeout and the servers' stop_timeout (README: KubeSpawner and zero-to-jupyterhub)"
+    )
 
 
 def _latest_server_activity(supervisors: Any) -> float | None:

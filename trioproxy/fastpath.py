@@ -35,6 +35,7 @@ from .metrics import log_access
 from .relay.headers import Headers, header_value, strip_hop_by_hop
 from .relay.tunnel import BackendFailed, Refusal, Tunnel, open_backend
 from .routing import Route
+from .server import head_with_headers, with_headers
 
 if TYPE_CHECKING:
     from .app import Dispatcher
@@ -63,6 +64,7 @@ class WebSocketFastPath:
         self.metrics = dispatcher.metrics
         self.max_message_size = dispatcher.settings.websocket_max_message_size
         self.pump = dispatcher.tunnel_pump
+        self.response_headers = dispatcher.settings.response_headers  # on every answer, as on the ASGI side
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.tunnels: set[Tunnel] = set()
@@ -120,10 +122,10 @@ class WebSocketFastPath:
                     return 499
                 if isinstance(answer, Refusal):
                     log.info("%s: WebSocket refused (%d): the backend's answer", server, answer.status)
-                    await _send_quietly(stream, _refusal_bytes(answer))
+                    await _send_quietly(stream, _refusal_bytes(answer, self.response_headers))
                     return answer.status
                 try:
-                    await stream.send_all(answer.head)
+                    await stream.send_all(head_with_headers(answer.head, self.response_headers))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return 101  # the client left while the backend accepted
                 await self._tunnel(stream, backend_stream, request, answer.trailing, admission)
@@ -173,7 +175,7 @@ class WebSocketFastPath:
         )
         status = refused.status
         reason = HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b"Error"
-        await _send_quietly(stream, _response_bytes(status, reason, headers, body))
+        await _send_quietly(stream, _response_bytes(status, reason, with_headers(headers, self.response_headers), body))
         return status
 
 
@@ -234,7 +236,7 @@ def _with_host_first(headers: Headers) -> Headers:
     return [item for item in headers if item[0] == b"host"] + [item for item in headers if item[0] != b"host"]
 
 
-def _refusal_bytes(refusal: Refusal) -> bytes:
+def _refusal_bytes(refusal: Refusal, extra: Headers) -> bytes:
     # The backend's status, reason, headers and body; framed anew, since the tunnel closes
     # the connection after it.
     headers = [
@@ -242,7 +244,7 @@ def _refusal_bytes(refusal: Refusal) -> bytes:
         for name, value in strip_hop_by_hop(refusal.headers)
         if name.lower() != b"content-length"
     ]
-    return _response_bytes(refusal.status, refusal.reason, headers, refusal.body)
+    return _response_bytes(refusal.status, refusal.reason, with_headers(headers, extra), refusal.body)
 
 
 def _response_bytes(status: int, reason: bytes, headers: Headers, body: bytes) -> bytes:

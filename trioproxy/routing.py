@@ -41,6 +41,10 @@ class Route:
 
 # trioproxy's own routes, by their first path segment: a server may be named "loginx".
 OWN_SEGMENTS = frozenset({"server-proxy", "login", "logout", "oauth_callback"})
+# ... and by their whole path: "api" alone answers trioproxy's version, unauthenticated, as
+# jupyterhub-singleuser's does (Kubernetes probes and the Hub look there), while "api/..."
+# still belongs to a server named "api". Under a root server, "api" is the app's.
+OWN_PATHS = frozenset({"api"})
 
 
 def resolve(
@@ -58,7 +62,7 @@ def resolve(
 
     if segment == "proxy":
         return _proxy_route(after, base_url, has_slash=bool(slash))
-    if segment in OWN_SEGMENTS:
+    if segment in OWN_SEGMENTS or (not slash and segment in OWN_PATHS and root_server is None):
         return Route("app", app_path=unquote(rest.decode("latin-1")))
     if segment and segment in servers:
         if not slash:

@@ -8,12 +8,14 @@ stops accepting connections, closes idle keep-alive connections, closes WebSocke
 and only then stops the servers. Cancelling :func:`run_app` instead stops everything at once.
 
 Connections are accepted by :mod:`trioproxy.listener`; what comes through Hypercorn passes the
-ASGI middlewares here (the head limit, the WebSocket closer) before the app.
+ASGI middlewares here (the headers every answer carries, the head limit, the WebSocket closer)
+before the app.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from functools import partial
 from typing import Any, cast
 
 import trio
@@ -44,7 +46,13 @@ async def run_app(
             for service in dispatcher.services:
                 await nursery.start(service)
             binds = await nursery.start(
-                _serve_then_stop, app, hypercorn_config, shutdown, WebSocketFastPath(dispatcher), nursery.cancel_scope
+                _serve_then_stop,
+                app,
+                hypercorn_config,
+                shutdown,
+                WebSocketFastPath(dispatcher),
+                nursery.cancel_scope,
+                dispatcher.settings.response_headers,
             )
             task_status.started(binds)
     finally:
@@ -57,10 +65,18 @@ async def _serve_then_stop(
     shutdown: trio.Event | None,
     fast_path: Any,
     everything: trio.CancelScope,
+    response_headers: Sequence[tuple[bytes, bytes]],
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_http(app, config, shutdown=shutdown, upgrade_handler=fast_path, task_status=task_status)
+    await serve_http(
+        app,
+        config,
+        shutdown=shutdown,
+        upgrade_handler=fast_path,
+        response_headers=response_headers,
+        task_status=task_status,
+    )
     everything.cancel()  # the HTTP server is done: now the supervisors stop their servers
 
 
@@ -70,11 +86,14 @@ async def serve_http(
     *,
     shutdown: trio.Event | None = None,
     upgrade_handler: Any = None,
+    response_headers: Sequence[tuple[bytes, bytes]] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` with Hypercorn's ``config`` until ``shutdown`` is set, then shut
     down gracefully: stop accepting, close WebSockets with 1001, let the other connections
     finish for up to ``config.graceful_timeout`` seconds, end the ASGI lifespan, return.
+
+    Every answer carries ``response_headers`` (read at each answer, so a list filled later counts).
 
     Raises OSError if an address cannot be bound.
     """
@@ -82,13 +101,52 @@ async def serve_http(
 
     websockets = WebSocketCloser(app)
     await serve(
-        HeadLimit(websockets, config.h11_max_incomplete_size),
+        ResponseHeaders(HeadLimit(websockets, config.h11_max_incomplete_size), response_headers),
         config,
         upgrade_handler=upgrade_handler,
         shutdown_trigger=shutdown.wait if shutdown is not None else None,
         on_shutdown=websockets.close_all,
         task_status=task_status,
     )
+
+
+_ANSWER_STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
+
+
+class ResponseHeaders:
+    """ASGI middleware that adds ``headers`` to every answer: responses, WebSocket accepts and
+    refusals, relayed or trioproxy's own. A header of the same name from the app is replaced."""
+
+    def __init__(self, app: Any, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.app = app
+        self.headers = headers
+
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        if not self.headers or scope["type"] == "lifespan":
+            return cast(Coroutine[Any, Any, None], self.app(scope, receive, send))  # as HeadLimit
+        return cast(Coroutine[Any, Any, None], self.app(scope, receive, partial(self._send, send)))
+
+    async def _send(self, send: Any, message: dict[str, Any]) -> None:
+        if message["type"] in _ANSWER_STARTS:
+            message = {**message, "headers": with_headers(message.get("headers") or [], self.headers)}
+        await send(message)
+
+
+def with_headers(
+    headers: Sequence[tuple[bytes, bytes]], extra: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``extra`` added, in place of any of the same names."""
+    if not extra:
+        return list(headers)
+    names = {name.lower() for name, _ in extra}
+    return [(name, value) for name, value in headers if name.lower() not in names] + list(extra)
+
+
+def head_with_headers(head: bytes, extra: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A raw response head (a backend's 101, as it sent it) with ``extra`` added at its end."""
+    if not extra or not head.endswith(b"\r\n\r\n"):
+        return head
+    return head[:-2] + b"".join(name + b": " + value + b"\r\n" for name, value in extra) + b"\r\n"
 
 
 class HeadLimit:

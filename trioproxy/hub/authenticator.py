@@ -25,7 +25,9 @@ from ..relay.headers import Headers
 from .activity import hub_reporter, latest_of, report_activity_forever
 from .client import HubClient, HubUnavailable
 from .oauth import HubOAuth, Sessions
-from .settings import HubSettings, scopes_allow
+from .settings import HubSettings, group_filtered, scopes_allow
+from .version import HEADER as VERSION_HEADER
+from .version import announced_version, installed_version, is_token
 
 log = logging.getLogger("trioproxy.hub")
 
@@ -37,11 +39,24 @@ class HubAuth:
     settings: HubSettings
     cache_max_age: float = 60.0  # how long the Hub's word on a token is trusted
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    # The X-JupyterHub-Version to send; None: ask the Hub for its own when run() starts.
+    jupyterhub_version: str | None = field(default_factory=installed_version)
     _last_activity: float = field(default=-math.inf, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = HubClient(self.settings)
         self.sessions = Sessions()
+        # Headers every answer carries (trioproxy.app.Settings.response_headers is this list):
+        # filled here, or by run() before trioproxy listens.
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        if self.jupyterhub_version:
+            self._announce(self.jupyterhub_version)
+
+    def _announce(self, version: str) -> None:
+        if not is_token(version):
+            log.warning("not sending X-JupyterHub-Version %r: not a version", version)
+            return
+        self.response_headers[:] = [(VERSION_HEADER, version.encode("ascii"))]
 
     # -- the authenticator interface --------------------------------------------------------
 
@@ -56,8 +71,11 @@ class HubAuth:
     @property
     def cookie_name(self) -> str:
         # Per OAuth client, as JupyterHub does, so two servers on one domain keep apart.
+        # Subdomain deployments (JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED): "__Host-", which a
+        # browser only takes from this very host, Secure and at Path=/ (hub.oauth sees to those).
         digest = hashlib.sha256(self.settings.client_id.encode()).hexdigest()[:10]
-        return f"trioproxy-hub-{digest}"
+        prefix = "__Host-" if self.settings.cookie_host_prefix else ""
+        return f"{prefix}trioproxy-hub-{digest}"
 
     @cached_property
     def oauth(self) -> HubOAuth:
@@ -131,7 +149,7 @@ class HubAuth:
         except HubUnavailable as exc:
             log.warning("cannot check a token with the Hub: %s", exc)
             return None
-        if model is None or not self._may_access(model):
+        if model is None or not await self._may_access(model):
             return None
         return model
 
@@ -139,11 +157,33 @@ class HubAuth:
         """The Hub's user model for ``token``, or None if the Hub does not accept it."""
         return await self.client.user_for_token(token, self.cache_max_age)
 
-    def _may_access(self, model: dict[str, Any]) -> bool:
+    async def _may_access(self, model: dict[str, Any]) -> bool:
         held = model.get("scopes")
         if not isinstance(held, list):
             return False  # a Hub too old to report scopes: refuse rather than guess
-        return scopes_allow(self.settings.access_scopes, held)
+        required = self.settings.access_scopes
+        if scopes_allow(required, held):
+            return True
+        if not group_filtered(held, required):
+            return False
+        try:
+            groups = await self.owner_groups()
+        except HubUnavailable as exc:
+            log.warning("cannot ask the Hub for the groups of this server's owner: %s", exc)
+            return False
+        return scopes_allow(required, held, groups)
+
+    async def owner_groups(self) -> list[str]:
+        """The groups of this server's owner, as the Hub says now (trusted ``cache_max_age``).
+
+        Asked with the server's own token, whose model is its owner's; JupyterHub lets a token
+        read its owner's groups. A service (no user) has none. Raises HubUnavailable.
+        """
+        model = await self.client.user_for_token(self.settings.api_token, self.cache_max_age)
+        if model is None or model.get("kind", "user") != "user" or model.get("name") != self.settings.user:
+            return []
+        groups = model.get("groups")
+        return [group for group in groups if isinstance(group, str)] if isinstance(groups, list) else []
 
     # -- lifetime and activity --------------------------------------------------------------
 
@@ -159,6 +199,10 @@ class HubAuth:
         requests (e.g. WebSocket messages counted by the supervisors).
         """
         async with self.client.open():
+            if not self.response_headers:
+                announced = await announced_version(self.client)
+                if announced is not None:
+                    self._announce(announced)
             task_status.started()
             if not self.settings.activity_url:
                 await trio.sleep_forever()

@@ -149,6 +149,15 @@ class HubClient:
         token = document.get("access_token") if document else None
         return token if isinstance(token, str) and token else None
 
+    async def hub_version(self) -> str | None:
+        """The Hub's version, from its API's root (no token needed). Raises HubUnavailable."""
+        response = await self._call("GET", f"{self.settings.api_url}/")
+        version = response.headers.get("x-jupyterhub-version")
+        if not version and response.status_code == 200:
+            document = _json_object(response)
+            version = document.get("version") if document else None
+        return version if isinstance(version, str) and version else None
+
     async def report_activity(self, stamp: str) -> None:
         """Tell the Hub the server was last used at ``stamp`` (ISO 8601). Raises HubUnavailable."""
         settings = self.settings

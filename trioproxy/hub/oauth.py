@@ -78,7 +78,7 @@ class HubOAuth:
         session_cookie: str,
         sessions: Sessions,
         user_for_token: Callable[[str], Awaitable[dict[str, Any] | None]],
-        may_access: Callable[[dict[str, Any]], bool],
+        may_access: Callable[[dict[str, Any]], Awaitable[bool]],
         secret: bytes,
     ) -> None:
         self.settings = settings
@@ -112,7 +112,7 @@ class HubOAuth:
             self._sign({"state": state, "next": next_url, "verifier": verifier}),
             path=self._callback_path(),
             max_age=STATE_MAX_AGE,
-            secure=request.https,
+            secure=self._secure(request),
         )
         return LoginAnswer(302, location=f"{settings.authorize_url}?{query}", cookies=(flow,))
 
@@ -136,17 +136,40 @@ class HubOAuth:
             return LoginAnswer(502, message="The Hub could not be reached to finish the login.")
         if token is None or model is None:
             return LoginAnswer(403, message="The Hub did not accept this login; please try again.")
-        if not self._may_access(model):
+        if not await self._may_access(model):
             log.warning("refused Hub user %r: no access scope for this server", model["name"])
             return LoginAnswer(403, message=f"User {model['name']!r} is not allowed to access this server.")
         log.info("Hub user %r logged in", model["name"])
-        session = CookieSpec(self.session_cookie, self.sessions.open(token), path=self.settings.prefix, secure=request.https)
-        spent = CookieSpec(cookie_name, "", path=self._callback_path(), max_age=0)
+        session = CookieSpec(
+            self.session_cookie, self.sessions.open(token), path=self.cookie_path, secure=self._secure(request)
+        )
+        spent = CookieSpec(cookie_name, "", path=self._callback_path(), max_age=0, secure=self._secure(request))
         return LoginAnswer(
             302, location=local_redirect(str(flow.get("next", "")), self.settings.prefix), cookies=(session, spent)
         )
 
+    async def logout(self, request: LoginRequest) -> LoginAnswer:
+        """Forget the session and delete its cookie; the browser goes to the login again."""
+        session_id = request.cookies.get(self.session_cookie)
+        if session_id:
+            self.sessions.end(session_id)
+        gone = CookieSpec(self.session_cookie, "", path=self.cookie_path, max_age=0, secure=self._secure(request))
+        return LoginAnswer(302, location=self.settings.prefix + "login", cookies=(gone,))
+
+    @property
+    def cookie_path(self) -> str:
+        """The session cookie's path: the prefix, or "/" for ``__Host-`` cookies (RFC 6265bis)."""
+        return "/" if self.settings.cookie_host_prefix else self.settings.prefix
+
+    def _secure(self, request: LoginRequest) -> bool:
+        # As JupyterHub's HubOAuth: Secure over https as the browser sees it (or as the Hub says
+        # this server is reached), and always for __Host- cookies, which browsers refuse otherwise.
+        settings = self.settings
+        return request.https or settings.cookie_host_prefix or urlsplit(settings.public_url).scheme == "https"
+
     def _callback_path(self) -> str:
+        if self.settings.cookie_host_prefix:
+            return "/"
         return urlsplit(self.settings.callback_url).path or self.settings.prefix
 
     def _state_cookie_name(self, state: str) -> str:

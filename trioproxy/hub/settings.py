@@ -28,6 +28,9 @@ class HubSettings:
     keyfile: str = ""
     certfile: str = ""
     client_ca: str = ""
+    default_url: str = ""  # where the root of the prefix sends browsers, relative to it ("" for the launcher)
+    cookie_host_prefix: bool = False  # __Host- cookies at Path=/ (subdomain deployments)
+    public_url: str = ""  # this server's public URL, if the Hub says (JUPYTERHUB_PUBLIC_URL)
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> HubSettings:
@@ -55,24 +58,68 @@ class HubSettings:
             keyfile=env.get("JUPYTERHUB_SSL_KEYFILE", ""),
             certfile=env.get("JUPYTERHUB_SSL_CERTFILE", ""),
             client_ca=env.get("JUPYTERHUB_SSL_CLIENT_CA", ""),
+            default_url=_default_url(env.get("JUPYTERHUB_DEFAULT_URL", "")),
+            cookie_host_prefix=_flag(env, "JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED"),
+            public_url=env.get("JUPYTERHUB_PUBLIC_URL", ""),
         )
 
 
-def scopes_allow(required: Iterable[str], held: Iterable[str]) -> bool:
+def scopes_allow(required: Iterable[str], held: Iterable[str], owner_groups: Iterable[str] = ()) -> bool:
     """Whether ``held`` grants any of ``required``.
 
     A scope without a filter covers all its filtered forms (``access:servers`` covers
-    ``access:servers!user=alice``), as in JupyterHub. Group filters cannot be resolved here
-    and grant nothing unless they match exactly.
+    ``access:servers!user=alice``), as in JupyterHub. A group filter
+    (``access:servers!group=staff``) covers a required ``!user=`` or ``!server=`` scope when
+    the server's owner is in that group: ``owner_groups`` are the owner's groups.
     """
     have = set(held)
-    return any(scope in have or scope.partition("!")[0] in have for scope in required)
+    groups = set(owner_groups)
+    for scope in required:
+        if scope in have:
+            return True
+        base, _, filter_ = scope.partition("!")
+        if base in have:
+            return True
+        if filter_.startswith(("user=", "server=")) and any(f"{base}!group={group}" in have for group in groups):
+            return True
+    return False
+
+
+def group_filtered(held: Iterable[str], required: Iterable[str]) -> bool:
+    """Whether ``held`` has a group-filtered form of a base in ``required`` (then the owner's
+    groups decide, and are worth asking the Hub for)."""
+    bases = {scope.partition("!")[0] for scope in required}
+    return any(scope.partition("!")[0] in bases and scope.partition("!")[2].startswith("group=") for scope in held)
 
 
 def _slashed(path: str) -> str:
     """``path`` with exactly one slash at each end ("/" for an empty one)."""
     inner = path.strip("/")
     return f"/{inner}/" if inner else "/"
+
+
+def _default_url(raw: str) -> str:
+    """JUPYTERHUB_DEFAULT_URL as a path relative to the prefix ("/rstudio" -> "rstudio").
+
+    As in jupyterhub-singleuser, the default URL is always below the server's prefix: a
+    full URL or one that climbs out with ".." is refused rather than followed.
+    """
+    value = raw.strip()
+    if not value:
+        return ""
+    if "://" in value or value.startswith("//") or "\\" in value or any(ord(c) < 0x21 for c in value):
+        raise ConfigError(f"JUPYTERHUB_DEFAULT_URL must be a path below the server's prefix, not {raw!r}")
+    path, _, _query = value.partition("?")
+    if ".." in path.split("/"):
+        raise ConfigError(f"JUPYTERHUB_DEFAULT_URL must not leave the server's prefix: {raw!r}")
+    if not path.strip("/"):
+        return ""  # the root itself: the launcher, no redirect (which would loop)
+    return value.lstrip("/")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    # As JupyterHub's own reading (jupyterhub.utils._bool_env): unset, "" and "0" are off.
+    return env.get(name, "") not in ("", "0")
 
 
 def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -41,7 +41,9 @@
   // After a reload of trioproxy's configuration (servers added, removed or changed), the
   // page's list is fetched again and put in place of the old one.
   async function takeNewList(generation) {
-    const response = await fetch("./", { cache: "no-store", credentials: "same-origin" });
+    // The page itself, wherever it is served (the root, or server-proxy/launcher when the root
+    // sends browsers to a default URL).
+    const response = await fetch(location.href, { cache: "no-store", credentials: "same-origin" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.querySelector("main");
