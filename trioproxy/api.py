@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import trio
-from quart import Blueprint, Response, current_app, jsonify, make_response, redirect, request, send_from_directory
+from quart import Blueprint, Response, jsonify, make_response, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
 from .config import ConfigError, ReloadError
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .metrics import render as render_metrics
 from .origin import origin_allowed
 from .relay.upstream import trusted_forwarded
@@ -39,21 +40,6 @@ if TYPE_CHECKING:
     from .app import Settings
 
 IDENTITY = "trioproxy.identity"  # where a request's Identity is kept in its scope
-
-
-def _error(status: int, message: str, server: str | None = None, output: list[str] | None = None) -> Response:
-    accept = request.headers.get("Accept", "")
-    as_json = "text/html" not in accept
-    known = _known_secrets()
-    message = mask_secrets(message, known)
-    output = [mask_secrets(line, known) for line in output] if output else output
-    content_type, body = render_error(status, message, as_json=as_json, server=server, output=output)
-    return Response(body, status=status, content_type=content_type.decode())
-
-
-def _known_secrets() -> list[str]:
-    # A server's output may echo its URL (?token=…) or its environment; never pass it on raw.
-    return list(current_app.extensions["trioproxy"].settings.auth.known_secrets())
 
 
 def _login_response(answer: LoginAnswer) -> Response:
@@ -106,8 +92,8 @@ _OPEN_PATHS = ("login", "logout", "oauth_callback")  # first path segments
 _OPEN_ROUTES = frozenset({"/api", "/server-proxy/api/health"})  # whole paths
 
 
-def make_blueprint(settings: Settings, supervisors: Supervisors) -> Blueprint:
-    pages = Pages(settings, supervisors)
+def make_blueprint(settings: Settings, supervisors: Supervisors, metrics: Metrics) -> Blueprint:
+    pages = Pages(settings, supervisors, metrics)
     bp = Blueprint("trioproxy", __name__)
     bp.before_request(pages.require_login)
     bp.after_request(pages.add_cookie)
@@ -120,12 +106,26 @@ def make_blueprint(settings: Settings, supervisors: Supervisors) -> Blueprint:
 class Pages:
     """trioproxy's own pages and API: one method per route of :data:`ROUTES`, and the hooks."""
 
-    def __init__(self, settings: Settings, supervisors: Supervisors) -> None:
+    def __init__(self, settings: Settings, supervisors: Supervisors, metrics: Metrics) -> None:
         self.settings = settings
         self.supervisors = supervisors
+        self._metrics = metrics
         self.base_url: str = settings.base_url
         self.auth: Authenticator = settings.auth
         self.throttle = LoginThrottle()
+
+    def _error(self, status: int, message: str, server: str | None = None, output: list[str] | None = None) -> Response:
+        accept = request.headers.get("Accept", "")
+        as_json = "text/html" not in accept
+        # A server's output may echo its URL (?token=…) or its environment; never pass it on raw.
+        known = self.auth.known_secrets()
+        message = mask_secrets(message, known)
+        output = [mask_secrets(line, known) for line in output] if output else output
+        content_type, body = render_error(status, message, as_json=as_json, server=server, output=output)
+        return Response(body, status=status, content_type=content_type.decode())
+
+    def _unknown(self, name: str) -> Response:
+        return self._error(404, f"No server named {name!r}.")
 
     def public_base(self) -> str:
         # Behind another proxy (Jupyter's /proxy/<port>/), links must carry its prefix too.
@@ -150,7 +150,7 @@ class Pages:
             return None
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
             return redirect(self.auth.login_url(request.full_path.rstrip("?")))
-        return _error(403, "Authentication required: a valid token is needed.")
+        return self._error(403, "Authentication required: a valid token is needed.")
 
     async def add_cookie(self, response: Response) -> Response:
         identity: Identity | None = cast(dict[str, Any], request.scope).get(IDENTITY)
@@ -161,7 +161,7 @@ class Pages:
 
     async def http_error(self, exc: HTTPException) -> Response:
         # Quart's own 404 and 405, in trioproxy's error format (JSON for API clients).
-        response = _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
+        response = self._error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
         allow = dict(exc.get_headers()).get("Allow")
         if allow:
             response.headers["Allow"] = allow
@@ -199,7 +199,7 @@ class Pages:
             now = trio.current_time()
             wait = self.throttle.retry_after(address, now)
             if wait > 0:
-                refusal = _error(429, f"Too many failed logins; try again in {wait:.0f} s.")
+                refusal = self._error(429, f"Too many failed logins; try again in {wait:.0f} s.")
                 refusal.headers["Retry-After"] = str(int(wait) + 1)
                 return refusal
             if auth.check_token(form.get("token", "")):
@@ -254,12 +254,12 @@ class Pages:
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
         if name not in supervisors or not supervisors[name].process.launcher.icon_path:
-            return _error(404, f"No icon for {name!r}.")
+            return self._error(404, f"No icon for {name!r}.")
         path = supervisors[name].process.launcher.icon_path
         try:
             data = await trio.Path(path).read_bytes()
         except OSError as exc:
-            return _error(404, f"Icon of {name!r} cannot be read: {exc.strerror}.")
+            return self._error(404, f"Icon of {name!r} cannot be read: {exc.strerror}.")
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         response = Response(data, content_type=content_type)
         # An SVG opened on its own is a document of this origin: no scripts in it.
@@ -289,13 +289,13 @@ class Pages:
         settings = self.settings
         scope = cast(dict[str, Any], request.scope)
         if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
-            return _error(403, "Cross-origin request refused.")
+            return self._error(403, "Cross-origin request refused.")
         reloader = settings.reloader
         if reloader is None:
-            return _error(501, "This trioproxy has no configuration to reload.")
+            return self._error(501, "This trioproxy has no configuration to reload.")
         when = request.args.get("when", "now")
         if when not in ("now", "idle"):
-            return _error(400, f"when must be 'now' or 'idle', not {when!r}.")
+            return self._error(400, f"when must be 'now' or 'idle', not {when!r}.")
         outcome: dict[str, Any] = {}
         done = trio.Event()
 
@@ -317,24 +317,24 @@ class Pages:
         try:
             self.supervisors.spawn(apply)
         except ServerUnavailable as exc:
-            return _error(exc.status, str(exc))
+            return self._error(exc.status, str(exc))
         await done.wait()
         if "error" in outcome:
-            return _error(*outcome["error"])
+            return self._error(*outcome["error"])
         return jsonify(outcome["result"])
 
     async def one_server(self, name: str) -> Any:
         if name not in self.supervisors:
-            return _unknown(name)
+            return self._unknown(name)
         if request.method == "DELETE":
             return await self.control_action(name, "stop")
         return jsonify(self.status(name))
 
     async def control(self, name: str, action: str) -> Any:
         if name not in self.supervisors:
-            return _unknown(name)
+            return self._unknown(name)
         if action not in _ACTIONS:
-            return _error(404, f"Unknown action {action!r}: use start, restart or stop.")
+            return self._error(404, f"Unknown action {action!r}: use start, restart or stop.")
         return await self.control_action(name, action)
 
     async def control_action(self, name: str, action: str) -> Any:
@@ -344,15 +344,15 @@ class Pages:
         scope = cast(dict[str, Any], request.scope)
         if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
             # A browser sends the cookie with a form posted from another site's page.
-            return _error(403, "Cross-origin request refused.", server=name)
+            return self._error(403, "Cross-origin request refused.", server=name)
         if not supervisor.has_command:
-            return _error(409, f"{name!r} has no command: trioproxy relays to it but cannot {action} it.", server=name)
+            return self._error(409, f"{name!r} has no command: trioproxy relays to it but cannot {action} it.", server=name)
         wait = request.args.get("wait", "1") not in ("0", "false", "no")
         if action == "start":
             try:
                 await supervisor.start(wait=False)  # so that ?wait=0 already answers "starting"
             except ServerUnavailable as exc:
-                return _error(exc.status, str(exc), server=name, output=exc.output)
+                return self._error(exc.status, str(exc), server=name, output=exc.output)
         outcome = _Outcome()
         # The action runs in the supervisor's nursery, not in the request: a client that goes
         # away must not leave a restart half done (stopped, never started again), and a
@@ -360,24 +360,24 @@ class Pages:
         try:
             supervisor.spawn(partial(_run_action, supervisor, action, outcome))
         except ServerUnavailable as exc:
-            return _error(exc.status, str(exc), server=name)
+            return self._error(exc.status, str(exc), server=name)
         if not wait:
             return jsonify(self.status(name)), 202
         await outcome.done.wait()
         failure = outcome.error
         if failure is not None:
-            return _error(failure.status, str(failure), server=name, output=failure.output)
+            return self._error(failure.status, str(failure), server=name, output=failure.output)
         return jsonify(self.status(name))
 
     async def logs(self, name: str) -> Any:
         if name not in self.supervisors:
-            return _unknown(name)
+            return self._unknown(name)
         output = self.supervisors[name].output
         tail = request.args.get("tail", "")
         if tail and not tail.isdigit():
-            return _error(400, f"tail must be a number of lines, not {tail!r}.", server=name)
+            return self._error(400, f"tail must be a number of lines, not {tail!r}.", server=name)
         first = max(0, output.total - int(tail)) if tail else 0
-        known = _known_secrets()
+        known = self.auth.known_secrets()
 
         def text_of(lines: list[str]) -> str:
             return "".join(mask_secrets(line, known) + "\n" for line in lines)
@@ -417,7 +417,7 @@ class Pages:
     # -- metrics ----------------------------------------------------------------------------
 
     async def metrics(self) -> Any:
-        text = render_metrics(current_app.extensions["trioproxy"].metrics, self.supervisors)
+        text = render_metrics(self._metrics, self.supervisors)
         return Response(text, content_type=METRICS_CONTENT_TYPE)
 
     # -- launcher page and its files ------------------------------------------------------
@@ -425,11 +425,11 @@ class Pages:
     async def static_file(self, filename: str) -> Any:
         content_type = _STATIC_TYPES.get(PurePosixPath(filename).suffix)
         if content_type is None:
-            return _error(404, f"No static file {filename!r}.")
+            return self._error(404, f"No static file {filename!r}.")
         try:
             response = await send_from_directory(STATIC_DIR, filename, mimetype=content_type)
         except NotFound:
-            return _error(404, f"No static file {filename!r}.")
+            return self._error(404, f"No static file {filename!r}.")
         response.headers["Cache-Control"] = "no-cache"  # revalidated by ETag: new versions show
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
@@ -451,9 +451,6 @@ class Pages:
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
 
-
-def _unknown(name: str) -> Response:
-    return _error(404, f"No server named {name!r}.")
 
 
 _STYLE = (

@@ -326,8 +326,9 @@ def create_app(settings: Settings, supervisors: Supervisors) -> QuartTrio:
 
     app = QuartTrio("trioproxy")
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    app.register_blueprint(make_blueprint(settings, supervisors), url_prefix=settings.base_url.rstrip("/") or None)
     dispatcher = Dispatcher(app.asgi_app, settings, supervisors)
+    blueprint = make_blueprint(settings, supervisors, dispatcher.metrics)
+    app.register_blueprint(blueprint, url_prefix=settings.base_url.rstrip("/") or None)
     app.asgi_app = dispatcher  # type: ignore[method-assign,assignment]
     app.extensions["trioproxy"] = dispatcher
     return app
