@@ -146,3 +146,22 @@ def test_tls_handshake_cut_anywhere(tls_proxy: ProxyUnderTest, cut: str) -> None
 
     with tls_proxy.family(f"TLS handshake cut at {cut}") as family:
         family.repeat(action)
+
+
+@pytest.mark.parametrize("target", ["/echo/x", "/server-proxy/api/servers", "/no-such-server/"])
+def test_connection_close_ends_the_connection(proxy: ProxyUnderTest, target: str) -> None:  # noqa: F811
+    """A request with ``Connection: close`` gets its response, and then the connection ends."""
+    left_open: list[str] = []
+
+    def action(number: int) -> None:
+        how, token = combination(number)
+        with client.connect(proxy.port, proxy.tls) as sock:
+            sock.sendall(client.head("GET", target, [*client.auth_headers(token), ("Connection", "close")]))
+            data, closed = client.read_to_end(sock, timeout=10)
+            if not closed:
+                line = data.split(b"\r\n", 1)[0]
+                left_open.append(f"{'with' if token else 'without'} token: {line!r}")
+
+    with proxy.family(f"Connection: close to {target}") as family:
+        family.repeat(action, 4)
+    assert not left_open, f"{target}: still open 10 s after the response to Connection: close: {left_open}"

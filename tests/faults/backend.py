@@ -39,6 +39,7 @@ class FaultBackend:
     raw: list[bytes] = field(default_factory=list)  # what arrived, per connection
     sent: dict[str, int] = field(default_factory=dict)  # bytes flooded, per mode
     open: int = 0
+    flooding: int = 0  # floods under way now
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=512)
@@ -154,6 +155,15 @@ class FaultBackend:
         return True
 
     def _flood(self, sock: socket.socket, mode: str, key: str) -> None:
+        with self._lock:
+            self.flooding += 1
+        try:
+            self._flood_until_stopped(sock, mode, key)
+        finally:
+            with self._lock:
+                self.flooding -= 1
+
+    def _flood_until_stopped(self, sock: socket.socket, mode: str, key: str) -> None:
         if mode == "ws-flood":
             self._switch(sock, key)
             piece = struct.pack("!BBH", 0x82, 126, 60000) + CHUNK[:60000]
@@ -163,7 +173,8 @@ class FaultBackend:
         else:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1024 * len(CHUNK)))
             piece = CHUNK
-        sock.settimeout(2)  # a send that waits this long: nobody is reading, stop (or close)
+        # A send that waits this long: nobody is reading; a flood keeps trying, the big body closes.
+        sock.settimeout(0.3 if mode == "big-then-close" else 2)
         deadline = time.monotonic() + FLOOD_LIMIT
         count = 1024 if mode == "big-then-close" else None
         while time.monotonic() < deadline and not self._stopping.is_set() and count != 0:
@@ -201,6 +212,9 @@ class FaultBackend:
             elif size == 127:
                 size = struct.unpack("!Q", buffer[2:10])[0]
             masked = bool(buffer[1] & 0x80)
+            if not masked or size > 1 << 26 or opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF) or buffer[0] & 0x70:
+                sock.sendall(b"\x88\x02\x03\xea")  # 1002, as a strict backend would
+                return
             start = offset + (4 if masked else 0)
             while len(buffer) < start + size:
                 chunk = sock.recv(65536)

@@ -85,6 +85,26 @@ def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20, timeout
     return data
 
 
+def read_to_end(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, bool]:
+    """Everything until the connection ends: (data, True), or (data, False) if ``timeout`` passed first."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            return data, False
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+
+
 def recv_all(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
     return recv_until(sock, b"\x00never-sent\x00", timeout=timeout)
 

@@ -153,12 +153,14 @@ class ProxyUnderTest:
         backend: FaultBackend | None = None,
         servers: dict[str, dict[str, Any]] | None = None,
         args: list[str] | None = None,
+        config_prelude: tuple[str, dict[str, str]] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.backend = backend
         self.config = directory / "config.py"
         self.servers = {**base_servers(backend), **(servers or {})}
+        self.prelude = config_prelude  # Python code, and placeholders (quoted) it replaces by names
         self.write_config(self.servers)
         extra = list(args or [])
         self.tls: ssl.SSLContext | None = None
@@ -175,7 +177,13 @@ class ProxyUnderTest:
         self.checked = 0  # output lines already read by a family
 
     def write_config(self, servers: dict[str, dict[str, Any]], extra: str = "") -> None:
-        self.config.write_text(f"c.ServerProxy.servers = {servers!r}\n{extra}")
+        text = repr(servers)
+        code = ""
+        if self.prelude is not None:
+            code, names = self.prelude
+            for placeholder, name in names.items():
+                text = text.replace(placeholder, name)
+        self.config.write_text(f"{code}\nc.ServerProxy.servers = {text}\n{extra}")
 
     # -- what the checks look at --------------------------------------------------------------
     def alive(self) -> bool:
@@ -211,12 +219,22 @@ class ProxyUnderTest:
             wrong.append(f"WebSocket through /ws/echo: {exc!r}")
         return wrong
 
+    def errors(self, since: int = 0) -> str:
+        """The exception lines and trioproxy's own fatal lines in its output since ``since``."""
+        pattern = re.compile(r"^\s*[|+ ]*((\w+\.)*\w*(Error|Exception|Group)\b.*|trioproxy: .*)$")
+        found = [line.strip(" |+\n") for line in self.process.lines[since:] if pattern.match(line)]
+        unique = list(dict.fromkeys(found))
+        return "; ".join(unique[-6:]) or "(none)"
+
     def death(self) -> str:
         code = self.process.process.poll()
         return f"trioproxy died (exit status {code}); its output ends:\n{self.output()[-4000:]}"
 
     def stop(self) -> None:
-        self.process.kill()
+        try:
+            self.process.stop(timeout=15)  # SIGTERM: trioproxy stops its servers itself
+        except Exception:
+            self.process.kill()
 
     # -- families -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -271,7 +289,9 @@ class Family:
         fds = proxy.fds()
         wrong = proxy.problems()
         assert proxy.alive(), f"{self.name}: {proxy.death()}"
-        assert not wrong, f"{self.name}: a normal request fails afterwards: {wrong}"
+        assert not wrong, (
+            f"{self.name}: a normal request fails afterwards: {wrong}; errors in the output: {proxy.errors(self.mark)}"
+        )
         assert fds <= self.baseline_fds + FD_MARGIN, (
             f"{self.name}: {fds} file descriptors open {SETTLE_TIMEOUT:.0f} s after the family, "
             f"baseline {self.baseline_fds}: {sorted(_fd_kinds(proxy.pid).items())}"
