@@ -157,11 +157,11 @@ def test_connection_close_ends_the_connection(proxy: ProxyUnderTest, target: str
         how, token = combination(number)
         with client.connect(proxy.port, proxy.tls) as sock:
             sock.sendall(client.head("GET", target, [*client.auth_headers(token), ("Connection", "close")]))
-            data, closed = client.read_to_end(sock, timeout=10)
+            data, closed = client.read_to_end(sock, timeout=5)
             if not closed:
                 line = data.split(b"\r\n", 1)[0]
                 left_open.append(f"{'with' if token else 'without'} token: {line!r}")
 
     with proxy.family(f"Connection: close to {target}") as family:
         family.repeat(action, 4)
-    assert not left_open, f"{target}: still open 10 s after the response to Connection: close: {left_open}"
+    assert not left_open, f"{target}: still open 5 s after the response to Connection: close: {left_open}"

@@ -20,6 +20,7 @@ request path (the proxy strips its ``/<name>`` prefix), or, before any byte is r
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -51,6 +52,8 @@ class FaultBackend:
 
     def close(self) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self._listener.close()
         self._thread.join(5)
 
@@ -189,6 +192,14 @@ class FaultBackend:
             if count is not None:
                 count -= 1
 
+    @staticmethod
+    def _refuse(sock: socket.socket, close: bytes) -> None:
+        """Send a close frame and wait (a little) for the peer's before closing, as RFC 6455 asks."""
+        sock.sendall(close)
+        sock.settimeout(2)
+        with contextlib.suppress(OSError):
+            sock.recv(65536)  # the peer's close frame (or its end)
+
     def _echo_websocket(self, sock: socket.socket, buffer: bytearray) -> None:
         while True:
             while len(buffer) < 2:
@@ -212,8 +223,11 @@ class FaultBackend:
             elif size == 127:
                 size = struct.unpack("!Q", buffer[2:10])[0]
             masked = bool(buffer[1] & 0x80)
-            if not masked or size > 1 << 26 or opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF) or buffer[0] & 0x70:
-                sock.sendall(b"\x88\x02\x03\xea")  # 1002, as a strict backend would
+            fin, rsv = bool(buffer[0] & 0x80), buffer[0] & 0x70
+            # Only what the checks send is echoed; anything else is refused with 1002 at once, as
+            # a strict backend would (a lenient one would leave the tunnel open: nothing to see).
+            if not masked or rsv or not fin or opcode not in (0x1, 0x2, 0x8) or size > 125:
+                self._refuse(sock, b"\x88\x02\x03\xea")
                 return
             start = offset + (4 if masked else 0)
             while len(buffer) < start + size:
@@ -227,7 +241,14 @@ class FaultBackend:
                 payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
             del buffer[: start + size]
             if opcode == 0x8:
-                sock.sendall(b"\x88\x02\x03\xe8")
-                return
+                valid = size == 0 or (size >= 2 and struct.unpack("!H", payload[:2])[0] in (1000, 1001))
+                sock.sendall(b"\x88\x02\x03\xe8" if valid else b"\x88\x02\x03\xea")
+                return  # the client's close came first: the handshake is complete
+            if opcode == 0x1:
+                try:
+                    payload.decode()
+                except UnicodeDecodeError:
+                    self._refuse(sock, b"\x88\x02\x03\xef")  # 1007
+                    return
             header = struct.pack("!BB", 0x80 | opcode, size) if size < 126 else struct.pack("!BBH", 0x80 | opcode, 126, size)
             sock.sendall(header + payload)

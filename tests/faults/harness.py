@@ -335,7 +335,7 @@ class ProxyPool:
 
     def close(self) -> None:
         for proxy in self._proxies.values():
-            proxy.stop()
+            proxy.process.kill()  # the end of the session: no need to wait for a graceful stop
         self.backend.close()
 
 
