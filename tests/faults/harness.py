@@ -39,7 +39,7 @@ SETTLE_TIMEOUT = 15.0
 RECORD = re.compile(r"^\[([A-Z]) \d\d:\d\d:\d\d ([\w.\-]+)\] (.*)")
 
 
-def rounds(default: int = 12) -> int:
+def rounds(default: int = 10) -> int:
     """How many times each phase runs: ``TRIOPROXY_FAULT_ROUNDS``, else ``default``."""
     value = os.environ.get("TRIOPROXY_FAULT_ROUNDS")
     return max(2, int(value)) if value else default
@@ -51,12 +51,15 @@ def pause() -> None:
 
 
 def base_servers(backend: FaultBackend | None) -> dict[str, dict[str, Any]]:
+    # Idle pooled backend connections go after a second, so that the file descriptors a family
+    # made the pool open are given back within the settle time (the default keeps them 30 s).
+    pool = {"pool_idle_timeout": 1.0}
     servers: dict[str, dict[str, Any]] = {
-        "echo": {"command": echo_command()},
-        "ws": {"command": [PY, str(BACKENDS / "ws_echo.py"), "{port}"]},
+        "echo": {"command": echo_command(), **pool},
+        "ws": {"command": [PY, str(BACKENDS / "ws_echo.py"), "{port}"], **pool},
     }
     if backend is not None:
-        servers["faulty"] = {"port": backend.port}
+        servers["faulty"] = {"port": backend.port, **pool}
     return servers
 
 
