@@ -7,9 +7,12 @@ WebSocket requests to the bad server with a clear error (a 4xx/5xx status with a
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import TOKEN, echo_command
@@ -72,6 +75,20 @@ def clear_error(response: bytes, what: str) -> str | None:
     return None
 
 
+def settle(proxy: ProxyUnderTest, name: str, timeout: float = 15) -> None:
+    """Wait (bounded) until server ``name`` is no longer starting, or trioproxy no longer answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{proxy.port}/server-proxy/api/servers", headers={"Authorization": f"token {TOKEN}"}, timeout=10)
+            states = {server["name"]: server["state"] for server in response.json()["servers"]}
+        except (httpx.HTTPError, ValueError, KeyError):
+            return
+        if states.get(name) != "starting":
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def backend() -> Any:
     fault = FaultBackend()
@@ -102,6 +119,9 @@ def test_one_bad_option(tmp_path: Path, backend: FaultBackend, option: str) -> N
                     sock.sendall(client.upgrade_head("/bad/echo", TOKEN))
                     ws = client.recv_until(sock, b"\r\n\r\n", timeout=30)
                     wrong.append(clear_error(ws, f"WebSocket #{attempt + 1}"))
+            settle(proxy, "bad")  # a bad option may fail only once its server has tried to start
+            with contextlib.suppress(httpx.HTTPError):  # and some only when it is stopped
+                httpx.post(f"http://127.0.0.1:{proxy.port}/server-proxy/api/servers/bad/stop", headers={"Authorization": f"token {TOKEN}"}, timeout=30)
             problems = [w for w in wrong if w]
             assert not problems, f"option {option}: {problems}; errors in the output: {proxy.errors()}"
             assert "'bad'" in proxy.output() or " bad" in proxy.output(), f"option {option}: the log never names the server"

@@ -229,6 +229,14 @@ class ProxyUnderTest:
         unique = list(dict.fromkeys(found))
         return "; ".join(unique[-6:]) or "(none)"
 
+    def dies_within(self, timeout: float) -> bool:
+        """Whether trioproxy exits within ``timeout`` (it may be shutting down after a fatal error)."""
+        try:
+            self.process.process.wait(timeout)
+        except Exception:
+            return False
+        return True
+
     def death(self) -> str:
         code = self.process.process.poll()
         return f"trioproxy died (exit status {code}); its output ends:\n{self.output()[-4000:]}"
@@ -250,7 +258,7 @@ class ProxyUnderTest:
         try:
             yield family
         except BaseException:
-            if not self.alive():
+            if not self.alive() or self.dies_within(10):
                 raise AssertionError(f"{name}: {self.death()}") from None
             raise
         family.check()
@@ -292,6 +300,8 @@ class Family:
         fds = proxy.fds()
         wrong = proxy.problems()
         assert proxy.alive(), f"{self.name}: {proxy.death()}"
+        if wrong and proxy.dies_within(10):
+            raise AssertionError(f"{self.name}: a normal request fails ({wrong[0][:200]}), and {proxy.death()}")
         assert not wrong, (
             f"{self.name}: a normal request fails afterwards: {wrong}; errors in the output: {proxy.errors(self.mark)}"
         )
