@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import TOKEN
 from tests.faults import client
-from tests.faults.harness import ProxyUnderTest, fault_pool, pause, proxy, tls_proxy  # noqa: F401
+from tests.faults.harness import ProxyUnderTest, fault_pool, pause, proxy, rounds, tls_proxy  # noqa: F401
 
 pytestmark = pytest.mark.faults
 
@@ -93,7 +93,7 @@ def run_phase(proxy: ProxyUnderTest, phase: str, tls: ssl.SSLContext | None = No
             client.end(sock, how)
 
     with proxy.family(f"client ends {phase}") as family:
-        family.repeat(action)
+        family.repeat(action, max(2, rounds() // 2) if phase == "during-large-response" else None)
 
 
 @pytest.mark.parametrize("phase", list(PHASES))

@@ -258,7 +258,7 @@ class ProxyUnderTest:
         try:
             yield family
         except BaseException:
-            if not self.alive() or self.dies_within(10):
+            if not self.alive() or self.dies_within(3):
                 raise AssertionError(f"{name}: {self.death()}") from None
             raise
         family.check()
@@ -300,7 +300,7 @@ class Family:
         fds = proxy.fds()
         wrong = proxy.problems()
         assert proxy.alive(), f"{self.name}: {proxy.death()}"
-        if wrong and proxy.dies_within(10):
+        if wrong and proxy.dies_within(3):
             raise AssertionError(f"{self.name}: a normal request fails ({wrong[0][:200]}), and {proxy.death()}")
         assert not wrong, (
             f"{self.name}: a normal request fails afterwards: {wrong}; errors in the output: {proxy.errors(self.mark)}"
