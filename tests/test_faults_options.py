@@ -8,7 +8,6 @@ WebSocket requests to the bad server with a clear error (a 4xx/5xx status with a
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from tests.conftest import TOKEN, echo_command
 from tests.faults import client
 from tests.faults.backend import FaultBackend
-from tests.faults.harness import ProxyUnderTest
+from tests.faults.harness import ProxyUnderTest, settle
 
 pytestmark = pytest.mark.faults
 
@@ -73,20 +72,6 @@ def clear_error(response: bytes, what: str) -> str | None:
     if not response.split(b"\r\n\r\n", 1)[-1].strip():
         return f"{what}: {status} without a message"
     return None
-
-
-def settle(proxy: ProxyUnderTest, name: str, timeout: float = 15) -> None:
-    """Wait (bounded) until server ``name`` is no longer starting, or trioproxy no longer answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"http://127.0.0.1:{proxy.port}/server-proxy/api/servers", headers={"Authorization": f"token {TOKEN}"}, timeout=10)
-            states = {server["name"]: server["state"] for server in response.json()["servers"]}
-        except (httpx.HTTPError, ValueError, KeyError):
-            return
-        if states.get(name) != "starting":
-            return
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

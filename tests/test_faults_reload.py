@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import BACKENDS, PY, TOKEN, echo_command
 from tests.faults import client
-from tests.faults.harness import ProxyUnderTest, base_servers, rounds
+from tests.faults.harness import ProxyUnderTest, base_servers, rounds, settle
 
 pytestmark = pytest.mark.faults
 
@@ -154,6 +154,7 @@ def test_a_reload_to_a_bad_option(reloading: ProxyUnderTest, bad: dict[str, Any]
         status, body = reload(proxy)
         http = client.http_get(proxy.port, "/bad/x", TOKEN)
         ws = client.websocket_echo(proxy.port, "/bad/echo", TOKEN)
+        settle(proxy, "bad")
         answers = f"reload {status} {body!r}; HTTP to it: {http[:12]!r}; WebSocket to it: {ws[:40]}"
         if status == 200:  # accepted: the bad server must fail on its own, with a clear error
             assert client.status_of(http) is not None and client.status_of(http) >= 400, answers  # type: ignore[operator]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import BACKENDS, PY, TOKEN, ProxyProcess, echo_command, launch_trioproxy, pid_alive
@@ -324,6 +325,20 @@ def _fd_kinds(pid: int) -> Counter[str]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             kinds[target.split(":")[0] if ":" in target else "file"] += 1
     return kinds
+
+
+def settle(proxy: ProxyUnderTest, name: str, timeout: float = 15) -> None:
+    """Wait (bounded) until server ``name`` is no longer starting, or trioproxy no longer answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{proxy.port}/server-proxy/api/servers", headers={"Authorization": f"token {TOKEN}"}, timeout=10)
+            states = {server["name"]: server["state"] for server in response.json()["servers"]}
+        except (httpx.HTTPError, ValueError, KeyError):
+            return
+        if states.get(name) != "starting":
+            return
+        time.sleep(0.2)
 
 
 class ProxyPool:
