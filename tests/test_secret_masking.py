@@ -1,0 +1,161 @@
+"""Secrets on servers' command lines and in their environments never reach trioproxy's log or
+its API answers: a real trioproxy starting a server as the marimo packages do
+(``--token-password <token>``), and the masking rules themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BACKENDS, PY, ProxyProcess, launch_trioproxy
+from trioproxy.auth import (
+    MASK,
+    learn_secrets,
+    mask_argv,
+    mask_environment,
+    mask_secrets,
+    secret_option,
+    secret_variable,
+)
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "masking-proxy-token-42"
+ARGV_ENV = str(BACKENDS / "argv_env.py")
+SECRETS = {
+    "option": "marimo-token-7f3a9c",  # --token-password X
+    "equals": "api-key-b81d0e",  # --api-key=X
+    "env": "pg-password-c0ffee",  # APP_PASSWORD
+    "env_token": "gh-token-5e5e5e",  # GH_TOKEN
+}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_secrets_are_masked_in_the_log_the_api_and_trioproxy_servers(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    command = [
+        PY, ARGV_ENV, "{port}",
+        "--token-password", SECRETS["option"],
+        f"--api-key={SECRETS['equals']}",
+        "--auth", TOKEN,  # trioproxy's own secret, substituted by the config
+        "--port-hint", "visible-argument",
+    ]  # fmt: skip
+    environment = {"APP_PASSWORD": SECRETS["env"], "GH_TOKEN": SECRETS["env_token"], "MARK": "visible-mark"}
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        f"c.ServerProxy.servers = {{'marimo-like': {{'command': {command!r}, 'environment': {environment!r}}}}}\n"
+    )
+    runtime = tmp_path / "runtime"
+    proxy = launch_trioproxy(
+        ["--port", "0", "--token", TOKEN, "--debug", "--config", str(config)], env={"JUPYTER_RUNTIME_DIR": str(runtime)}
+    )
+    proxy_processes.append(proxy)
+    answers: list[str] = []
+    with httpx.Client(base_url=proxy.base, headers={"Authorization": f"token {TOKEN}"}, timeout=30) as http:
+        relayed = http.get("marimo-like/").json()
+        port = http.get("server-proxy/api/servers/marimo-like").json()["port"]
+        # The server itself got the real values: only what is shown is masked.
+        assert relayed["argv"][:4] == ["--token-password", SECRETS["option"], f"--api-key={SECRETS['equals']}", "--auth"]
+        assert relayed["env"]["APP_PASSWORD"] == SECRETS["env"]
+        wait_until(lambda: "my password is" in http.get("server-proxy/api/servers/marimo-like/logs").text)
+        for path in (
+            "server-proxy/api/servers",
+            "server-proxy/api/servers/marimo-like",
+            "server-proxy/api/servers/marimo-like/logs",
+            "server-proxy/servers-info",
+        ):
+            answers.append(http.get(path).text)
+    logs = answers[2]
+    assert f"started with: --token-password {MASK} --api-key={MASK} --auth {MASK} --port-hint visible-argument" in logs
+    assert f"my password is {MASK}" in logs  # the app printed its own password: learned, masked
+
+    run_env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    for args in (["servers"], ["servers", "--json"], ["servers", "logs", "marimo-like"]):
+        result = subprocess.run([PY, "-m", "trioproxy", *args], capture_output=True, text=True, timeout=60, env=run_env)
+        assert result.returncode == 0, result.stderr
+        answers.append(result.stdout + result.stderr)
+    assert "marimo-like" in answers[-2] and MASK in answers[-1]
+
+    wait_until(lambda: "my password is" in proxy.output())
+    output = proxy.output()
+    started = next(line for line in output.splitlines() if "marimo-like: started pid" in line)
+    assert started.endswith(
+        f"{ARGV_ENV} {port} --token-password {MASK} --api-key={MASK} --auth {MASK} --port-hint visible-argument"
+    ), started
+    assert f"marimo-like: environment added: APP_PASSWORD={MASK} GH_TOKEN={MASK} MARK=visible-mark" in output
+    assert f"my password is {MASK}" in output
+    for text in [output, *answers]:
+        for name, secret in SECRETS.items():
+            assert secret not in text, (name, text)
+        assert TOKEN not in text
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["app", "--token", "abc"], ["app", "--token", MASK]),
+        (["app", "--token=abc"], ["app", f"--token={MASK}"]),
+        (["app", "--token="], ["app", "--token="]),  # empty: nothing to hide, and it says so
+        (["marimo", "edit", "--token-password", "x"], ["marimo", "edit", "--token-password", MASK]),
+        (["jupyter", "--NotebookApp.token=x", "--ServerApp.password", "h"], ["jupyter", f"--NotebookApp.token={MASK}", "--ServerApp.password", MASK]),
+        (["app", "--auth-token", "t", "--api-key", "k", "--client-secret=s"], ["app", "--auth-token", MASK, "--api-key", MASK, f"--client-secret={MASK}"]),
+        (["app", "--no-token", "serve"], ["app", "--no-token", "serve"]),
+        (["app", "--token", "--port", "1"], ["app", "--token", "--port", "1"]),  # a flag, not a value
+        (["app", "--tokenizer", "bpe", "--port", "1"], ["app", "--tokenizer", "bpe", "--port", "1"]),
+        (["app", "http://h/?token=abc"], ["app", f"http://h/?token={MASK}"]),
+    ],
+)
+def test_secret_looking_options_are_masked(argv: list[str], shown: list[str]) -> None:
+    assert mask_argv(argv) == shown
+
+
+def test_known_secrets_are_masked_in_any_argument() -> None:
+    assert mask_argv(["app", "--auth", "known-secret-1"], known=["known-secret-1"]) == ["app", "--auth", MASK]
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("JUPYTERHUB_API_TOKEN", True),
+        ("GH_TOKEN", True),
+        ("PGPASSWORD", True),
+        ("APP_PASSWORD", True),
+        ("CLIENT_SECRET", True),
+        ("OPENAI_API_KEY", True),
+        ("AWS_SECRET_ACCESS_KEY", True),
+        ("PGHOST", False),
+        ("HOME", False),
+        ("KEYRING_BACKEND", False),
+        ("MONKEY", False),
+        ("TOKENIZERS_PARALLELISM", False),
+    ],
+)
+def test_secret_variables(name: str, secret: bool) -> None:
+    assert secret_variable(name) is secret
+    masked = mask_environment({name: "value-123", "UNSET": None})
+    assert masked == {name: MASK if secret else "value-123", "UNSET": None}
+
+
+def test_secret_options() -> None:
+    assert secret_option("--password") and secret_option("-token") and secret_option("--IdentityProvider.token=x")
+    assert not secret_option("token") and not secret_option("--no-password") and not secret_option("--port")
+
+
+def test_free_text_masks_options_and_learned_values() -> None:
+    line = "running marimo edit --token-password abc --port 1, then x --password=def"
+    assert mask_secrets(line) == f"running marimo edit --token-password {MASK} --port 1, then x --password={MASK}"
+    learn_secrets(["learned-value-1", "short"])
+    assert mask_secrets("the value is learned-value-1 and short") == f"the value is {MASK} and short"
