@@ -116,6 +116,7 @@ def test_secrets_are_masked_in_the_log_the_api_and_trioproxy_servers(
         (["app", "--token", "--port", "1"], ["app", "--token", "--port", "1"]),  # a flag, not a value
         (["app", "--tokenizer", "bpe", "--port", "1"], ["app", "--tokenizer", "bpe", "--port", "1"]),
         (["app", "http://h/?token=abc"], ["app", f"http://h/?token={MASK}"]),
+        (["llm", "--max-tokens", "4096"], ["llm", "--max-tokens", "4096"]),  # a count
     ],
 )
 def test_secret_looking_options_are_masked(argv: list[str], shown: list[str]) -> None:
@@ -159,3 +160,21 @@ def test_free_text_masks_options_and_learned_values() -> None:
     assert mask_secrets(line) == f"running marimo edit --token-password {MASK} --port 1, then x --password={MASK}"
     learn_secrets(["learned-value-1", "short"])
     assert mask_secrets("the value is learned-value-1 and short") == f"the value is {MASK} and short"
+
+
+@pytest.mark.parametrize(
+    ("settings", "secret"),
+    [
+        ({"environment": {"API_TOKEN": 98765432, "HOME": "/h"}}, "98765432"),
+        ({"command": ["app", "--password", "hunter2-pw", 5]}, "hunter2-pw"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_reported_without_its_secrets(
+    settings: dict[str, object], secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trioproxy.config import load_server
+
+    process = load_server("web", settings)
+    assert process.config_error is not None and process.config_error.startswith("option ")
+    assert MASK in process.config_error and secret not in process.config_error
+    assert "this server will not start" in caplog.text and secret not in caplog.text

@@ -282,7 +282,7 @@ MASK = "[secret]"
 MIN_KNOWN_SECRET = 6
 # Words that make a command-line option's value a secret: --token X, --token=X,
 # --token-password X (marimo), --NotebookApp.token=X, --auth-token X, --api-key X.
-_SECRET_OPTION = re.compile(r"(?:^|[-_.])(?:token|password|passwd|secret|api[-_]?key|access[-_]?key|private[-_]?key)s?(?:[-_.]|$)")
+_SECRET_OPTION = re.compile(r"(?:^|[-_.])(?:token|password|passwd|secret|api[-_]?key|access[-_]?key|private[-_]?key)(?:[-_.]|$)")
 # Environment variables that hold secrets: *_TOKEN, *_PASSWORD (PGPASSWORD too), *_SECRET,
 # *_KEY (API_KEY, AWS_SECRET_ACCESS_KEY), and names with those as a word (GITHUB_TOKEN_FILE
 # is masked as well: a path shown as [secret] costs less than a token shown).

@@ -358,7 +358,7 @@ def make_server_process(
         try:
             setattr(process, option, value)
         except TraitError as exc:
-            raise ServerOptionError(name, option, _short(exc)) from None
+            raise ServerOptionError(name, option, _short(_masked(exc, value))) from None
     _report_ignored(name, unknown + process.ignored_options, source, strict)
     _check_values(process)
     return process
@@ -421,8 +421,24 @@ def load_server(
         return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
 
 
-def _short(exc: TraitError) -> str:
-    text = " ".join(str(exc).split())
+def _masked(exc: TraitError, value: Any) -> str:
+    """The error's text without the secrets its value may show (traitlets quotes the whole
+    value: an ``environment`` holding a token of the wrong type, a ``command`` with a password)."""
+    from .auth import MASK, secret_values, secret_variable
+
+    text = str(exc)
+    hidden: list[Any] = []
+    if isinstance(value, dict):
+        hidden = [item for key, item in value.items() if secret_variable(str(key)) and item not in (None, "")]
+    elif isinstance(value, (list, tuple)):
+        hidden = list(secret_values([str(item) for item in value], {}))
+    for item in hidden:
+        text = text.replace(repr(item), repr(MASK)).replace(str(item), MASK)
+    return text
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
