@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
-from tests.conftest import BACKENDS, PY, ProxyProcess, launch_trioproxy
+from tests.conftest import BACKENDS, PY, ProxyProcess, launch_trioproxy, start_proxy
 from trioproxy.auth import (
     MASK,
     learn_secrets,
@@ -178,3 +179,21 @@ def test_a_value_of_the_wrong_type_is_reported_without_its_secrets(
     assert process.config_error is not None and process.config_error.startswith("option ")
     assert MASK in process.config_error and secret not in process.config_error
     assert "this server will not start" in caplog.text and secret not in caplog.text
+
+
+async def test_a_failed_start_is_reported_by_the_api_without_the_secret(nursery: trio.Nursery) -> None:
+    secret = "callable-secret-9d9d9d"
+
+    def command() -> list[str]:
+        raise ValueError(f"cannot run app --token-password {secret}")
+
+    proxy = await start_proxy(nursery, {"app": {"command": command}})
+    async with proxy.client() as client:
+        refused = await client.get("app/")
+        assert refused.status_code == 503
+        status = (await client.get("server-proxy/api/servers/app")).json()
+        listed = (await client.get("server-proxy/api/servers")).text
+    assert status["state"] == "failed"
+    assert f"the command callable failed: ValueError: cannot run app --token-password {MASK}" in status["reason"]
+    for text in (refused.text, str(status), listed):
+        assert secret not in text
