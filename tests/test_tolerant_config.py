@@ -335,3 +335,28 @@ def test_expand_environment_keeps_none() -> None:
     expanded: dict[str, Any] = expand_environment(lambda port: {"A": None, "B": "{port}"}, {"port": 5})
     assert expanded == {"A": None, "B": "5"}
     check_environment(expanded)  # None is allowed: the variable is unset
+
+
+def test_a_reload_applies_a_file_with_an_unknown_key_and_warns(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> None:
+    config = tmp_path / "cfg.py"
+    config.write_text(f"c.ServerProxy.servers = {{'web': {{'command': {COMMAND!r}}}}}\n")
+    proxy = launch(["--config", str(config)], proxy_processes)
+    config.write_text(
+        f"c.ServerProxy.servers = {{'web': {{'command': {COMMAND!r}}}, 'new': {{'command': {COMMAND!r}, 'new_browser_window': True}}}}\n"
+    )
+    with client(proxy) as http:
+        result = http.post("server-proxy/api/reload")
+        assert result.status_code == 200, result.text
+        assert result.json()["added"] == ["new"] and result.json()["unchanged"] == ["web"]
+        assert http.get("new/").status_code == 200
+        wait_until(lambda: "server 'new': unknown option 'new_browser_window'" in proxy.output())
+        # With strict_config in the file, the same file is refused and nothing changes.
+        config.write_text("c.ServerProxy.strict_config = True\n" + config.read_text())
+        refused = http.post("server-proxy/api/reload")
+        assert refused.status_code == 400
+        assert refused.json()["message"] == (
+            "Reload failed, nothing changed: config error: server 'new': unknown option 'new_browser_window' "
+            f"(did you mean 'new_browser_tab'?) in config file {config}"
+        )
+        assert http.get("new/").status_code == 200
+    assert proxy.stop() == 0
