@@ -11,7 +11,10 @@ say how a browser may log in (``login_url``), and take its own credentials out o
 relayed (``strip_credentials``), so backends never see trioproxy's token or cookie.
 
 Secrets must not leak through logs or error pages either: :func:`mask_secrets` blanks them
-out of any text, and :class:`MaskingFormatter` applies it to every log line.
+out of any text, and :class:`MaskingFormatter` applies it to every log line. A server's
+command line and environment are shown through :func:`mask_argv` and
+:func:`mask_environment`, and the secrets found in them are learned (:func:`learn_secrets`)
+so that later lines (the server printing its own password) are masked too.
 """
 
 from __future__ import annotations
