@@ -294,9 +294,14 @@ _SECRET_VARIABLE = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|PASSWORD|PASSWD|SECR
 # credential of an Authorization header, and the value of a secret-looking option on a
 # command line (--token-password X, --password=X), wherever they appear in a line.
 _SECRET_PATTERNS = (
-    re.compile(r"(?i)(\b[\w-]*token=)[^&\s#\"'<>;,]+"),
+    # Anchored where a run of name characters starts (not at every \b inside it), so that a
+    # long line is scanned once rather than once per word in it.
+    re.compile(r"(?i)((?<![\w-])[\w-]*token=)[^&\s#\"'<>;,]+"),
     re.compile(r"(?i)(\bauthorization\b[\"']?\s*[:=,]\s*[\"']?(?:token|bearer|basic)\s+)[^\s\"'<>,;]+"),
-    re.compile(r"(?i)((?<![\w-])--?[\w.-]*(?:token|password|passwd|secret)[\w.-]*(?:=|\s+))(?!-)[^\s\"'<>,;&]+"),
+    re.compile(
+        r"(?i)((?<![\w-])--?(?:[^\W_]+[-_.])*(?:token|password|passwd|secret|api[-_]?key)(?:[-_.][^\W_]+)*(?:=|[ \t]+))"
+        r"(?!-)[^\s\"'<>,;&]+"
+    ),
 )
 # Secret values seen on the command lines and in the environments of started servers
 # (process-wide, as logging is): a server that prints its own password is masked too.
