@@ -207,3 +207,12 @@ def test_masking_a_long_line_takes_one_pass(line: str) -> None:
     masked = mask_secrets(line)
     assert time.monotonic() - started < 5
     assert ("abc" not in masked) if line.endswith("token=abc") else masked == line
+
+
+def test_learned_secrets_are_bounded_and_the_latest_kept() -> None:
+    from trioproxy.auth import MAX_LEARNED
+
+    learn_secrets([f"rotating-token-{index:05d}" for index in range(MAX_LEARNED + 10)])
+    latest = f"rotating-token-{MAX_LEARNED + 9:05d}"
+    assert mask_secrets(f"value {latest}") == f"value {MASK}"
+    assert mask_secrets("value rotating-token-00000") == "value rotating-token-00000"  # the oldest, forgotten

@@ -304,8 +304,11 @@ _SECRET_PATTERNS = (
     ),
 )
 # Secret values seen on the command lines and in the environments of started servers
-# (process-wide, as logging is): a server that prints its own password is masked too.
-_learned: set[str] = set()
+# (process-wide, as logging is): a server that prints its own password is masked too. The
+# latest MAX_LEARNED are kept (a server given a new token at each start must not make every
+# log line slower for ever), in the order learned (a dict as an ordered set).
+MAX_LEARNED = 256
+_learned: dict[str, None] = {}
 
 
 def mask_secrets(text: str, known: Iterable[str] = ()) -> str:
@@ -353,7 +356,12 @@ def secret_values(argv: Iterable[str], environment: Mapping[str, str | None]) ->
 def learn_secrets(values: Iterable[str]) -> None:
     """Mask ``values`` wherever :func:`mask_secrets` runs from now on (every log line, every
     API answer); short ones only where a pattern finds them."""
-    _learned.update(value for value in values if len(value) >= MIN_KNOWN_SECRET)
+    for value in values:
+        if len(value) >= MIN_KNOWN_SECRET:
+            _learned.pop(value, None)
+            _learned[value] = None
+    while len(_learned) > MAX_LEARNED:
+        del _learned[next(iter(_learned))]
 
 
 def mask_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
