@@ -79,8 +79,11 @@ def test_json_config(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> Non
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("c.ServerProxy.servers = {'web': {'comand': ['x']}}", "server 'web': unknown option 'comand'"),
-        ("c.ServerProxy.servers = {'web': {'timeout': 'x'}}", "server 'web': option 'timeout'"),
+        (
+            "c.ServerProxy.strict_config = True\nc.ServerProxy.servers = {'web': {'comand': ['x']}}",
+            "server 'web': unknown option 'comand'",
+        ),
+        ("c.ServerProxy.servers = {'web': 'python3 -m http.server'}", "server 'web': expected a dict of options"),
         ("c.ServerProxy.servers = {", "cannot load"),
     ],
 )

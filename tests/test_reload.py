@@ -122,7 +122,10 @@ def test_api_reload_and_a_config_that_fails(tmp_path: Path, proxy_processes: lis
             "waiting_for_idle": [],
         }
         for content, message in [
-            ("c.ServerProxy.servers = {'one': {'comand': []}}\n", "server 'one': unknown option 'comand' (did you mean 'command'?)"),
+            (
+                "c.ServerProxy.strict_config = True\nc.ServerProxy.servers = {'one': {'comand': []}}\n",
+                "server 'one': unknown option 'comand' (did you mean 'command'?)",
+            ),
             ("c.ServerProxy.servers = {\n", "SyntaxError"),
             ("raise RuntimeError('no database')\n", "RuntimeError: no database"),
         ]:

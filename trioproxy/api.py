@@ -272,6 +272,8 @@ class Pages:
     def status(self, name: str) -> dict[str, Any]:
         supervisor = self.supervisors[name]
         info = supervisor.status()
+        if info["reason"]:  # may quote a command or environment value (a bad item, a callable's error)
+            info["reason"] = mask_secrets(info["reason"], self.auth.known_secrets())
         info["last_activity"] = _timestamp_ago(info["idle_seconds"])
         info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
         info["url"] = f"{self.public_base()}{quote(name, safe='')}/"

@@ -11,7 +11,10 @@ say how a browser may log in (``login_url``), and take its own credentials out o
 relayed (``strip_credentials``), so backends never see trioproxy's token or cookie.
 
 Secrets must not leak through logs or error pages either: :func:`mask_secrets` blanks them
-out of any text, and :class:`MaskingFormatter` applies it to every log line.
+out of any text, and :class:`MaskingFormatter` applies it to every log line. A server's
+command line and environment are shown through :func:`mask_argv` and
+:func:`mask_environment`, and the secrets found in them are learned (:func:`learn_secrets`)
+so that later lines (the server printing its own password) are masked too.
 """
 
 from __future__ import annotations
@@ -283,22 +286,116 @@ MASK = "[secret]"
 # Shorter known secrets (a "--token t" in a test) would blank ordinary words out of every
 # line; they are still masked where they appear as token=… or in an Authorization header.
 MIN_KNOWN_SECRET = 6
-# A query parameter whose name ends in "token" (token=, access_token=, api_token=) and the
-# credential of an Authorization header, wherever they appear in a line.
+# Words that make a command-line option's value a secret: --token X, --token=X,
+# --token-password X (marimo), --NotebookApp.token=X, --auth-token X, --api-key X.
+_SECRET_OPTION = re.compile(r"(?:^|[-_.])(?:token|password|passwd|secret|api[-_]?key|access[-_]?key|private[-_]?key)(?:[-_.]|$)")
+# Environment variables that hold secrets: *_TOKEN, *_PASSWORD (PGPASSWORD too), *_SECRET,
+# *_KEY (API_KEY, AWS_SECRET_ACCESS_KEY), and names with those as a word (GITHUB_TOKEN_FILE
+# is masked as well: a path shown as [secret] costs less than a token shown).
+_SECRET_VARIABLE = re.compile(r"(?:^|_)(?:[A-Z0-9]*(?:TOKEN|PASSWORD|PASSWD|SECRET)|KEY|APIKEY)(?:_|$)")
+# A query parameter whose name ends in "token" (token=, access_token=, api_token=), the
+# credential of an Authorization header, and the value of a secret-looking option on a
+# command line (--token-password X, --password=X), wherever they appear in a line.
 _SECRET_PATTERNS = (
-    re.compile(r"(?i)(\b[\w-]*token=)[^&\s#\"'<>;,]+"),
+    # Anchored where a run of name characters starts (not at every \b inside it), so that a
+    # long line is scanned once rather than once per word in it.
+    re.compile(r"(?i)((?<![\w-])[\w-]*token=)[^&\s#\"'<>;,]+"),
     re.compile(r"(?i)(\bauthorization\b[\"']?\s*[:=,]\s*[\"']?(?:token|bearer|basic)\s+)[^\s\"'<>,;]+"),
+    re.compile(
+        r"(?i)((?<![\w-])--?(?:[^\W_]+[-_.])*(?:token|password|passwd|secret|api[-_]?key)(?:[-_.][^\W_]+)*(?:=|[ \t]+))"
+        r"(?!-)[^\s\"'<>,;&]+"
+    ),
 )
+# Secret values seen on the command lines and in the environments of started servers
+# (process-wide, as logging is): a server that prints its own password is masked too. The
+# latest MAX_LEARNED are kept (a server given a new token at each start must not make every
+# log line slower for ever), in the order learned (a dict as an ordered set).
+MAX_LEARNED = 256
+_learned: dict[str, None] = {}
 
 
 def mask_secrets(text: str, known: Iterable[str] = ()) -> str:
-    """``text`` with token-like parameters, Authorization credentials and ``known`` blanked."""
-    for secret in known:
+    """``text`` with token-like parameters, Authorization credentials, secret-looking
+    command-line options, ``known`` and the learned secrets (:func:`learn_secrets`) blanked."""
+    for secret in (*known, *_learned):
         if len(secret) >= MIN_KNOWN_SECRET:
             text = text.replace(secret, MASK)
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda match: match.group(1) + MASK, text)
     return text
+
+
+def secret_option(arg: str) -> bool:
+    """Whether ``arg`` is a command-line option whose value is a secret (``--token``,
+    ``--password=…``, ``--token-password``); ``--no-token`` is not."""
+    if not arg.startswith("-"):
+        return False
+    name = arg.lstrip("-").split("=", 1)[0].lower()
+    return not name.startswith(("no-", "no_")) and _SECRET_OPTION.search(name) is not None
+
+
+def secret_variable(name: str) -> bool:
+    """Whether the environment variable ``name`` holds a secret (``*_TOKEN``, ``*_PASSWORD``,
+    ``PGPASSWORD``, ``*_SECRET``, ``*_KEY``)."""
+    return _SECRET_VARIABLE.search(name.upper()) is not None
+
+
+def secret_values(argv: Iterable[str], environment: Mapping[str, str | None]) -> list[str]:
+    """The values in a command line and an environment that :func:`mask_argv` and
+    :func:`mask_environment` would mask."""
+    found: list[str] = []
+    items = list(argv)
+    for index, item in enumerate(items):
+        if not secret_option(item):
+            continue
+        if "=" in item:
+            found.append(item.split("=", 1)[1])
+        elif index + 1 < len(items) and not items[index + 1].startswith("-"):
+            found.append(items[index + 1])
+    found.extend(value for name, value in environment.items() if value and secret_variable(name))
+    return [value for value in found if value]
+
+
+def learn_secrets(values: Iterable[str]) -> None:
+    """Mask ``values`` wherever :func:`mask_secrets` runs from now on (every log line, every
+    API answer); short ones only where a pattern finds them."""
+    for value in values:
+        if len(value) >= MIN_KNOWN_SECRET:
+            _learned.pop(value, None)
+            _learned[value] = None
+    while len(_learned) > MAX_LEARNED:
+        del _learned[next(iter(_learned))]
+
+
+def mask_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
+    """A command line fit to log or show: values of secret-looking options, and anything
+    :func:`mask_secrets` finds, replaced by ``[secret]``."""
+    known = list(known)
+    masked: list[str] = []
+    mask_next = False
+    for item in argv:
+        if mask_next and not item.startswith("-"):
+            masked.append(MASK)
+            mask_next = False
+            continue
+        mask_next = False
+        if secret_option(item):
+            name, equals, value = item.partition("=")
+            if equals:
+                masked.append(f"{name}={MASK}" if value else item)
+                continue
+            mask_next = True
+        masked.append(mask_secrets(item, known))
+    return masked
+
+
+def mask_environment(environment: Mapping[str, str | None], known: Iterable[str] = ()) -> dict[str, str | None]:
+    """An environment fit to log or show: secret-looking variables' values replaced."""
+    known = list(known)
+    return {
+        name: value if value is None else (MASK if value and secret_variable(name) else mask_secrets(value, known))
+        for name, value in environment.items()
+    }
 
 
 class MaskingFormatter(logging.Formatter):

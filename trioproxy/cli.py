@@ -174,6 +174,11 @@ class TrioProxy(Application):
             "Write trioproxy_config.py in the current directory and exit.",
         ),
         "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log everything."),
+        "strict-config": (
+            {"ServerProxy": {"strict_config": True}},
+            "Refuse unknown server and launcher_entry options, and servers with nothing to start or "
+            "reach, instead of warning and leaving them out (ServerProxy.strict_config).",
+        ),
     }
 
     @default("log_level")
@@ -351,15 +356,25 @@ def _check_origin_pattern(pattern: str) -> None:
 ROOT_SERVER = "app"  # standalone mode's server, at the root of the base URL
 
 
+def _config_source(app: TrioProxy) -> str:
+    """Where ``c.ServerProxy.servers`` came from, as messages name it."""
+    if app.config_file:
+        return f"config file {os.path.abspath(app.config_file)}"
+    files = [path for path, error in app.loaded_jupyter_configs if error is None]
+    if files:
+        return "the Jupyter config " + ", ".join(files)
+    return "the configuration"
+
+
 def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
     """Every server to run: configured, from entry points, standalone, or the default one."""
-    servers = collect_servers(proxy)
+    servers = collect_servers(proxy, source=_config_source(app))
     if app.extra_args:
         return {
             ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
             **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
-    if not servers:
+    if not servers and not proxy.servers:  # not when every configured one was left out
         servers[DEFAULT_SERVER] = make_server_process(
             DEFAULT_SERVER,
             {

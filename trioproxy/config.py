@@ -4,6 +4,14 @@
 jupyter-server-proxy's ``ServerProcess``; trioproxy's own options (restart policy, readiness,
 stopping, idling) sit beside them. Servers registered by installed packages under the
 ``jupyter_serverproxy_servers`` entry point group are added to those from the config.
+
+Loading is tolerant, reporting strict, as in jupyter-server-proxy: an unknown key (a server
+option, or a ``launcher_entry`` one) is a warning naming the server, the key, where it came
+from and the option it may be a typo of, and the server loads without it;
+``ServerProxy.strict_config`` (``--strict-config``) makes it an error instead. A value that
+cannot work (of the wrong type, a negative timeout...) fails that one server with the reason.
+Among entry points registering one name, the first found is served, as there; a server with
+nothing to start or reach (no command, port or unix socket path) gets no route.
 """
 
 from __future__ import annotations
@@ -51,9 +59,9 @@ class ConfigError(Exception):
 
 
 class ServerOptionError(ConfigError):
-    """One server's option has a value that cannot work (a NUL in its command, a negative
-    timeout...): that server fails, the others run. Unknown options and values of the wrong
-    type are plain ConfigErrors: the file is not what its author meant, so none of it is used."""
+    """One server's option has a value that cannot work (of the wrong type, a NUL in its
+    command, a negative timeout...): that server fails, the others run. An unknown option is
+    a warning, or with ``strict_config`` a plain ConfigError (none of that file is used)."""
 
     def __init__(self, server: str, option: str, detail: str) -> None:
         super().__init__(f"server {server!r}: option {option!r}: {detail}")
@@ -90,7 +98,21 @@ class LauncherEntry(Configurable):
 
 
 class ServerProcess(Configurable):
-    """One server: how to start it and how to relay to it."""
+    """One server: how to start it and how to relay to it.
+
+    Keyword arguments that are no option (``ServerProcess(comand=...)`` in a config file) are
+    left out, as in jupyter-server-proxy, and kept in :attr:`ignored_options` (with those of
+    ``launcher_entry``) for :func:`make_server_process` to report.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        # (where, key): where is "" for a server option, "launcher_entry" for one of those.
+        self.ignored_options: list[tuple[str, str]] = []
+        known = set(type(self).class_trait_names()) | {"parent", "config"}
+        for key in [key for key in kwargs if key not in known]:
+            del kwargs[key]
+            self.ignored_options.append(("", str(key)))
+        super().__init__(**kwargs)
 
     name = Unicode(help="Name of the server; its URL is <base_url><name>/.").tag(config=True)
 
@@ -227,10 +249,13 @@ class ServerProcess(Configurable):
         value = proposal["value"]
         if isinstance(value, LauncherEntry):
             return value
-        unknown = sorted(set(value) - set(LauncherEntry.class_trait_names()) - {"config", "parent", "log"})
-        if unknown:
-            raise TraitError(f"unknown launcher_entry option {unknown[0]!r}")
-        settings = {"title": self.name, "path_info": self.name + "/", **value}
+        ignored = getattr(self, "ignored_options", None)
+        if ignored is None:  # set before the traits are: not reached, but never an AttributeError
+            ignored = self.ignored_options = []
+        ignored[:] = [item for item in ignored if item[0] != "launcher_entry"]
+        known = {key: item for key, item in value.items() if key in LAUNCHER_OPTIONS}
+        ignored.extend(("launcher_entry", str(key)) for key in value if key not in LAUNCHER_OPTIONS)
+        settings = {"title": self.name, "path_info": self.name + "/", **known}
         return LauncherEntry(parent=self, **settings)
 
     # Not an option: why this server cannot run (see failed_server); None for a usable one.
@@ -287,38 +312,79 @@ class ServerProxy(Configurable):
     load_entry_points = Bool(
         True, help=f"Add servers registered under the {ENTRY_POINT_GROUP!r} entry point group."
     ).tag(config=True)
+    strict_config = Bool(
+        False,
+        help="Refuse a server option or launcher_entry option trioproxy does not know, and a server "
+        "with no command, port or unix socket path (by default: a warning, and the key or the "
+        "server is left out, as jupyter-server-proxy does). A configuration file with one is not "
+        "used at all; an entry point with one is skipped.",
+    ).tag(config=True)
 
 
 SERVER_OPTIONS = frozenset(ServerProcess.class_trait_names(config=True)) - {"name"}
+LAUNCHER_OPTIONS = frozenset(LauncherEntry.class_trait_names(config=True))
+CONFIGURATION = "the configuration"
 
 
-def make_server_process(name: str, settings: Any, parent: Configurable | None = None) -> ServerProcess:
-    """Build and validate one server's settings; raise ConfigError with one clear line
-    (ServerOptionError for a value that cannot work, see :func:`load_server`)."""
+def make_server_process(
+    name: str,
+    settings: Any,
+    parent: Configurable | None = None,
+    *,
+    strict: bool = False,
+    source: str = CONFIGURATION,
+) -> ServerProcess:
+    """Build and validate one server's settings (``source`` says where they came from, for
+    messages). An unknown key is logged and left out, or with ``strict`` a ConfigError; a
+    value that cannot work is a ServerOptionError (see :func:`load_server`). Every error is
+    one line."""
     if isinstance(settings, ServerProcess):
         if not settings.name:
             settings.name = name
+        _report_ignored(name, settings.ignored_options, source, strict)
         if settings.config_error is None:
             _check_values(settings)
         return settings
     if not isinstance(settings, dict):
         raise ConfigError(
             f"server {name!r}: expected a dict of options or a ServerProcess, "
-            f"got {type(settings).__name__}"
+            f"got {type(settings).__name__} (in {source})"
         )
-    for option in settings:
-        if option not in SERVER_OPTIONS:
-            hint = difflib.get_close_matches(str(option), sorted(SERVER_OPTIONS), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"server {name!r}: unknown option {option!r}{suggestion}")
+    unknown = [("", str(option)) for option in settings if option not in SERVER_OPTIONS]
     process = ServerProcess(parent=parent, name=name)
     for option, value in settings.items():
+        if option not in SERVER_OPTIONS:
+            continue
         try:
             setattr(process, option, value)
         except TraitError as exc:
-            raise ConfigError(f"server {name!r}: option {option!r}: {_short(exc)}") from None
+            raise ServerOptionError(name, option, _short(_masked(exc, value))) from None
+    _report_ignored(name, unknown + process.ignored_options, source, strict)
     _check_values(process)
     return process
+
+
+def unknown_key_message(name: str, where: str, key: str) -> str:
+    """``server 'x': unknown option 'comand' (did you mean 'command'?)``: what is unknown,
+    and what may have been meant."""
+    own, other = (LAUNCHER_OPTIONS, SERVER_OPTIONS) if where else (SERVER_OPTIONS, LAUNCHER_OPTIONS)
+    label = f"{where} option" if where else "option"
+    hint = difflib.get_close_matches(key, sorted(own), n=1)
+    if hint:
+        suggestion = f" (did you mean {hint[0]!r}?)"
+    elif key in other:
+        suggestion = " (a launcher_entry option, not a server option)" if not where else " (a server option, not a launcher_entry one)"
+    else:
+        suggestion = ""
+    return f"server {name!r}: unknown {label} {key!r}{suggestion}"
+
+
+def _report_ignored(name: str, ignored: list[tuple[str, str]], source: str, strict: bool) -> None:
+    for where, key in ignored:
+        message = f"{unknown_key_message(name, where, key)} in {source}"
+        if strict:
+            raise ConfigError(message)
+        log.warning("%s; ignored, the server loads without it (--strict-config makes this an error)", message)
 
 
 def _check_values(process: ServerProcess) -> None:
@@ -338,59 +404,125 @@ def failed_server(name: str, reason: str) -> ServerProcess:
     return process
 
 
-def load_server(name: str, settings: Any, parent: Configurable | None = None) -> ServerProcess:
+def load_server(
+    name: str,
+    settings: Any,
+    parent: Configurable | None = None,
+    *,
+    strict: bool = False,
+    source: str = CONFIGURATION,
+) -> ServerProcess:
     """:func:`make_server_process`, but a value that cannot work fails that server alone
     (logged; a :func:`failed_server` takes its place). Other ConfigErrors are raised."""
     try:
-        return make_server_process(name, settings, parent=parent)
+        return make_server_process(name, settings, parent=parent, strict=strict, source=source)
     except ServerOptionError as exc:
-        log.error("%s; this server will not start, the others will", exc)
+        log.error("%s (in %s); this server will not start, the others will", exc, source)
         return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
 
 
-def _short(exc: TraitError) -> str:
-    text = " ".join(str(exc).split())
+def _masked(exc: TraitError, value: Any) -> str:
+    """The error's text without the secrets its value may show (traitlets quotes the whole
+    value: an ``environment`` holding a token of the wrong type, a ``command`` with a password)."""
+    from .auth import MASK, secret_values, secret_variable
+
+    text = str(exc)
+    hidden: list[Any] = []
+    if isinstance(value, dict):
+        hidden = [item for key, item in value.items() if secret_variable(str(key)) and item not in (None, "")]
+    elif isinstance(value, (list, tuple)):
+        hidden = list(secret_values([str(item) for item in value], {}))
+    for item in hidden:
+        text = text.replace(repr(item), repr(MASK)).replace(str(item), MASK)
+    return text
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def load_entry_point_servers() -> dict[str, Any]:
-    """Server settings from installed packages; one that fails is logged and skipped."""
-    found: dict[str, Any] = {}
+@dataclass(frozen=True)
+class EntryPointServer:
+    """A server's settings as an installed package's entry point gave them."""
+
+    settings: Any
+    source: str  # "entry point 'name = module:function' of distribution 1.0"
+    distribution: str
+
+
+def _distribution(entry: Any) -> str:
+    dist = getattr(entry, "dist", None)
+    if dist is None:
+        return "an unknown distribution"
+    return f"{dist.name} {dist.version}"
+
+
+def load_entry_point_servers() -> dict[str, EntryPointServer]:
+    """Server settings from installed packages; one that fails is logged and skipped.
+
+    Entry points come in ``importlib.metadata``'s order (``sys.path``'s); when two register
+    one name, the first is used and the other named in a warning, as jupyter-server-proxy
+    (which lists both, and routes to the first) serves the first.
+    """
+    found: dict[str, EntryPointServer] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
+        distribution = _distribution(entry)
+        source = f"entry point '{entry.name} = {entry.value}' of {distribution}"
+        if entry.name in found:
+            first = found[entry.name]
+            log.warning(
+                "server %r is registered by two packages: %s and %s; serving the one of %s (found "
+                "first, as jupyter-server-proxy does), not the one of %s",
+                entry.name,
+                first.source,
+                source,
+                first.distribution,
+                distribution,
+            )
+            continue
         try:
             setup = entry.load()
             settings = setup()
         except Exception as exc:  # a broken package must not stop the others
-            log.error(
-                "skipping server %r from entry point %r: %s: %s",
-                entry.name,
-                entry.value,
-                type(exc).__name__,
-                exc,
-            )
+            log.error("skipping server %r from %s: %s: %s", entry.name, source, type(exc).__name__, exc)
             continue
-        found[entry.name] = settings
+        found[entry.name] = EntryPointServer(settings, source, distribution)
     return found
 
 
-def collect_servers(proxy: ServerProxy) -> dict[str, ServerProcess]:
-    """All servers: those from entry points, then those from the config (which win)."""
-    merged: dict[str, Any] = {}
-    entry_point_names: set[str] = set()
-    if proxy.load_entry_points:
-        merged.update(load_entry_point_servers())
-        entry_point_names = set(merged)
-    merged.update(proxy.servers)
+def has_route(process: ServerProcess) -> bool:
+    """Whether there is anything to start or reach, as jupyter-server-proxy decides it: a
+    command, else a port or a unix socket path."""
+    return bool(process.command) or bool(process.port) or isinstance(process.unix_socket, str)
+
+
+def collect_servers(proxy: ServerProxy, *, source: str = CONFIGURATION) -> dict[str, ServerProcess]:
+    """All servers: those from entry points, then those from the config (which win);
+    ``source`` names the config for messages."""
+    from_entry_points = load_entry_point_servers() if proxy.load_entry_points else {}
+    strict = proxy.strict_config
     servers: dict[str, ServerProcess] = {}
-    for name, settings in merged.items():
-        check_server_name(name)
+    for name, entry in from_entry_points.items():
+        if name in proxy.servers:
+            log.info("server %r: the configuration's replaces the one from %s", name, entry.source)
+            continue
         try:
-            servers[name] = load_server(name, settings, parent=proxy)
+            check_server_name(name)
+            servers[name] = load_server(name, entry.settings, parent=proxy, strict=strict, source=entry.source)
         except ConfigError as exc:
-            if name in entry_point_names and name not in proxy.servers:
-                log.error("skipping server %r from an entry point: %s", name, exc)
-                continue
-            raise
+            log.error("skipping server %r from %s: %s", name, entry.source, exc)
+    for name, settings in proxy.servers.items():
+        check_server_name(name)
+        servers[name] = load_server(name, settings, parent=proxy, strict=strict, source=source)
+    for name in list(servers):
+        if servers[name].config_error is None and not has_route(servers[name]):
+            where = from_entry_points[name].source if name in from_entry_points and name not in proxy.servers else source
+            message = f"server {name!r} in {where} has no command, port or unix_socket path: nothing to start or reach"
+            if strict and where == source:
+                raise ConfigError(message)
+            log.warning("%s; it gets no route (404), as in jupyter-server-proxy", message)
+            del servers[name]
     return servers
 
 

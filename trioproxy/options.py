@@ -111,11 +111,13 @@ def check_argv(argv: Iterable[Any], option: str = "command") -> None:
 
 
 def check_environment(environment: Mapping[Any, Any], option: str = "environment") -> None:
+    """Names and values the OS takes; a None value (the variable left unset) is fine."""
     for name, value in environment.items():
         check_os_string(option, "the name", name)
         if not name or "=" in name:
             raise OptionError(option, f"the name {name!r} is empty or contains '=', which no variable name can")
-        check_os_string(option, f"the value of {name}", value)
+        if value is not None:
+            check_os_string(option, f"the value of {name}", value)
 
 
 def check_duration(option: str, value: Any, *, zero: bool = True) -> None:

@@ -23,7 +23,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
@@ -72,6 +72,8 @@ class ChildSpec:
     env: Mapping[str, str]
     cwd: str | None = None
     stop_timeout: float = 5.0
+    # What the server's ``environment`` added to trioproxy's (None: unset), for the log.
+    added_env: Mapping[str, str | None] = field(default_factory=dict)
 
 
 def _signal_group(pgid: int, signum: int) -> bool:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import trio
 
 from .addresses import ServerAddress
+from .auth import learn_secrets, mask_argv, mask_environment, secret_values
 from .backend import Backend, BackendClient, ClientOptions
 from .config import ServerProcess, failed_server
 from .errors import sole_exception
@@ -34,7 +35,7 @@ from .histogram import Histogram
 from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
-from .templating import TemplateError, expand_dict, expand_list
+from .templating import TemplateError, expand_environment, expand_list
 
 # How long a request whose backend broke off waits to see whether its process exited.
 EXIT_GRACE = 0.5
@@ -526,20 +527,25 @@ class ServerSupervisor:
             raise _StartFailed(f"cannot pick a port: {why}") from None
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
-        extra_env = _expanded("environment", expand_dict, self.process.environment, variables)
+        extra_env = _expanded("environment", expand_environment, self.process.environment, variables)
         if not argv:
             raise _StartFailed("the command is empty")
+        # Before the checks, whose messages may quote a value: masked there too.
+        learn_secrets(secret_values(argv, extra_env))
         try:
             check_argv(argv)
             check_environment(extra_env)
         except OptionError as exc:
             raise _StartFailed(str(exc)) from None
+        env = {**os.environ, **extra_env}
         return ChildSpec(
             name=self.name,
             argv=argv,
-            env={**os.environ, **extra_env},
+            # None: leave the variable unset (also one trioproxy itself has).
+            env={name: value for name, value in env.items() if value is not None},
             cwd=self.process.cwd,
             stop_timeout=self.process.stop_timeout,
+            added_env=extra_env,
         )
 
     async def _run_once(self) -> tuple[int, bool, bool, str | None]:
@@ -571,7 +577,13 @@ class ServerSupervisor:
                     else:
                         self.pid = child.pid
                         self.starts += 1
-                        self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(spec.argv))
+                        self.log.info("%s: started pid %d: %s", self.name, child.pid, " ".join(mask_argv(spec.argv)))
+                        if spec.added_env:
+                            self.log.debug(
+                                "%s: environment added: %s",
+                                self.name,
+                                " ".join(f"{k}={v}" if v is not None else f"-{k}" for k, v in mask_environment(spec.added_env).items()),
+                            )
                         readiness = trio.CancelScope()
                         nursery.start_soon(
                             self._become_ready, readiness, child.pid, started_at, not_ready, unhealthy

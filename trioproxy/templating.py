@@ -59,3 +59,13 @@ def expand_dict(value: Any, variables: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise TemplateError(f"expected a dict of strings, got {type(value).__name__}")
     return {str(key): expand(str(item), variables) for key, item in value.items()}
+
+
+def expand_environment(value: Any, variables: Mapping[str, Any]) -> dict[str, str | None]:
+    """:func:`expand_dict` for an ``environment``, where a None value stays None: the variable
+    is left unset (jupyter-pgadmin-proxy's callable returns ``os.environ.get("PGHOST")``)."""
+    if callable(value):
+        value = call_with_asked_args(value, variables)
+    if not isinstance(value, Mapping):
+        raise TemplateError(f"expected a dict of strings, got {type(value).__name__}")
+    return {str(key): None if item is None else expand(str(item), variables) for key, item in value.items()}
