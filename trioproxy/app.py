@@ -290,7 +290,7 @@ class Dispatcher:
                 on_activity=admission.on_activity,
             )
             try:
-                # The relay connects itself; its connection counts against max_connections.
+                # The relay connects itself; its connection counts against max_websockets.
                 async with client.reserved():
                     await relay_websocket(scope, receive, send, target)
             except BackendError as exc:  # from reserved(): no room within connect_timeout

@@ -225,7 +225,10 @@ class ServerProcess(Configurable):
         help="Seconds from the end of a request to the server's response head (504 after).",
     ).tag(config=True)
     max_connections = Int(
-        100, help="Connections open to the server at once; more requests wait for one."
+        100, help="HTTP connections open to the server at once; more requests wait for one."
+    ).tag(config=True)
+    max_websockets = Int(
+        1000, help="WebSocket connections open to the server at once; more wait for one to close."
     ).tag(config=True)
     pool_idle_timeout = Float(
         30.0, help="Seconds an idle keep-alive connection to the server is kept."

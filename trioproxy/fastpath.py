@@ -5,7 +5,7 @@ WebSocket upgrade to :class:`WebSocketFastPath`. It is a transport, not a dispat
 ``<name>/…`` and ``proxy/…`` it asks :class:`~trioproxy.admission.Gate` (the pipeline the
 ASGI dispatcher calls too) to admit the request, renders a refusal as an HTTP response, and
 otherwise takes a connection to the backend from its client (counted against
-``max_connections``), sends the upgrade, returns the backend's answer to the client as it
+``max_websockets``), sends the upgrade, returns the backend's answer to the client as it
 came (its ``101`` head byte for byte, or its refusal), and tunnels bytes
 (:mod:`trioproxy.relay.tunnel`). Extensions, subprotocols, close codes and pings are then the
 two ends' business: trioproxy neither compresses nor answers pings. A client that leaves

@@ -171,6 +171,7 @@ def check_server(process: Any) -> None:
         check_duration(option, getattr(process, option))
     check_count("port", process.port, least=0, most=65535)
     check_count("max_connections", process.max_connections, least=1)
+    check_count("max_websockets", process.max_websockets, least=1)
     check_count("max_failures", process.max_failures, least=0)
     health = process.health
     if health is not None:

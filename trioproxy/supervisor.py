@@ -161,6 +161,7 @@ class ServerSupervisor:
             connect_timeout=process.connect_timeout,
             response_timeout=process.response_timeout,
             max_connections=process.max_connections,
+            max_websockets=process.max_websockets,
             pool_idle_timeout=process.pool_idle_timeout,
         )
         self.address = ServerAddress(process.port, process.unix_socket)
