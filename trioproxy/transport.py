@@ -251,7 +251,9 @@ class Connection(TCPServer):
 
     async def _close(self) -> None:
         # TCPServer._close, which sent EOF while another task could be sending (the sending
-        # task then failed with BusyResourceError); closing alone ends such a send.
+        # task then failed with BusyResourceError); closing alone ends such a send. The close
+        # itself must happen even when the EOF is cancelled (it is a checkpoint): a response to
+        # `Connection: close` from one of Quart's pages left the connection open otherwise.
         try:
             self.send_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -263,6 +265,8 @@ class Connection(TCPServer):
                 pass  # gone already, or TLS (no EOF of its own)
             finally:
                 self.send_lock.release()
+                await self.stream.aclose()  # trio closes the socket even if this is cancelled
+            return
         await self.stream.aclose()
 
     def protocol_send(self, event: Any) -> Coroutine[Any, Any, None]:
