@@ -91,8 +91,8 @@ def test_packages_servers_are_listed_and_the_broken_one_reported(proxy: Proxy) -
     assert entries["panel"]["launcher_entry"]["icon_url"] == "/server-proxy/icon/panel"
     log = proxy.service.log()
     assert (
-        "skipping server 'datasette' from entry point 'jupyter_datasette_proxy:setup_datasette': "
-        "ModuleNotFoundError: No module named 'jupyter_datasette_proxy'"
+        "skipping server 'datasette' from entry point 'datasette = jupyter_datasette_proxy:setup_datasette' "
+        "of jupyter-datasette-proxy 1.1: ModuleNotFoundError: No module named 'jupyter_datasette_proxy'"
     ) in log
     with proxy.client() as client:
         icon = client.get("server-proxy/icon/panel")
