@@ -28,6 +28,7 @@ this module overrides or calls.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Coroutine
@@ -206,31 +207,32 @@ class Connection(TCPServer):
 
     async def run(self) -> None:
         # TCPServer.run, with Protocols instead of Hypercorn's ProtocolWrapper.
-        stream: Any = self.stream
         try:
-            if isinstance(stream, trio.SSLStream) or hasattr(stream, "selected_alpn_protocol"):
-                try:
-                    with trio.fail_after(self.config.ssl_handshake_timeout):
-                        await stream.do_handshake()  # done already when the listener peeked
-                except (trio.BrokenResourceError, trio.TooSlowError):
-                    return
-                alpn, sock, tls = stream.selected_alpn_protocol(), stream.transport_stream.socket, True
-            else:
-                alpn, sock, tls = "http/1.1", stream.socket, False
-            client, server = addresses(sock)
-            async with TaskGroup() as task_group:
-                self._task_group = task_group
-                self.protocol = cast(Any, Protocols(
-                    self.app, self.config, self.context, task_group, ConnectionState(self.state),
-                    tls, client, server, self.protocol_send, alpn,
-                ))  # fmt: skip
-                await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
-                await self._read_data()
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # the client's socket failed: the connection ends
+                await self._serve(self.stream)
         finally:
             await self._close()
+
+    async def _serve(self, stream: Any) -> None:
+        if isinstance(stream, trio.SSLStream) or hasattr(stream, "selected_alpn_protocol"):
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await stream.do_handshake()  # done already when the listener peeked
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return
+            alpn, sock, tls = stream.selected_alpn_protocol(), stream.transport_stream.socket, True
+        else:
+            alpn, sock, tls = "http/1.1", stream.socket, False
+        client, server = addresses(sock)
+        async with TaskGroup() as task_group:
+            self._task_group = task_group
+            self.protocol = cast(Any, Protocols(
+                self.app, self.config, self.context, task_group, ConnectionState(self.state),
+                tls, client, server, self.protocol_send, alpn,
+            ))  # fmt: skip
+            await self.protocol.initiate()
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
+            await self._read_data()
 
     async def _read_data(self) -> None:
         # TCPServer._read_data with larger reads: each read becomes one body message through
@@ -254,20 +256,18 @@ class Connection(TCPServer):
         # task then failed with BusyResourceError); closing alone ends such a send. The close
         # itself must happen even when the EOF is cancelled (it is a checkpoint): a response to
         # `Connection: close` from one of Quart's pages left the connection open otherwise.
-        try:
-            self.send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            pass
-        else:
-            try:
-                await self.stream.send_eof()
-            except (trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError):
-                pass  # gone already, or TLS (no EOF of its own)
-            finally:
-                self.send_lock.release()
-                await self.stream.aclose()  # trio closes the socket even if this is cancelled
+        if self.send_lock.locked():  # another task is sending
+            await self.stream.aclose()
             return
-        await self.stream.aclose()
+        self.send_lock.acquire_nowait()
+        try:
+            with contextlib.suppress(
+                trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError
+            ):  # gone already, or TLS (no EOF of its own)
+                await self.stream.send_eof()
+        finally:
+            self.send_lock.release()
+            await self.stream.aclose()  # trio closes the socket even if this is cancelled
 
     def protocol_send(self, event: Any) -> Coroutine[Any, Any, None]:
         # A response that ends after the client left would start the timer again.
@@ -627,10 +627,8 @@ class H2(H2Protocol):
         buffer = self.stream_buffers.pop(stream_id, None)
         if buffer is not None:
             await buffer.close()
-        try:
+        with contextlib.suppress(priority.MissingStreamError):
             self.priority.remove_stream(stream_id)
-        except priority.MissingStreamError:
-            pass
         await self.has_data.set()
 
 
