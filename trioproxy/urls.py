@@ -9,13 +9,15 @@ otherwise (it sees Host headers, not the address users type, which differs behin
 proxies), so then it is the base URL path alone, which browsers resolve against the page's
 own origin.
 
-Every child gets them in its environment (:func:`child_environment`); ``{public_prefix}`` is a
-template variable; ``GET server-proxy/api/url?port=N`` answers the same for a local port
+Every child gets them in its environment (:func:`child_environment`), with where trioproxy's
+runtime file is (its local URL and token, for a library that asks the API); ``{public_prefix}``
+is a template variable; ``GET server-proxy/api/url?port=N`` answers the same for a local port
 (:func:`url_for_port`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ from .paths import server_path
 PREFIX_VARIABLE = "TRIOPROXY_PUBLIC_PREFIX"
 SERVER_URL_VARIABLE = "TRIOPROXY_PUBLIC_URL"
 BASE_URL_VARIABLE = "TRIOPROXY_URL"
+RUNTIME_FILE_VARIABLE = "TRIOPROXY_RUNTIME_FILE"
 
 
 def public_prefix(base_url: str, process: Any) -> str:
@@ -41,13 +44,19 @@ def absolute(public_url: str, base_url: str, path: str) -> str:
     return public_url.rstrip("/") + "/" + path[len(base_url) :]
 
 
-def child_environment(base_url: str, public_url: str, process: Any) -> dict[str, str]:
-    """The variables every child gets (its own ``environment`` may override them)."""
+def child_environment(base_url: str, public_url: str, process: Any, runtime_file: str | None = None) -> dict[str, str]:
+    """The variables every child gets (its own ``environment`` may override them).
+    ``runtime_file``: by default this process's (:func:`trioproxy.runtime.file_of`)."""
+    if runtime_file is None:
+        from .runtime import file_of
+
+        runtime_file = str(file_of(os.getpid()))
     prefix = public_prefix(base_url, process)
     return {
         PREFIX_VARIABLE: prefix,
         SERVER_URL_VARIABLE: absolute(public_url, base_url, prefix),
         BASE_URL_VARIABLE: absolute(public_url, base_url, base_url),
+        RUNTIME_FILE_VARIABLE: runtime_file,
     }
 
 
