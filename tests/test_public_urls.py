@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -368,38 +366,11 @@ async def test_without_proxy_to_localhost_only_servers_ports_map(nursery: trio.N
         assert "host_allowlist" in refused.json()["message"]
 
 
-KERNEL = textwrap.dedent(
-    """
-    # What a library in a kernel does: find trioproxy's runtime file, ask where a port is.
-    import http.server, json, os, sys, urllib.request
-    port = int(sys.argv[1])
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            with open(os.environ["TRIOPROXY_RUNTIME_FILE"]) as f:
-                runtime = json.load(f)
-            ask = urllib.request.Request(
-                runtime["url"] + "server-proxy/api/url?port=" + str(port),
-                headers={"Authorization": "token " + runtime["token"]},
-            )
-            body = urllib.request.urlopen(ask, timeout=20).read()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def log_message(self, *args):
-            pass
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
-    """
-)
-
-
 def test_a_child_asks_where_its_port_is(tmp_path: Path, proxy_processes: list[ProxyProcess]) -> None:
-    script = tmp_path / "kernel.py"
-    script.write_text(KERNEL)
     config = tmp_path / "config.py"
-    write(config, {"kernel": {"command": [sys.executable, str(script), "{port}"], "path": "k/1"}})
+    write(config, {"kernel": {"command": [PY, str(BACKENDS / "asks_url.py"), "{port}"], "path": "k/1"}})
     proxy = launch_trioproxy(["--port", "0", "--token", TOKEN, "--config", str(config), "--base-url", "/b/"])
     proxy_processes.append(proxy)
     with api(proxy) as client:
-        answer = client.get("k/1/").json()
-    assert (answer["server"], answer["url"]) == ("kernel", "/b/k/1/")
+        seen = client.get("k/1/").json()
+    assert (seen["answer"]["server"], seen["answer"]["url"], seen["prefix"]) == ("kernel", "/b/k/1/", "/b/k/1/")

@@ -389,10 +389,10 @@ def unknown_key_message(name: str, where: str, key: str) -> str:
     own, other = (LAUNCHER_OPTIONS, SERVER_OPTIONS) if where else (SERVER_OPTIONS, LAUNCHER_OPTIONS)
     label = f"{where} option" if where else "option"
     hint = difflib.get_close_matches(key, sorted(own), n=1)
-    if hint:
-        suggestion = f" (did you mean {hint[0]!r}?)"
-    elif key in other:
+    if key in other:  # before a near miss: 'path_info' is launcher_entry's, not a typo of 'path'
         suggestion = " (a launcher_entry option, not a server option)" if not where else " (a server option, not a launcher_entry one)"
+    elif hint:
+        suggestion = f" (did you mean {hint[0]!r}?)"
     else:
         suggestion = ""
     return f"server {name!r}: unknown {label} {key!r}{suggestion}"
