@@ -28,6 +28,7 @@ from .conftest import (
     free_port,
     launch_trioproxy,
     start_proxy,
+    wait_for,
 )
 from .test_security import get, port_of, raw_request, ws_refusal, ws_url
 from .test_websocket import open_ws, ws_echo_command
@@ -374,3 +375,56 @@ def test_a_child_asks_where_its_port_is(tmp_path: Path, proxy_processes: list[Pr
     with api(proxy) as client:
         seen = client.get("k/1/").json()
     assert (seen["answer"]["server"], seen["answer"]["url"], seen["prefix"]) == ("kernel", "/b/k/1/", "/b/k/1/")
+
+
+def test_under_jupyterhub_the_hubs_public_url_is_trioproxys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trioproxy.cli import build
+
+    from .fakehub import FakeHub
+    from .test_hub import configured_app, hub_environ, use_environ
+
+    environ = hub_environ(FakeHub(url="http://127.0.0.1:9"), 4567)
+    use_environ(monkeypatch, {**environ, "JUPYTERHUB_PUBLIC_URL": "https://hub.example.org/user/alice/"})
+    _, supervisors, _ = build(configured_app(tmp_path))
+    assert supervisors.public_url == "https://hub.example.org/user/alice/"
+    _, supervisors, _ = build(configured_app(tmp_path, ["--public-url", "https://mine.example.org/a/"]))
+    assert supervisors.public_url == "https://mine.example.org/a/"  # the option wins
+    use_environ(monkeypatch, environ)
+    _, supervisors, _ = build(configured_app(tmp_path))
+    assert supervisors.public_url == ""  # unknown: the variables hold paths
+
+
+async def test_a_server_with_a_bad_option_answers_503_at_its_path(nursery: trio.Nursery) -> None:
+    from trioproxy.config import load_server
+    from trioproxy.supervisor import Supervisors
+
+    servers = {
+        "slow": load_server("slow", {"command": echo_command(), "path": "tools/slow", "aliases": ["old"], "timeout": -1}),
+        "badpath": load_server("badpath", {"command": echo_command(), "path": "a//b", "timeout": -1}),
+    }
+    assert servers["slow"].path == "tools/slow" and servers["badpath"].path == ""
+    proxy = await start_proxy(nursery)
+    async with proxy.client() as client:
+        supervisors: Supervisors = proxy.supervisors
+        for process in servers.values():
+            await supervisors.add(process)
+        answer = await client.get("tools/slow/", headers=JSON_ACCEPT)
+        assert answer.status_code == 503 and "option 'timeout'" in answer.json()["message"]
+        assert (await client.get("old/x")).headers["location"] == "/tools/slow/x"
+        assert (await client.get("badpath/", headers=JSON_ACCEPT)).status_code == 503  # at its name
+
+
+async def test_a_crashed_supervisors_stand_in_keeps_the_path(nursery: trio.Nursery) -> None:
+    from trioproxy.health import HealthCheck
+
+    proxy = await start_proxy(nursery, {"web": {"command": echo_command(), "path": "tools/web", "aliases": ["w"]}})
+    crashing = proxy.supervisors["web"]
+    # As in test_reload_boundary: a check httpx cannot build a URL for makes the supervisor raise.
+    crashing.health_check = HealthCheck(path="/\x00", interval=0.05)
+    async with proxy.client() as client:
+        assert (await client.get("tools/web/")).status_code == 200
+        await wait_for(lambda: proxy.supervisors["web"] is not crashing, timeout=20)
+        response = await client.get("tools/web/", headers=JSON_ACCEPT)
+        assert response.status_code == 503 and "supervisor failed" in response.json()["message"]
+        assert (await client.get("w/")).headers["location"] == "/tools/web/"
+        assert (await client.get("web/", headers=JSON_ACCEPT)).status_code == 404

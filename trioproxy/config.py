@@ -48,7 +48,7 @@ from traitlets.config import Configurable
 
 from .health import HealthCheck
 from .options import OptionError, check_server
-from .paths import clash_with, find_clashes, server_path
+from .paths import check_paths, clash_with, find_clashes, server_path
 
 log = logging.getLogger("trioproxy.config")
 
@@ -416,15 +416,32 @@ def _check_values(process: ServerProcess) -> None:
         entry.path_info = server_path(process) + "/"
 
 
-def failed_server(name: str, reason: str, *, routed: bool = True) -> ServerProcess:
+def failed_server(name: str, reason: str, *, routed: bool = True, like: ServerProcess | None = None) -> ServerProcess:
     """A stand-in for a server that cannot run (``reason`` says why): it runs nothing, and
     each start (one at once, then one per request or API call) fails with the reason, so its
     URL answers 503 with it and the API lists it as failed. A reload replaces it.
-    ``routed`` false: it has no URL (its paths clash with another server's)."""
+    ``routed`` false: it has no URL (its paths clash with another server's). ``like``: the
+    server it stands in for, whose path and aliases it takes."""
     process = ServerProcess(name=name, autostart=True)
     process.command = ["(not started)"]  # never run: the supervisor sees config_error first
     process.config_error = reason
     process.routed = routed
+    if like is not None:
+        process.path, process.aliases, process.root = like.path, list(like.aliases), like.root
+    return process
+
+
+def _paths_of(name: str, settings: Any) -> ServerProcess | None:
+    """A server with just the path and aliases of ``settings``, if those are valid."""
+    try:
+        if isinstance(settings, ServerProcess):
+            path, aliases = settings.path, settings.aliases
+        else:
+            path, aliases = settings.get("path", ""), settings.get("aliases", [])
+        process = ServerProcess(name=name, path=path, aliases=list(aliases))
+        check_paths(process)
+    except Exception:  # the path is what is wrong (reported already), or no dict at all
+        return None
     return process
 
 
@@ -442,7 +459,8 @@ def load_server(
         return make_server_process(name, settings, parent=parent, strict=strict, source=source)
     except ServerOptionError as exc:
         log.error("%s (in %s); this server will not start, the others will", exc, source)
-        return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
+        reason = f"option {exc.option!r}: {exc.detail}; fix the configuration and reload"
+        return failed_server(name, reason, like=_paths_of(name, settings))
 
 
 def _masked(exc: TraitError, value: Any) -> str:

@@ -852,7 +852,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
     async def _stand_in(self, crashed: ServerSupervisor, reason: str) -> None:
         if self._supervisors.get(crashed.name) is not crashed:
             return
-        stand_in = await self._start_supervisor(failed_server(crashed.name, reason))
+        stand_in = await self._start_supervisor(failed_server(crashed.name, reason, like=crashed.process))
         if self._supervisors.get(crashed.name) is crashed:
             self._supervisors[crashed.name] = stand_in
             self.generation += 1
