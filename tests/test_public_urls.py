@@ -206,6 +206,7 @@ def test_a_clash_refuses_one_server_not_trioproxy_and_a_reload_mends_it(
         assert client.get("tools/b/x").json()["target"] == "/b/x"  # a's, which b does not shadow
         names = [s["name"] for s in client.get("server-proxy/servers-info").json()["server_processes"]]
         assert names == ["a"]
+        assert "data-server='b'" not in client.get("", headers={"Accept": "text/html"}).text
         write(config, {"a": {"command": echo_command(), "path": "tools"}, "b": {"command": echo_command(), "path": "other/b"}})
         reloaded = client.post("server-proxy/api/reload").json()
         assert reloaded["changed"] == ["b"]
@@ -428,3 +429,16 @@ async def test_a_crashed_supervisors_stand_in_keeps_the_path(nursery: trio.Nurse
         assert response.status_code == 503 and "supervisor failed" in response.json()["message"]
         assert (await client.get("w/")).headers["location"] == "/tools/web/"
         assert (await client.get("web/", headers=JSON_ACCEPT)).status_code == 404
+
+
+def environment_of(public_prefix: str) -> dict[str, str]:
+    return {"MARK": "callable " + public_prefix}
+
+
+async def test_callables_may_ask_for_the_public_prefix(nursery: trio.Nursery) -> None:
+    servers = {"env": {"command": ARGV_ENV, "path": "e/v", "environment": environment_of}}
+    proxy = await start_proxy(nursery, servers, base_url="/u/")
+    async with proxy.client() as client:
+        env = (await client.get("e/v/", params={"names": VARIABLES})).json()["env"]
+    assert env["MARK"] == "callable /u/e/v/"
+    assert (env["TRIOPROXY_PUBLIC_PREFIX"], env["TRIOPROXY_URL"]) == ("/u/e/v/", "/u/")

@@ -483,7 +483,11 @@ class Pages:
 
     def _launcher(self, base: str) -> Any:
         supervisors = self.supervisors
-        entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
+        entries = [
+            (name, supervisor)
+            for name, supervisor in supervisors.items()
+            if supervisor.process.launcher.enabled and supervisor.process.routed  # no URL, nothing to open
+        ]
         page = _launcher_page(entries, base, supervisors.generation)
         response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
