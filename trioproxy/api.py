@@ -32,9 +32,11 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .metrics import render as render_metrics
 from .origin import origin_allowed
+from .paths import parse_path
 from .relay.upstream import trusted_forwarded
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
 from .throttle import LoginThrottle
+from .urls import public_prefix, url_for_port
 
 if TYPE_CHECKING:
     from .app import Settings
@@ -79,6 +81,7 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/server-proxy/api/servers/<name>/<action>", "control", ("POST",)),
     ("/server-proxy/api/servers/<name>/logs", "logs", ("GET",)),
     ("/server-proxy/api/reload", "reload", ("POST",)),
+    ("/server-proxy/api/url", "port_url", ("GET",)),
     ("/server-proxy/metrics", "metrics", ("GET",)),
     ("/server-proxy/static/<path:filename>", "static_file", ("GET",)),
     ("/server-proxy/api/health", "health", ("GET",)),
@@ -249,7 +252,9 @@ class Pages:
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
     async def servers_info(self) -> Any:
-        return jsonify({"server_processes": [self.launcher_info(name) for name in self.supervisors]})
+        # A server whose paths clash with another's has no URL to launch.
+        names = [name for name in self.supervisors if self.supervisors[name].process.routed]
+        return jsonify({"server_processes": [self.launcher_info(name) for name in names]})
 
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
@@ -276,8 +281,39 @@ class Pages:
             info["reason"] = mask_secrets(info["reason"], self.auth.known_secrets())
         info["last_activity"] = _timestamp_ago(info["idle_seconds"])
         info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
-        info["url"] = f"{self.public_base()}{quote(name, safe='')}/"
+        process = supervisor.process
+        base = self.public_base()
+        info["url"] = base + public_prefix(self.base_url, process)[len(self.base_url) :] if process.routed else None
+        info["aliases"] = [f"{base}{'/'.join(parse_path('aliases', alias))}/" for alias in process.aliases] if process.routed else []
         return info
+
+    async def port_url(self) -> Any:
+        """Where a local port is reached from outside: ``?port=N`` (see :func:`trioproxy.urls.url_for_port`)."""
+        text = request.args.get("port", "")
+        if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+            return self._error(400, f"port must be a number from 1 to 65535, not {text!r}.")
+        port = int(text)
+        answer = url_for_port(
+            port,
+            self.supervisors,
+            base=self.public_base(),
+            base_url=self.base_url,
+            public_url=self.supervisors.public_url,
+            proxy_allowed=self._localhost_allowed,
+        )
+        if answer is None:
+            return self._error(404, f"No server listens on port {port}, and proxy/{port}/ may not reach localhost (host_allowlist).")
+        return jsonify(answer)
+
+    def _localhost_allowed(self) -> bool:
+        allowlist = self.settings.host_allowlist
+        if not callable(allowlist):
+            return "localhost" in allowlist
+        try:
+            return bool(allowlist(self, "localhost"))
+        except Exception:
+            logging.getLogger("trioproxy.api").exception("host_allowlist callable failed for 'localhost'")
+            return False
 
     async def list_servers(self) -> Any:
         # generation: changes when a reload adds, removes or replaces servers (the launcher
@@ -447,7 +483,11 @@ class Pages:
 
     def _launcher(self, base: str) -> Any:
         supervisors = self.supervisors
-        entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
+        entries = [
+            (name, supervisor)
+            for name, supervisor in supervisors.items()
+            if supervisor.process.launcher.enabled and supervisor.process.routed  # no URL, nothing to open
+        ]
         page = _launcher_page(entries, base, supervisors.generation)
         response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP

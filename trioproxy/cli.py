@@ -94,6 +94,11 @@ class TrioProxy(Application):
         allow_none=True,
         help="The token clients must present. Default: $JUPYTER_TOKEN, else a generated one.",
     ).tag(config=True)
+    public_url = Unicode(
+        "",
+        help="The absolute URL at which users reach the base URL (https://example.org/tools/), told to "
+        "servers as TRIOPROXY_URL. Default: $JUPYTERHUB_PUBLIC_URL under JupyterHub, else unknown.",
+    ).tag(config=True)
     no_auth = Bool(False, help="Let everyone in without a token (only on loopback).").tag(config=True)
     allow_remote_no_auth = Bool(
         False, help="Allow --no-auth on a non-loopback address (dangerous)."
@@ -157,6 +162,7 @@ class TrioProxy(Application):
         "ip": "TrioProxy.ip",
         "port": "TrioProxy.port",
         "base-url": "TrioProxy.base_url",
+        "public-url": "TrioProxy.public_url",
         "token": "TrioProxy.token",
         "graceful-timeout": "TrioProxy.graceful_timeout",
         "certfile": "TrioProxy.certfile",
@@ -371,7 +377,7 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
     servers = collect_servers(proxy, source=_config_source(app))
     if app.extra_args:
         return {
-            ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
+            ROOT_SERVER: _root_server(make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy)),
             **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
     if not servers and not proxy.servers:  # not when every configured one was left out
@@ -386,6 +392,11 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
         )
         log.info("no servers configured: serving the current directory as %r", DEFAULT_SERVER)
     return servers
+
+
+def _root_server(process: ServerProcess) -> ServerProcess:
+    process.root = True
+    return process
 
 
 def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
@@ -462,7 +473,8 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         response_headers=auth.response_headers if hub is not None else [],
         default_url=hub.default_url if hub is not None else "",
     )
-    supervisors = Supervisors(servers, base_url=base_url)
+    public_url = app.public_url or (hub.public_url if hub is not None else "")
+    supervisors = Supervisors(servers, base_url=base_url, public_url=public_url)
     settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
