@@ -23,6 +23,7 @@ from .conftest import (
     TOKEN,
     ProxyProcess,
     echo_command,
+    free_port,
     launch_trioproxy,
     pid_alive,
     start_proxy,
@@ -444,3 +445,88 @@ async def test_shutdown_stops_instances(tmp_path: Path, proxy_processes: list[Pr
     assert pid_alive(pid)
     assert proxy.stop() == 0
     assert not pid_alive(pid)
+
+
+async def test_under_jupyterhub_creating_needs_the_access_scopes_of_the_server(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from trioproxy.cli import TrioProxy, build
+    from trioproxy.server import run_app
+
+    from .fakehub import FakeHub
+    from .test_hub import PREFIX, hub_environ, use_environ
+
+    hub = FakeHub()
+    await nursery.start(hub.serve)
+    port = free_port()
+    use_environ(monkeypatch, hub_environ(hub, port))
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"ServerProxy": {"servers": {}, "templates": viewer(tmp_path)}}))
+    app = TrioProxy()
+    app.initialize(["--config", str(config)])
+    app.load_file(str(config))
+    hconfig, supervisors, asgi_app = build(app)
+    hconfig.graceful_timeout = 0.2
+    await nursery.start(run_app, asgi_app, hconfig)
+    alice, bob = hub.issue_token("alice"), hub.issue_token("bob")
+    body = {"template": "viewer", "args": {"logdir": "runs/exp1"}}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}{PREFIX}", timeout=30) as client:
+        for refused in ({}, {"Authorization": f"token {bob}"}, {"Authorization": "token made-up"}):
+            response = await client.post(API, json=body, headers=refused)
+            assert response.status_code == 403, refused
+        assert list(supervisors) == []
+        response = await client.post(API, json=body, headers={"Authorization": f"token {alice}"})
+        assert response.status_code == 201, response.text
+        name = response.json()["name"]
+        assert response.json()["url"] == f"{PREFIX}{name}/"
+        # Bob cannot reach, stop or delete it either.
+        assert (await client.get(f"{name}/", headers={"Authorization": f"token {bob}"})).status_code == 403
+        assert (await client.delete(f"{API}/{name}", headers={"Authorization": f"token {bob}"})).status_code == 403
+        assert name in supervisors
+        view = await client.get(f"{name}/", headers={"Authorization": f"token {alice}"})
+        assert view.json()["argv"][:2] == ["--logdir", str(tmp_path / "runs" / "exp1")]
+
+
+async def test_concurrent_creations_of_the_same_arguments_make_one_instance(nursery: trio.Nursery, tmp_path: Path) -> None:
+    proxy = await start_proxy(nursery, templates=viewer(tmp_path))
+    answers: list[httpx.Response] = []
+    async with proxy.client() as client:
+
+        async def one() -> None:
+            answers.append(await create(client, {"logdir": "runs/exp1"}))
+
+        async with trio.open_nursery() as inner:
+            for _ in range(6):
+                inner.start_soon(one)
+        assert sorted(answer.status_code for answer in answers) == [200] * 5 + [201], [a.text for a in answers]
+        assert len({answer.json()["name"] for answer in answers}) == 1
+        assert list(proxy.supervisors) == [answers[0].json()["name"]]
+        assert proxy.supervisors[answers[0].json()["name"]].starts == 1
+
+
+async def test_a_reload_never_removes_instances_and_a_configured_server_takes_its_name(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trioproxy.config import Reloader, make_server_process
+    from trioproxy.instances import TemplateReloader
+
+    proxy = await start_proxy(nursery, {"echo": {"command": echo_command()}}, templates=viewer(tmp_path))
+    instances = proxy.app.extensions["trioproxy"].settings.instances
+    servers: dict[str, Any] = {"echo": {"command": echo_command()}}
+    load = lambda: {name: make_server_process(name, settings) for name, settings in servers.items()}  # noqa: E731
+    reloader = TemplateReloader(Reloader(load, instances.configured), instances)
+    async with proxy.client() as client:
+        name = (await create(client, {"logdir": "runs/exp1"})).json()["name"]
+        pid = proxy.supervisors[name].pid
+        assert pid is not None
+        result = await reloader.reload()
+        assert result["removed"] == [] and result["unchanged"] == ["echo"] and "templates" not in result
+        assert proxy.supervisors[name].pid == pid
+
+        servers[name] = {"command": echo_command()}
+        result = await reloader.reload()
+        assert result["added"] == [name]
+        assert name not in instances and not pid_alive(pid)
+        assert (await client.get(f"{name}/x")).json()["target"] == "/x"  # the configured echo server
+        assert "template" not in (await client.get(f"{API}/{name}")).json()
+    assert f"the configured server {name!r} takes the name of an instance" in caplog.text

@@ -374,7 +374,8 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
             ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
             **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
-    if not servers and not proxy.servers:  # not when every configured one was left out
+    # Not when every configured one was left out, nor when templates are all there is.
+    if not servers and not proxy.servers and not proxy.templates:
         servers[DEFAULT_SERVER] = make_server_process(
             DEFAULT_SERVER,
             {

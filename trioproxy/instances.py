@@ -54,6 +54,7 @@ class Instance:
     keep: int = 0  # actions under way (a restart) that stop it only to start it again
     poke: trio.Event = field(default_factory=trio.Event)
     watcher: trio.CancelScope | None = None
+    added: trio.Event = field(default_factory=trio.Event)  # its server is there (or it failed)
 
 
 def check_template(template: Template, parent: Any = None) -> None:
@@ -133,8 +134,10 @@ class Instances:
         name = self._name_for(template, values)
         existing = self._instances.get(name)
         if existing is not None:
-            supervisor = self.supervisors[name]
-            await supervisor.start(wait=wait)
+            await existing.added.wait()  # a creation of the same arguments may be under way
+            if self._instances.get(name) is not existing:
+                raise InstanceRefused(503, f"The instance {name!r} was removed meanwhile; try again.")
+            await self.supervisors[name].start(wait=wait)
             return name, False
         count = len(self.of(template.name))
         if count >= template.max_instances:
@@ -156,6 +159,8 @@ class Instances:
                 with trio.CancelScope(shield=True):
                     await self.supervisors.remove(name)
             raise
+        finally:
+            instance.added.set()
         log.info("instance %r of template %r created: %s", name, template.name, values)
         if wait:
             try:
@@ -364,7 +369,7 @@ class TemplateReloader:
             self._instances.unstage()
             raise
         templates = await self._apply()
-        if templates is not None:
+        if templates is not None and any(templates.values()):  # said only where there are any
             result = {**result, "templates": templates}
         return result
 

@@ -205,7 +205,7 @@ class Template:
                 for key, item in self.settings["environment"].items()
             }
         entry = dict(self.settings.get("launcher_entry") or {})
-        summary = ", ".join(f"{key}={_short(value, 40)}" for key, value in values.items())
+        summary = ", ".join(f"{key}={_tail(value, 40)}" for key, value in values.items())
         entry["title"] = f"{self.title} ({summary})" if summary else f"{self.title} ({name})"
         entry["path_info"] = name + "/"
         settings["launcher_entry"] = entry
@@ -399,3 +399,8 @@ def _json_type(value: Any) -> str:
 
 def _short(text: str, most: int = 60) -> str:
     return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _tail(text: str, most: int) -> str:
+    """The end of a long value (of a path, the part that tells instances apart)."""
+    return text if len(text) <= most else "..." + text[3 - most :]
