@@ -530,3 +530,30 @@ async def test_a_reload_never_removes_instances_and_a_configured_server_takes_it
         assert (await client.get(f"{name}/x")).json()["target"] == "/x"  # the configured echo server
         assert "template" not in (await client.get(f"{API}/{name}")).json()
     assert f"the configured server {name!r} takes the name of an instance" in caplog.text
+
+
+async def test_instances_get_their_name_and_sockets_of_their_own(nursery: trio.Nursery, tmp_path: Path) -> None:
+    templates = {
+        "named": {
+            "command": [PY, ARGV_ENV, "{port}", "{base_url}{name}/", "{word}"],
+            "environment": {"MARK": "{name}"},
+            "params": {"word": {"pattern": "[a-z]+"}},
+        },
+        "sockets": {
+            "command": [*echo_command(unix=True), "{word}"],
+            "unix_socket": True,
+            "params": {"word": {"pattern": "[a-z]+"}},
+        },
+    }
+    proxy = await start_proxy(nursery, templates=templates, base_url="/pre/")
+    async with proxy.client() as client:
+        name = (await create(client, {"word": "abc"}, template="named")).json()["name"]
+        view = await backend_view(client, name)
+        assert view == {"argv": [f"/pre/{name}/", "abc"], "env": {"MARK": name}}
+        sockets = []
+        for word in ("one", "two"):
+            response = await create(client, {"word": word}, template="sockets")
+            assert response.status_code == 201, response.text
+            sockets.append(response.json()["unix_socket"])
+            assert (await client.get(f"{response.json()['name']}/x")).json()["target"] == "/x"
+        assert sockets[0] != sockets[1] and all(sockets)
