@@ -394,6 +394,9 @@ async def test_trioproxy_serves_templates_from_its_config_and_reload_removes_the
         assert (await create(client, {"word": "x"}, template="other")).status_code == 404
         templates_now = (await client.get("server-proxy/api/templates")).json()["templates"]
         assert [(t["name"], t["max_instances"]) for t in templates_now] == [("viewer", 3)]
+        # Read again unchanged: nothing changes.
+        result = (await client.post("server-proxy/api/reload")).json()
+        assert result["templates"] == {"added": [], "removed": [], "changed": [], "unchanged": ["viewer"]}
 
         # A template that cannot work keeps its running definition; a SIGHUP reload the same.
         write_config(config, tmp_path, {"viewer": {"command": ["x", "{a}"], "params": {"a": {"type": "float"}}}})
@@ -557,3 +560,15 @@ async def test_instances_get_their_name_and_sockets_of_their_own(nursery: trio.N
             sockets.append(response.json()["unix_socket"])
             assert (await client.get(f"{response.json()['name']}/x")).json()["target"] == "/x"
         assert sockets[0] != sockets[1] and all(sockets)
+
+
+async def test_a_template_hidden_from_the_launcher_has_no_form(nursery: trio.Nursery, tmp_path: Path) -> None:
+    templates = viewer(tmp_path)
+    templates["viewer"]["launcher_entry"] = {"enabled": False}
+    proxy = await start_proxy(nursery, templates=templates)
+    async with proxy.client() as client:
+        assert "template-form" not in (await client.get("")).text
+        name = (await create(client, {"logdir": "runs/exp1"})).json()["name"]
+        assert f"data-server='{name}'" not in (await client.get("")).text
+        entries = (await client.get("server-proxy/servers-info")).json()["server_processes"]
+        assert [entry["launcher_entry"]["enabled"] for entry in entries] == [False]

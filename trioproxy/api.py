@@ -536,6 +536,7 @@ class Pages:
         templates = [
             (template, [(name, supervisors[name]) for name in instances.of(template.name) if name in supervisors])
             for template in instances.templates.values()
+            if template.in_launcher
         ]
         page = _launcher_page(entries, base, supervisors.generation, templates)
         response = Response(page, content_type="text/html; charset=utf-8")

@@ -294,7 +294,7 @@ class Instances:
                 invalid[name] += " (its previous definition is kept)"
                 log.error("reload: %s", invalid[name])
         removed = [name for name in old if name not in kept]
-        changed = [name for name in kept if name in old and kept[name].fingerprint != old[name].fingerprint]
+        changed = [name for name in kept if name in old and not _same(kept[name], old[name])]
         for name in changed:
             if self.of(name):
                 log.info("template %r changed: its instances keep their settings; new instances get the new ones", name)
@@ -312,6 +312,13 @@ class Instances:
             "unchanged": [name for name in kept if name in old and name not in changed],
             **({"invalid": invalid} if invalid else {}),
         }
+
+
+def _same(new: Template, old: Template) -> bool:
+    try:
+        return bool(new.fingerprint == old.fingerprint)
+    except Exception:  # a default argument whose == raises: call it changed
+        return False
 
 
 class ConfiguredServers:

@@ -165,7 +165,7 @@ class Template:
     max_instances: int = DEFAULT_MAX_INSTANCES
     description: str = ""
     title: str = ""
-    fingerprint: str = field(default="", compare=False)
+    fingerprint: Any = field(default=None, compare=False)  # equal when the declaration says the same
 
     def arguments(self, args: Any) -> dict[str, str]:
         """Every parameter's value, checked and normalised (defaults filled in), from a
@@ -210,6 +210,11 @@ class Template:
         entry["path_info"] = name + "/"
         settings["launcher_entry"] = entry
         return settings
+
+    @property
+    def in_launcher(self) -> bool:
+        entry = self.settings.get("launcher_entry") or {}
+        return bool(entry.get("enabled", True)) if isinstance(entry, Mapping) else True
 
     def describe(self) -> dict[str, Any]:
         entry = self.settings.get("launcher_entry") or {}
@@ -302,7 +307,9 @@ def parse_template(name: Any, raw: Any, *, cwd: str | None = None) -> Template:
         raise TemplateConfigError(f"{where}: parameter {unused[0]!r} is used neither in 'command' nor in 'environment'")
     entry = settings.get("launcher_entry") or {}
     title = entry.get("title") if isinstance(entry, Mapping) else None
-    fingerprint = repr(sorted((str(k), repr(v)) for k, v in raw.items()))
+    from .config import _comparable  # functions by their code, as a reload compares servers
+
+    fingerprint = _comparable(dict(raw))
     return Template(name, params, settings, max_instances, description, str(title or name), fingerprint)
 
 

@@ -48,7 +48,13 @@
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.querySelector("main");
     if (!fresh) throw new Error("the launcher page has no list");
+    // What someone is typing in a template's form survives the new list.
+    const typed = new Map(Array.from(main.querySelectorAll("form.template-form [id]"), (field) => [field.id, field.value]));
     main.replaceChildren(...Array.from(fresh.childNodes, (node) => document.importNode(node, true)));
+    for (const [id, value] of typed) {
+      const field = document.getElementById(id);
+      if (field) field.value = value;
+    }
     main.dataset.generation = fresh.dataset.generation || String(generation);
     index();
   }
