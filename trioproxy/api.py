@@ -431,6 +431,9 @@ class Pages:
                 outcome.name, outcome.created = await self.instances.create(document.get("template"), document.get("args"), wait=wait)
             except (InstanceRefused, ServerUnavailable) as exc:
                 outcome.error = exc
+            except Exception as exc:  # a bug: reported, never a traceback to the client
+                logging.getLogger("trioproxy.api").exception("creating an instance failed")
+                outcome.error = exc
             finally:
                 outcome.done.set()
 
@@ -444,6 +447,8 @@ class Pages:
             return self._error(error.status, str(error))
         if isinstance(error, ServerUnavailable):
             return self._error(error.status, str(error), server=error.server, output=error.output)
+        if error is not None:
+            return self._error(500, f"Creating the instance failed: {type(error).__name__}: {error}")
         if outcome.name is None or outcome.name not in self.supervisors:
             return self._error(503, "The instance was removed before it could be reported.")
         status = 200 if not outcome.created else 201 if wait else 202

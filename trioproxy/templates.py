@@ -113,6 +113,8 @@ class Param:
             if _INT_TEXT.fullmatch(value) is None:
                 raise ArgumentError(self.name, f"must be a whole number, not {_short(value)!r}")
             value = int(value)
+        if abs(value) >= 10**18:  # the text form's bound too; JSON allows any number of digits
+            raise ArgumentError(self.name, "is too large a number")
         if self.min is not None and value < self.min:
             raise ArgumentError(self.name, f"must be at least {self.min}, not {value}")
         if self.max is not None and value > self.max:
