@@ -572,3 +572,29 @@ async def test_a_template_hidden_from_the_launcher_has_no_form(nursery: trio.Nur
         assert f"data-server='{name}'" not in (await client.get("")).text
         entries = (await client.get("server-proxy/servers-info")).json()["server_processes"]
         assert [entry["launcher_entry"]["enabled"] for entry in entries] == [False]
+
+
+async def test_instances_deleted_while_starting_leave_no_process_behind(nursery: trio.Nursery, tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import http.server, os, sys, time\n"
+        f"open({str(tmp_path / 'pids')!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "time.sleep(0.3)\n"
+        "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+    )
+    templates = {"slow": {"command": [PY, str(script), "{port}", "{n}"], "params": {"n": "int"}, "timeout": 20, "max_instances": 10}}
+    proxy = await start_proxy(nursery, templates=templates)
+    async with proxy.client() as client:
+        for n in range(6):
+            response = await create(client, {"n": n}, template="slow", params={"wait": "0"})
+            assert response.status_code == 202, response.text
+            name = response.json()["name"]
+            if n % 2:  # odd ones are deleted once their process runs, even ones at once
+                await wait_for(lambda: (tmp_path / "pids").exists() and len((tmp_path / "pids").read_text().split()) > n // 2, timeout=20)  # noqa: B023
+            deleted = await client.delete(f"{API}/{name}")
+            assert deleted.status_code == 200 and deleted.json()["removed"] is True
+            assert name not in proxy.supervisors
+        assert list(proxy.supervisors) == []
+        pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()] if (tmp_path / "pids").exists() else []
+        assert len(pids) >= 3
+        assert [pid for pid in pids if pid_alive(pid)] == []
