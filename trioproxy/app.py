@@ -65,6 +65,7 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = DEFAULT_FORWARDED_ALLOW
     proxy_client_options: ClientOptions = field(default_factory=ClientOptions)  # proxy/<port> targets
     reloader: Any = None  # a trioproxy.config.Reloader: POST server-proxy/api/reload
+    instances: Any = None  # a trioproxy.instances.Instances: templates, POST server-proxy/api/servers
     # Headers every answer carries, relayed or not, on every path (JupyterHub mode: its
     # version). Read at each answer: a service may fill the list before trioproxy listens.
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)

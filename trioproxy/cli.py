@@ -380,7 +380,8 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
             ROOT_SERVER: _root_server(make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy)),
             **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
-    if not servers and not proxy.servers:  # not when every configured one was left out
+    # Not when every configured one was left out, nor when templates are all there is.
+    if not servers and not proxy.servers and not proxy.templates:
         servers[DEFAULT_SERVER] = make_server_process(
             DEFAULT_SERVER,
             {
@@ -399,9 +400,10 @@ def _root_server(process: ServerProcess) -> ServerProcess:
     return process
 
 
-def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
+def read_servers_again(app: TrioProxy, instances: Any = None) -> dict[str, ServerProcess]:
     """The servers as the configuration says now: the same command line, the files read
-    again (what a reload applies). Raises ConfigError."""
+    again (what a reload applies); the templates read with them are staged in ``instances``.
+    Raises ConfigError."""
     fresh = TrioProxy()
     fresh.initialize(list(app.argv))
     if fresh.config_file:
@@ -411,7 +413,11 @@ def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
         for _path, error in fresh.loaded_jupyter_configs:
             if error is not None:
                 raise ConfigError(error)
-    return _servers(fresh, ServerProxy(parent=fresh))
+    proxy = ServerProxy(parent=fresh)
+    servers = _servers(fresh, proxy)
+    if instances is not None:
+        instances.stage(proxy.templates, parent=proxy)
+    return servers
 
 
 def build(app: TrioProxy) -> tuple[Any, Any, Any]:
@@ -419,6 +425,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     from hypercorn.config import Config as HypercornConfig
 
     from .app import Settings, create_app
+    from .instances import Instances, TemplateReloader, load_templates
     from .supervisor import Supervisors
 
     hub = _hub_settings(app, os.environ)
@@ -475,7 +482,11 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     )
     public_url = app.public_url or (hub.public_url if hub is not None else "")
     supervisors = Supervisors(servers, base_url=base_url, public_url=public_url)
-    settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
+    templates, _invalid = load_templates(proxy.templates, parent=proxy)
+    instances = settings.instances = Instances(supervisors, templates, parent=proxy)
+    instances.invalid = _invalid
+    reloader = Reloader(partial(read_servers_again, app, instances), instances.configured)
+    settings.reloader = TemplateReloader(reloader, instances)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
         warning = kubernetes_grace_warning(app.graceful_timeout, servers, os.environ)

@@ -318,6 +318,11 @@ class ServerProxy(Configurable):
     servers = Dict(
         help="Servers to run: {name: {option: value}} or {name: ServerProcess(...)}."
     ).tag(config=True)
+    templates = Dict(
+        help="Servers started on demand, one instance per set of arguments (POST "
+        "server-proxy/api/servers): {name: {server options..., 'params': {param: {'type': "
+        "'string'|'path'|'int', ...}}, 'max_instances': 3}}; see the README, 'Instances on demand'."
+    ).tag(config=True)
     host_allowlist = Union(
         [List(Unicode()), CallableTrait()],
         default_value=["localhost", "127.0.0.1"],

@@ -146,6 +146,12 @@ def clash_with(process: Any, others: Iterable[Any]) -> str | None:
     return _clash(_safe_entries(process), taken)
 
 
+def name_clash(name: str, others: Iterable[Any]) -> str | None:
+    """Why a server served at its ``name`` (no path of its own) cannot be beside ``others``, or None."""
+    taken = [entry for other in others if other.routed and other.name != name for entry in _safe_entries(other)]
+    return _clash([Entry(name, (name,))], taken)
+
+
 def _safe_entries(process: Any) -> list[Entry]:
     try:
         return _entries(process)
