@@ -34,7 +34,8 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
-from ..backend import Backend, connect
+from ..backend import Backend, BackendStream, connect
+from ..backend_tls import TLSFailure
 from ..errors import error_response, render_error, sole_exception
 from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
@@ -182,7 +183,7 @@ class _WatchedStream(trio.abc.Stream):
     forever; this is how the relay notices instead.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: BackendStream) -> None:
         self.stream = stream
         self.ended = False
         self.on_end: Callable[[], Any] | None = None
@@ -263,11 +264,13 @@ async def refuse_websocket(
     await _Client(scope, send).refuse(_Refused(status, message, headers, body), server or "trioproxy")
 
 
-async def _connect(target: WebSocketTarget) -> trio.SocketStream:
+async def _connect(target: WebSocketTarget) -> BackendStream:
     where = target.backend.describe()
     try:
         with trio.fail_after(target.connect_timeout):
             return await connect(target.backend)
+    except TLSFailure as exc:
+        raise _Refused(502, str(exc)) from None
     except OSError as exc:
         raise _Refused(502, f"cannot connect to {where}: {exc.strerror or exc}") from None
     except trio.TooSlowError:
@@ -460,7 +463,7 @@ async def _relay_raw(receive: Receive, client: _Client, target: WebSocketTarget)
 
 
 async def _client_to_raw(
-    receive: Receive, stream: trio.SocketStream, client: _Client, target: WebSocketTarget
+    receive: Receive, stream: BackendStream, client: _Client, target: WebSocketTarget
 ) -> None:
     on_activity = target.on_activity
     while True:
@@ -484,7 +487,7 @@ async def _client_to_raw(
 
 
 async def _raw_to_client(
-    stream: trio.SocketStream, client: _Client, target: WebSocketTarget, session: trio.CancelScope
+    stream: BackendStream, client: _Client, target: WebSocketTarget, session: trio.CancelScope
 ) -> None:
     on_activity = target.on_activity
     while True:
