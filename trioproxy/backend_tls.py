@@ -102,8 +102,12 @@ def parse(value: Any, environ: Mapping[str, str] | None = None) -> BackendTLS | 
         raise ValueError(f"backend_tls verify must be true or false, got {verify!r}")
     files: dict[str, str] = {}
     for option in ("ca_file", "client_cert", "client_key"):
-        # An option given as "" or None turns the Hub's default off.
-        given = value[option] if option in value else environ.get(HUB_DEFAULTS[option], "")
+        # An option given as "" or None turns the Hub's default off (a client_cert turned off
+        # takes the Hub's key with it).
+        hub_default = environ.get(HUB_DEFAULTS[option], "")
+        if option == "client_key" and "client_cert" in value:
+            hub_default = ""
+        given = value[option] if option in value else hub_default
         if given is None:
             given = ""
         if not isinstance(given, str) or "\0" in given:
@@ -186,6 +190,15 @@ def broken_by_tls(exc: BaseException) -> str | None:
     if isinstance(cause, ssl.SSLError):
         return f"TLS: {_ssl_reason(cause)}"
     return None
+
+
+def refused_after_handshake(stream: trio.abc.Stream) -> str:
+    """What to add when a fresh backend connection breaks before taking a request: over TLS
+    that is, most likely, a backend refusing the client certificate (or its absence), which
+    TLS 1.3 says after the handshake and a closing backend's reset can swallow."""
+    if isinstance(stream, trio.SSLStream):
+        return " right after its TLS handshake: does it require a client certificate? (backend_tls client_cert)"
+    return ""
 
 
 def _ssl_reason(exc: BaseException) -> str:

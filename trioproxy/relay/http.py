@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from ..backend import BackendClient, BackendConnection, BackendError
-from ..backend_tls import broken_by_tls
+from ..backend_tls import broken_by_tls, refused_after_handshake
 from ..listener import client_gone
 from .framing import body_framing
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
@@ -227,7 +227,8 @@ async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunk
     try:
         await stream.send_all(head)
     except _BROKEN:
-        raise exchange.broke_off("the backend closed the connection") from None
+        tls = "" if exchange.reused else refused_after_handshake(stream)
+        raise exchange.broke_off("the backend closed the connection" + tls) from None
     if not more_body:
         exchange.request_done()
         await _respond_watching(exchange)

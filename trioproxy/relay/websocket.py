@@ -35,7 +35,7 @@ from trio_websocket import (
 from wsproto.utilities import ProtocolError
 
 from ..backend import Backend, BackendStream, connect
-from ..backend_tls import TLSFailure
+from ..backend_tls import TLSFailure, broken_by_tls, refused_after_handshake
 from ..errors import error_response, render_error, sole_exception
 from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
@@ -186,6 +186,7 @@ class _WatchedStream(trio.abc.Stream):
     def __init__(self, stream: BackendStream) -> None:
         self.stream = stream
         self.ended = False
+        self.broken_by: str | None = None  # what TLS said, if it broke the connection
         self.on_end: Callable[[], Any] | None = None
 
     def _end(self) -> None:
@@ -202,7 +203,8 @@ class _WatchedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.broken_by = broken_by_tls(exc)
             self._end()
             raise
         if not data:
@@ -345,7 +347,8 @@ async def _open_handshake(
     if client.disconnected:
         raise _ClientLeft()
     if stream.ended:
-        raise _Refused(502, "the backend closed the connection during the WebSocket handshake")
+        tls = f" ({stream.broken_by})" if stream.broken_by else refused_after_handshake(stream.stream)
+        raise _Refused(502, "the backend closed the connection during the WebSocket handshake" + tls)
     raise _Refused(
         504, f"the backend did not answer the WebSocket upgrade within {target.handshake_timeout:g} s"
     )
