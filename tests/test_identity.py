@@ -257,3 +257,28 @@ def test_readme_documents_the_signed_string_as_the_code_builds_it() -> None:
     assert r"`trioproxy-user-v1\n<t>\n<n>\n<X-Trioproxy-User>\n<X-Trioproxy-Groups>\n<X-Trioproxy-Scopes>`" in text
     assert identity.signed_string("t", "n", "u", "g", "s") == b"trioproxy-user-v1\nt\nn\nu\ng\ns"
     assert identity.SAFE in text
+
+
+async def test_under_jupyterhub_the_hubs_user_their_groups_and_scopes_arrive_signed(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from urllib.parse import unquote
+
+    from .fakehub import FakeHub, default_users
+    from .test_hub import start_hub_proxy
+
+    hub = FakeHub()
+    await nursery.start(hub.serve)
+    hub.groups["alice"] = ["staff", "physics, theory"]
+    port = free_port()
+    servers = {"whoami": {"command": [PY, str(BACKENDS / "whoami.py"), str(port), str(README)], "port": port, "forward_user": True}}
+    proxy = await start_hub_proxy(nursery, monkeypatch, tmp_path, hub, servers=servers)
+    token = hub.issue_token("alice")
+    async with proxy.client() as client:
+        answer = await client.get("whoami/", headers=httpx.Headers([("Authorization", f"token {token}"), *FORGED]))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["user"] == "alice"
+    found = identity_headers_in(answer.json()["headers"])
+    assert all(len(values) == 1 for values in found.values()), found
+    assert [unquote(group) for group in found["x-trioproxy-groups"][0].split(",")] == ["staff", "physics, theory"]
+    assert [unquote(scope) for scope in found["x-trioproxy-scopes"][0].split(" ")] == default_users()["alice"]

@@ -9,7 +9,9 @@ restart policy decides what follows, like Kubernetes' liveness probes and system
 :class:`HealthCheck` and :class:`FailureStreak` are plain logic; :func:`probe` does the I/O.
 Readiness (:func:`wait_until_ready`) polls the same way while a process starts. Both go
 through one :class:`Prober` per server, and straight to the backend, not through the relay,
-so they never count as activity.
+so they never count as activity. With ``backend_tls``, a path is fetched over https with the
+relay's TLS settings; a connection check stays a TCP connect (a certificate the relay cannot
+verify is its 502 to explain, not a start that never ends).
 """
 
 from __future__ import annotations
