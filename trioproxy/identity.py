@@ -55,7 +55,8 @@ MIN_SECRET = 16  # characters of a configured secret
 
 def is_identity_header(name: bytes) -> bool:
     """Whether a request header is (or would be read by a WSGI server as) an identity header."""
-    return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
+    lowered = name.lower()  # every relayed header passes here: the prefix test first
+    return lowered.startswith((b"x-trioproxy", b"x_trioproxy")) and lowered.replace(b"_", b"-") in IDENTITY_HEADERS
 
 
 def without_identity(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
