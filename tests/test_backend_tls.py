@@ -255,6 +255,18 @@ async def test_a_backend_that_requires_a_client_certificate_gets_it(nursery: tri
             assert status == 502 and "TLS" in body["message"] and "certificate" in body["message"], (way, body)
 
 
+async def test_over_a_unix_socket_the_certificate_is_checked_for_localhost(nursery: trio.Nursery, pki: PKI) -> None:
+    command = [PY, TLS_BACKEND, "http", "unix:{unix_socket}", str(pki.cert), str(pki.key)]
+    server = {"command": command, "unix_socket": True, "timeout": 20, "backend_tls": {"ca_file": str(pki.ca)}, "ready_check_path": "/ready"}
+    wrong = {**server, "backend_tls": {"ca_file": str(pki.ca), "hostname": "elsewhere.example"}, "ready_check_path": None}
+    proxy = await start_proxy(nursery, {"local": server, "wrong": wrong})
+    async with proxy.client(headers=JSON) as client:
+        answer = await client.get("local/over-unix")
+        assert answer.status_code == 200 and answer.json()["target"] == "/over-unix"
+        refused = await client.get("wrong/x")
+    assert refused.status_code == 502 and "TLS verification of unix:" in refused.json()["message"], refused.text
+
+
 async def test_verify_false_accepts_any_certificate(nursery: trio.Nursery, pki: PKI) -> None:
     proxy = await start_proxy(nursery, {"any": tls_server(pki, tls={"verify": False, "ca_file": str(pki.other_ca)})})
     async with proxy.client() as client:

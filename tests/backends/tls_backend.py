@@ -1,12 +1,16 @@
 """A backend that speaks HTTPS: python tls_backend.py http|ws PORT CERT KEY [CLIENT_CA].
 
-``http`` serves echo.py's routes, ``ws`` ws_echo.py's, both over TLS with CERT and KEY. With
+``http`` serves echo.py's routes, ``ws`` ws_echo.py's, both over TLS with CERT and KEY (``http``
+also on a unix socket: ``unix:PATH`` for PORT). With
 CLIENT_CA, a client certificate signed by it is required. A connection whose TLS handshake
 fails is a line ``tls failed: REASON`` and the server goes on.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import socketserver
 import ssl
 import sys
 from http.server import ThreadingHTTPServer
@@ -46,8 +50,25 @@ class TLSServer(ThreadingHTTPServer):
         return wrapped, address
 
 
-def serve_http(port: int, ctx: ssl.SSLContext) -> None:
-    server = TLSServer(("127.0.0.1", port), echo.Handler)
+class UnixTLSServer(TLSServer):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: a unix address has no host
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        request, _ = super().get_request()
+        return request, ("127.0.0.1", 0)
+
+
+def serve_http(where: str, ctx: ssl.SSLContext) -> None:
+    if where.startswith("unix:"):
+        path = where[len("unix:") :]
+        if os.path.exists(path):
+            os.unlink(path)
+        server: TLSServer = UnixTLSServer(path, echo.Handler)
+    else:
+        server = TLSServer(("127.0.0.1", int(where)), echo.Handler)
     server.tls = ctx
     print("tls http backend listening", flush=True)
     server.serve_forever()
@@ -79,12 +100,12 @@ async def serve_ws(port: int, ctx: ssl.SSLContext) -> None:
 
 
 def main() -> None:
-    kind, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    kind, where, cert, key = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     ctx = context(cert, key, sys.argv[5] if len(sys.argv) > 5 else None)
     if kind == "http":
-        serve_http(port, ctx)
+        serve_http(where, ctx)
     else:
-        trio.run(serve_ws, port, ctx)
+        trio.run(serve_ws, int(where), ctx)
 
 
 if __name__ == "__main__":
