@@ -282,3 +282,19 @@ async def test_under_jupyterhub_the_hubs_user_their_groups_and_scopes_arrive_sig
     assert all(len(values) == 1 for values in found.values()), found
     assert [unquote(group) for group in found["x-trioproxy-groups"][0].split(",")] == ["staff", "physics, theory"]
     assert [unquote(scope) for scope in found["x-trioproxy-scopes"][0].split(" ")] == default_users()["alice"]
+
+
+async def test_an_override_callable_cannot_set_an_identity_header(nursery: trio.Nursery) -> None:
+    backend = RecordingBackend()
+    await nursery.start(backend.serve)
+
+    def overrides() -> dict[str, str]:
+        return {"X-Trioproxy-User": "admin"}
+
+    servers = {"app": {"port": backend.port, "forward_user": {"secret": SECRET}, "request_headers_override": overrides}}
+    proxy = await start_proxy(nursery, servers)
+    async with proxy.client(headers={"Accept": "application/json"}) as client:
+        answer = await client.get("app/x")
+    assert answer.status_code == 500
+    assert "cannot be overridden" in answer.json()["message"]
+    assert backend.requests == []
