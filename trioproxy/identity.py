@@ -120,7 +120,7 @@ def forward_user(process: Any) -> ForwardUser | None:
     return setting
 
 
-def child_environment(process: Any) -> dict[str, str]:
+def secret_environment(process: Any) -> dict[str, str]:
     """What a server's process gets in its environment for ``forward_user``."""
     setting = forward_user(process)
     return {SECRET_VARIABLE: setting.secret} if setting is not None else {}

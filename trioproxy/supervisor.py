@@ -33,7 +33,7 @@ from .config import ServerProcess, failed_server
 from .errors import sole_exception
 from .health import FailureStreak, Prober, probe, wait_until_ready
 from .histogram import Histogram
-from .identity import child_environment
+from .identity import secret_environment
 from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
@@ -531,7 +531,7 @@ class ServerSupervisor:
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
         extra_env = _expanded("environment", expand_environment, self.process.environment, variables)
-        extra_env = {**extra_env, **child_environment(self.process)}  # forward_user's secret wins
+        extra_env = {**extra_env, **secret_environment(self.process)}  # forward_user's secret wins
         if not argv:
             raise _StartFailed("the command is empty")
         # Before the checks, whose messages may quote a value: masked there too.
