@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterable
 
 from .backend import Backend
+from .backend_tls import BackendTLS
 
 PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
 
@@ -30,8 +31,9 @@ def free_port() -> int:
 class ServerAddress:
     """The address of one configured server (``port`` and ``unix_socket`` options)."""
 
-    def __init__(self, port: int, unix_socket: bool | str) -> None:
+    def __init__(self, port: int, unix_socket: bool | str, tls: BackendTLS | None = None) -> None:
         self.configured_port = port
+        self.tls = tls  # backend_tls: connections to it speak TLS
         self.port = port
         self.owned_dir: str | None = None  # made by us, removed by :meth:`close`
         self.unix_socket: str | None = None
@@ -44,8 +46,8 @@ class ServerAddress:
     @property
     def backend(self) -> Backend:
         if self.unix_socket:
-            return Backend(unix_socket=self.unix_socket)
-        return Backend(port=self.port)
+            return Backend(unix_socket=self.unix_socket, tls=self.tls)
+        return Backend(port=self.port, tls=self.tls)
 
     def prepare(self) -> None:
         """Before a start: pick a port if none yet; remove a stale socket (it would look ready)."""

@@ -7,6 +7,7 @@ whichever way a request came:
 
     head limits → authenticate → WebSocket origin → host allowlist → what the route accepts
     → (the transport's own checks) → in use → start the server, wait until ready → upstream request
+    (with the identity headers for a ``forward_user`` server)
 
 A refusal at any step is a :class:`Refused`, with its status, message (secrets masked) and,
 for a browser that is not logged in, where to log in; each transport renders it as it can.
@@ -20,12 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity, mask_secrets, strip_token_from_query
 from .backend import Backend, BackendClient, ProxyTargets
 from .config import ServerProcess
+from .identity import with_identity
 from .metrics import PROXY_LABEL
 from .origin import origin_allowed
 from .paths import PathTable
@@ -238,6 +240,8 @@ class Gate:
             raise  # admit() decides: its server may have been replaced meanwhile
         try:
             upstream = self._upstream(scope, route, supervisor)
+            if process is not None:
+                upstream = replace(upstream, headers=with_identity(upstream.headers, identity, process))
         except Exception as exc:  # a mapping callable or a header template that fails
             log.error("%s: cannot build the request: %s: %s", server, type(exc).__name__, exc, exc_info=exc)
             raise self.refusal(

@@ -27,8 +27,10 @@ from quart import Blueprint, Response, jsonify, make_response, redirect, request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
+from .backend_tls import server_tls
 from .config import ConfigError, ReloadError
 from .errors import render_error
+from .identity import describe as describe_forward_user
 from .instances import InstanceRefused, Instances
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -294,6 +296,10 @@ class Pages:
         instance = self.instances.describe(name)
         if instance is not None:
             info.update(instance)
+        # forward_user: the headers sent (never the secret); backend_tls: its settings (paths only).
+        info["forward_user"] = describe_forward_user(supervisor.process)
+        tls = server_tls(supervisor.process)
+        info["backend_tls"] = tls.describe() if tls is not None else None
         return info
 
     async def port_url(self) -> Any:

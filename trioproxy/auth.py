@@ -19,6 +19,7 @@ so that later lines (the server printing its own password) are masked too.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import logging
@@ -41,6 +42,8 @@ class Identity:
     name: str
     set_cookie: bytes | None = None
     via: str = "token"
+    groups: tuple[str, ...] = ()  # under JupyterHub: the user's groups, as the Hub says
+    scopes: tuple[str, ...] = ()  # under JupyterHub: the scopes of the user's token
 
 
 class Authenticator(Protocol):
@@ -175,6 +178,8 @@ class TokenAuth:
     base_url: str = "/"
     secure_cookie: bool = False
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    # Who holds the token: the user trioproxy runs as (what forward_user tells apps).
+    user: str = field(default_factory=lambda: local_user())
 
     @property
     def enabled(self) -> bool:
@@ -215,12 +220,12 @@ class TokenAuth:
             return Identity("anonymous", via="none")
         headers: Headers = scope["headers"]
         if self._matches(authorization_token(headers)):
-            return Identity("token-holder", via="header")
+            return Identity(self.user, via="header")
         cookie = parse_cookies(headers).get(self.cookie_name)
         if cookie is not None and same_secret(cookie, self._cookie_value()):
-            return Identity("token-holder", via="cookie")
+            return Identity(self.user, via="cookie")
         if self._matches(query_token(scope.get("query_string", b""))):
-            return Identity("token-holder", set_cookie=self.make_cookie(), via="query")
+            return Identity(self.user, set_cookie=self.make_cookie(), via="query")
         return None
 
     def check_token(self, candidate: str) -> bool:
@@ -246,6 +251,14 @@ class TokenAuth:
         if token is not None and self._matches(token):
             headers = [(n, v) for n, v in headers if n != b"authorization"]
         return headers
+
+
+def local_user() -> str:
+    """The name of the user this process runs as ("token-holder" if the system has none)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):  # no login name and no passwd entry (a bare container)
+        return "token-holder"
 
 
 def same_secret(candidate: str, expected: str) -> bool:

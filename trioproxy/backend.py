@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .backend_tls import BackendTLS, TLSFailure
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -37,9 +39,14 @@ class Backend:
     host: str = "127.0.0.1"
     port: int = 0
     unix_socket: str | None = None
+    tls: BackendTLS | None = None  # backend_tls: every connection is a TLS one
 
     def describe(self) -> str:
         return f"unix:{self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,32 @@ class BackendError(Exception):
         self.reused = reused  # it happened on a connection from the pool
 
 
-async def connect(backend: Backend) -> trio.SocketStream:
-    """A new stream to ``backend``; no timeout (callers set one)."""
+BackendStream = trio.abc.Stream  # a SocketStream, or an SSLStream over one (backend_tls)
+
+
+async def connect_tcp(backend: Backend) -> trio.SocketStream:
+    """A new plain connection to ``backend`` (no TLS); no timeout (callers set one)."""
     if backend.unix_socket:
         return await trio.open_unix_socket(backend.unix_socket)
     return await trio.open_tcp_stream(backend.host, backend.port)
+
+
+async def connect(backend: Backend) -> BackendStream:
+    """A new stream to ``backend``, after its TLS handshake with ``backend_tls``; no timeout
+    (callers set one). A failed handshake is a ``backend_tls.TLSFailure`` (an OSError)."""
+    stream = await connect_tcp(backend)
+    if backend.tls is None:
+        return stream
+    host = None if backend.unix_socket else backend.host
+    return await backend.tls.wrap(stream, host, backend.describe())
+
+
+def socket_of(stream: BackendStream) -> trio.socket.SocketType:
+    """The socket under a backend stream (TLS or not)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket
 
 
 class BackendConnection:
@@ -80,7 +108,7 @@ class BackendConnection:
 
     __slots__ = ("client", "stream", "idle_since", "_closed")
 
-    def __init__(self, client: BackendClient, stream: trio.SocketStream) -> None:
+    def __init__(self, client: BackendClient, stream: BackendStream) -> None:
         self.client = client
         self.stream = stream
         self.idle_since = 0.0
@@ -90,7 +118,7 @@ class BackendConnection:
         # A socket close needs no waiting; doing it synchronously keeps it out of cancellation.
         if not self._closed:
             self._closed = True
-            self.stream.socket.close()
+            socket_of(self.stream).close()
             self.client._forget(self)
 
     def alive(self) -> bool:
@@ -100,7 +128,7 @@ class BackendConnection:
         closed it (EOF) or sent bytes no request asked for, and either way it is done.
         """
         poller = select.poll()
-        poller.register(self.stream.socket.fileno(), select.POLLIN)
+        poller.register(socket_of(self.stream).fileno(), select.POLLIN)
         return not poller.poll(0)
 
 
@@ -154,21 +182,19 @@ class BackendClient:
                 stream = await connect(self.backend)
             except OSError as exc:
                 self._release_slot()
-                raise BackendError(
-                    f"cannot connect to {self.backend.describe()}: {_reason(exc)}", sent=False
-                ) from None
+                raise BackendError(_connect_failure(self.backend, exc), sent=False) from None
             except BaseException:
                 self._release_slot()
                 raise
             if self.closed:  # the process went away while we connected
-                stream.socket.close()
+                socket_of(stream).close()
                 self._release_slot()
                 raise self._closed_error()
             return BackendConnection(self, stream), False
         raise self._too_slow()
 
     @contextlib.asynccontextmanager
-    async def dedicated(self) -> AsyncIterator[trio.SocketStream]:
+    async def dedicated(self) -> AsyncIterator[BackendStream]:
         """A connection of the caller's own while the context lasts (a WebSocket tunnel).
 
         It counts against ``max_websockets`` (see :meth:`reserved`) and is never pooled.
@@ -179,10 +205,10 @@ class BackendClient:
                 with trio.fail_after(self.options.connect_timeout):
                     stream = await connect(self.backend)
             except OSError as exc:
-                raise BackendError(f"cannot connect to {self.backend.describe()}: {_reason(exc)}", sent=False) from None
+                raise BackendError(_connect_failure(self.backend, exc), sent=False) from None
             except trio.TooSlowError:
                 raise self._too_slow() from None
-            with stream.socket:
+            with socket_of(stream):
                 yield stream
 
     @contextlib.asynccontextmanager
@@ -337,6 +363,12 @@ class ProxyTargets:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
+
+
+def _connect_failure(backend: Backend, exc: OSError) -> str:
+    if isinstance(exc, TLSFailure):
+        return str(exc)  # names the backend and TLS already
+    return f"cannot connect to {backend.describe()}: {_reason(exc)}"
 
 
 def _reason(exc: OSError) -> str:

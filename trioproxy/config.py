@@ -255,6 +255,20 @@ class ServerProcess(Configurable):
         "True for those defaults. Off by default.",
     ).tag(config=True)
 
+    forward_user = Union(
+        [Bool(), Dict()],
+        default_value=False,
+        help="Send the authenticated user to the server in signed X-Trioproxy-User, -Groups and "
+        "-Scopes headers (README: Telling an app who its user is): True (the process gets the "
+        "secret in $TRIOPROXY_USER_SECRET), or {'secret': '...'} for a server trioproxy does not start.",
+    ).tag(config=True)
+    backend_tls = Union(
+        [Bool(), Dict()],
+        default_value=False,
+        help="The server speaks HTTPS: True, or {'verify': True, 'ca_file': ..., 'client_cert': ..., "
+        "'client_key': ..., 'hostname': ...}; under JupyterHub's internal_ssl its files by default.",
+    ).tag(config=True)
+
     @default("launcher_entry")
     def _default_launcher_entry(self) -> LauncherEntry:
         return LauncherEntry(parent=self, title=self.name, path_info=self.name + "/")

@@ -9,17 +9,23 @@ restart policy decides what follows, like Kubernetes' liveness probes and system
 :class:`HealthCheck` and :class:`FailureStreak` are plain logic; :func:`probe` does the I/O.
 Readiness (:func:`wait_until_ready`) polls the same way while a process starts. Both go
 through one :class:`Prober` per server, and straight to the backend, not through the relay,
-so they never count as activity.
+so they never count as activity. With ``backend_tls``, a path is fetched over https with the
+relay's TLS settings; a connection check stays a TCP connect (a certificate the relay cannot
+verify is its 502 to explain, not a start that never ends).
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from .backend import Backend, connect
+from .backend import Backend, connect_tcp
+
+log = logging.getLogger("trioproxy.health")
 
 OPTIONS = ("path", "interval", "timeout", "failures")
 
@@ -109,6 +115,7 @@ class Prober:
     def __init__(self) -> None:
         self._client: Any = None  # an httpx.AsyncClient, made on first use
         self._backend: Backend | None = None
+        self._tls_warned = False
 
     async def get(self, backend: Backend, path: str) -> str | None:
         """GET ``path``: None if it answered below 400, else what went wrong. No timeout:
@@ -116,10 +123,21 @@ class Prober:
         import httpx
 
         client = await self._client_for(backend)
-        url = f"http://{backend.host}:{backend.port}/{path.lstrip('/')}"
+        # The name TLS checks is the relay's: localhost over a unix socket.
+        host = "localhost" if backend.unix_socket and backend.tls is not None else backend.host
+        url = f"{backend.scheme}://{host}:{backend.port}/{path.lstrip('/')}"
+        extensions = {}
+        if backend.tls is not None and backend.tls.hostname:
+            extensions["sni_hostname"] = backend.tls.hostname
         try:
-            response = await client.get(url)
+            response = await client.get(url, extensions=extensions)
         except httpx.ConnectError as exc:
+            tls = _tls_error(exc)
+            if tls is not None:
+                if not self._tls_warned:  # a readiness poll every 5 ms: said once
+                    self._tls_warned = True
+                    log.warning("%s: GET %s %s", backend.describe(), path, tls)
+                return tls
             return _connect_error(exc)
         except httpx.HTTPError as exc:
             return f"failed ({type(exc).__name__})"
@@ -133,9 +151,11 @@ class Prober:
         if self._client is not None and self._backend == backend:
             return self._client
         await self.aclose()
-        transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket) if backend.unix_socket else None
+        # With backend_tls, the relay's TLS settings (verification included).
+        verify: Any = backend.tls.context if backend.tls is not None else False
+        transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket, verify=verify) if backend.unix_socket else None
         # The caller's deadline bounds each check; httpx's own timeouts are off.
-        self._client = httpx.AsyncClient(transport=transport, timeout=None, verify=False, trust_env=False)
+        self._client = httpx.AsyncClient(transport=transport, timeout=None, verify=verify, trust_env=False)
         self._backend = backend
         return self._client
 
@@ -149,7 +169,8 @@ class Prober:
 async def accepts(backend: Backend) -> str | None:
     """None if the backend accepts a connection, else why not."""
     try:
-        stream = await connect(backend)
+        # The port, not TLS: a backend_tls handshake that fails is the relay's 502 to explain.
+        stream = await connect_tcp(backend)
     except OSError as exc:
         return _connect_error(exc)
     await stream.aclose()
@@ -193,6 +214,18 @@ def ready_poll_interval(waited: float) -> float:
     microseconds, and a start that takes long is polled ten times a second.
     """
     return min(READY_POLL_LONGEST, max(READY_POLL_FIRST, (waited - 5) / 100))
+
+
+def _tls_error(exc: BaseException) -> str | None:
+    """What TLS said, if an httpx connection failed in its TLS handshake."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"failed TLS verification ({cause.verify_message or cause.reason})"
+    if isinstance(cause, ssl.SSLError):
+        return f"failed its TLS handshake ({cause.reason or cause})"
+    return None
 
 
 def _connect_error(exc: BaseException) -> str:

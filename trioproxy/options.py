@@ -38,7 +38,10 @@ _FIELD_CHAR = re.compile(r"[\t \x21-\x7e\x80-\xff]*")
 # management. An override of those would make the backend read another body than was sent.
 RESERVED_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
+    # forward_user's (trioproxy.identity): only trioproxy may say who the user is.
+    | {"x-trioproxy-user", "x-trioproxy-groups", "x-trioproxy-scopes", "x-trioproxy-user-signature"}
 )
+_IDENTITY = frozenset(name for name in RESERVED_HEADERS if name.startswith("x-trioproxy-"))
 # sun_path holds 108 bytes on Linux, 104 on the BSDs and macOS, the terminating NUL included.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
@@ -80,7 +83,8 @@ def header_value_problem(name: str, value: Any) -> str | None:
 
 def check_header(option: str, name: Any, value: Any) -> None:
     problem = header_name_problem(name) or header_value_problem(name, value)
-    if problem is None and name.lower() in RESERVED_HEADERS:
+    # "_" for "-" as well: a WSGI server reads X_Trioproxy_User as X-Trioproxy-User.
+    if problem is None and (name.lower() in RESERVED_HEADERS or name.lower().replace("_", "-") in _IDENTITY):
         problem = f"header {name!r} is set by trioproxy for each request and cannot be overridden"
     if problem is not None:
         raise OptionError(option, problem)
@@ -206,6 +210,18 @@ def check_server(process: Any) -> None:
         check_unix_socket(process.unix_socket)
     if process.ready_check_path is not None:
         check_request_path("ready_check_path", process.ready_check_path)
+    check_features(process)
+
+
+def check_features(process: Any) -> None:
+    """``forward_user`` and ``backend_tls`` (their own modules have the rules)."""
+    from . import backend_tls, identity
+
+    for option, parse in (("forward_user", identity.forward_user), ("backend_tls", backend_tls.backend_tls)):
+        try:
+            parse(process)
+        except ValueError as exc:
+            raise OptionError(option, str(exc)) from None
 
 
 def check_app_options(app: Any) -> None:

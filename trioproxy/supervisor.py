@@ -28,10 +28,12 @@ import trio
 from .addresses import ServerAddress
 from .auth import learn_secrets, mask_argv, mask_environment, secret_values
 from .backend import Backend, BackendClient, ClientOptions
+from .backend_tls import server_tls
 from .config import ServerProcess, failed_server
 from .errors import sole_exception
 from .health import FailureStreak, Prober, probe, wait_until_ready
 from .histogram import Histogram
+from .identity import secret_environment
 from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
@@ -167,7 +169,7 @@ class ServerSupervisor:
             max_websockets=process.max_websockets,
             pool_idle_timeout=process.pool_idle_timeout,
         )
-        self.address = ServerAddress(process.port, process.unix_socket)
+        self.address = ServerAddress(process.port, process.unix_socket, server_tls(process))
         if guard is not None and self.address.owned_dir:
             guard.remove_on_exit(self.address.owned_dir)  # even if trioproxy is killed
         self.has_command = bool(process.command)
@@ -533,6 +535,7 @@ class ServerSupervisor:
         variables = self.template_variables()
         argv = _expanded("command", expand_list, self.process.command, variables)
         extra_env = _expanded("environment", expand_environment, self.process.environment, variables)
+        extra_env = {**extra_env, **secret_environment(self.process)}  # forward_user's secret wins
         if not argv:
             raise _StartFailed("the command is empty")
         # Before the checks, whose messages may quote a value: masked there too.

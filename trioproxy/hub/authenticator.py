@@ -127,7 +127,7 @@ class HubAuth:
         if token is None:
             return None
         model = await self._allowed_user(token)
-        return Identity(model["name"], via="hub-token") if model is not None else None
+        return _identity(model, "hub-token") if model is not None else None
 
     async def _by_session(self, headers: Headers) -> Identity | None:
         session_id = parse_cookies(headers).get(self.cookie_name)
@@ -140,7 +140,7 @@ class HubAuth:
         if model is None:
             self.sessions.end(session_id)  # revoked or expired at the Hub: log in again
             return None
-        return Identity(model["name"], via="hub-cookie")
+        return _identity(model, "hub-cookie")
 
     async def _allowed_user(self, token: str) -> dict[str, Any] | None:
         """The Hub's user model for ``token`` if that user may use this server."""
@@ -210,6 +210,18 @@ class HubAuth:
             await report_activity_forever(
                 self.settings.activity_interval, latest_of(*sources), hub_reporter(self.client)
             )
+
+
+def _identity(model: dict[str, Any], via: str) -> Identity:
+    """Who the Hub says a token is: the user's name, groups and the token's scopes (what
+    ``forward_user`` tells apps). A Hub that leaves groups out (the token may not read them)
+    gives none."""
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = model.get(key)
+        return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else ()
+
+    return Identity(model["name"], via=via, groups=strings("groups"), scopes=strings("scopes"))
 
 
 if TYPE_CHECKING:

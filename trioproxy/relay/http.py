@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from ..backend import BackendClient, BackendConnection, BackendError
+from ..backend_tls import broken_by_tls, refused_after_handshake
 from ..listener import client_gone
 from .framing import body_framing
 from .headers import REDIRECT_CODES, Headers, rewrite_location, strip_hop_by_hop
@@ -155,6 +156,7 @@ class _Exchange:
         self.discard_upload = False  # drop the rest of the client's body
         # The response head is due response_timeout after the request's end.
         self.head_deadline = float("inf")
+        self.broken_by: str | None = None  # what broke the connection, when TLS says
         self.head_scope: trio.CancelScope | None = None
 
     def request_done(self) -> None:
@@ -174,13 +176,16 @@ class _Exchange:
             self.connection.client.release(self.connection)
 
     def broke_off(self, message: str) -> BackendError:
+        if self.broken_by is not None:
+            message = f"{message} ({self.broken_by})"
         return BackendError(message, reused=self.reused)
 
     async def read_more(self, size: int) -> bool:
         """Read and parse more of the response; False when the backend broke it off."""
         try:
             data = await self.connection.stream.receive_some(size)
-        except _BROKEN:
+        except _BROKEN as exc:
+            self.broken_by = broken_by_tls(exc)
             data = b""
         try:
             if data:
@@ -222,7 +227,8 @@ async def _run_exchange(exchange: _Exchange, head: bytes, more_body: bool, chunk
     try:
         await stream.send_all(head)
     except _BROKEN:
-        raise exchange.broke_off("the backend closed the connection") from None
+        tls = "" if exchange.reused else refused_after_handshake(stream)
+        raise exchange.broke_off("the backend closed the connection" + tls) from None
     if not more_body:
         exchange.request_done()
         await _respond_watching(exchange)

@@ -142,7 +142,7 @@ class ResponseReader:
 
     # feeding
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self.complete and self._head_request:
             return  # a HEAD response's promised length is not sent
         try:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from ..backend_tls import broken_by_tls, refused_after_handshake
 from .headers import Headers, canonical_name
 
 if TYPE_CHECKING:
@@ -113,7 +114,8 @@ async def open_backend(stream: Stream, target: bytes, headers: Headers) -> Switc
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(READ_SIZE)
                 if not data and not received:
-                    raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake")
+                    tls = refused_after_handshake(stream)
+                    raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake" + tls)
                 received += data
                 connection.receive_data(bytes(data))
             elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
@@ -128,8 +130,10 @@ async def open_backend(stream: Stream, target: bytes, headers: Headers) -> Switc
         if not received:
             raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake") from None
         raise BackendFailed(502, "the backend's answer to the WebSocket upgrade is not a valid handshake") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        alert = broken_by_tls(exc)
+        tls = f" ({alert})" if alert else refused_after_handshake(stream) if not received else ""
+        raise BackendFailed(502, "the backend closed the connection during the WebSocket handshake" + tls) from None
 
 
 async def _refusal(stream: Stream, connection: h11.Connection, response: h11.Response) -> Refusal:

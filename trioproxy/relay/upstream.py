@@ -3,7 +3,8 @@
 The client's request arrives as an ASGI scope; the backend gets the path below the server's
 prefix (or the full path with ``absolute_url``), mapped by ``mappath`` and requoted, the
 query, and the client's headers without hop-by-hop and framing ones, without trioproxy's own
-credentials, with the forwarded headers and the server's overrides.
+credentials and any copy of the identity headers (:mod:`trioproxy.identity`), with the
+forwarded headers and the server's overrides.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from ..identity import is_identity_header
 from ..options import check_header
 from ..routing import Route
 from ..templating import call_with_asked_args, expand_dict
@@ -100,10 +102,11 @@ def upstream_headers(
     """
     client_headers: Headers = scope["headers"]
     dropped = FRAMING if trusted else FRAMING | FORWARDING
+    # A client's copy of forward_user's identity headers never passes (trioproxy.identity).
     headers = [
         (name, value)
         for name, value in strip_credentials(strip_hop_by_hop(client_headers))
-        if name not in dropped
+        if name not in dropped and not is_identity_header(name)
     ]
     client = scope.get("client")
     headers = replace_headers(

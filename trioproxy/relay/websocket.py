@@ -34,7 +34,8 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
-from ..backend import Backend, connect
+from ..backend import Backend, BackendStream, connect
+from ..backend_tls import TLSFailure, broken_by_tls, refused_after_handshake
 from ..errors import error_response, render_error, sole_exception
 from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
@@ -182,9 +183,10 @@ class _WatchedStream(trio.abc.Stream):
     forever; this is how the relay notices instead.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: BackendStream) -> None:
         self.stream = stream
         self.ended = False
+        self.broken_by: str | None = None  # what TLS said, if it broke the connection
         self.on_end: Callable[[], Any] | None = None
 
     def _end(self) -> None:
@@ -201,7 +203,8 @@ class _WatchedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.broken_by = broken_by_tls(exc)
             self._end()
             raise
         if not data:
@@ -263,11 +266,13 @@ async def refuse_websocket(
     await _Client(scope, send).refuse(_Refused(status, message, headers, body), server or "trioproxy")
 
 
-async def _connect(target: WebSocketTarget) -> trio.SocketStream:
+async def _connect(target: WebSocketTarget) -> BackendStream:
     where = target.backend.describe()
     try:
         with trio.fail_after(target.connect_timeout):
             return await connect(target.backend)
+    except TLSFailure as exc:
+        raise _Refused(502, str(exc)) from None
     except OSError as exc:
         raise _Refused(502, f"cannot connect to {where}: {exc.strerror or exc}") from None
     except trio.TooSlowError:
@@ -342,7 +347,8 @@ async def _open_handshake(
     if client.disconnected:
         raise _ClientLeft()
     if stream.ended:
-        raise _Refused(502, "the backend closed the connection during the WebSocket handshake")
+        tls = f" ({stream.broken_by})" if stream.broken_by else refused_after_handshake(stream.stream)
+        raise _Refused(502, "the backend closed the connection during the WebSocket handshake" + tls)
     raise _Refused(
         504, f"the backend did not answer the WebSocket upgrade within {target.handshake_timeout:g} s"
     )
@@ -460,7 +466,7 @@ async def _relay_raw(receive: Receive, client: _Client, target: WebSocketTarget)
 
 
 async def _client_to_raw(
-    receive: Receive, stream: trio.SocketStream, client: _Client, target: WebSocketTarget
+    receive: Receive, stream: BackendStream, client: _Client, target: WebSocketTarget
 ) -> None:
     on_activity = target.on_activity
     while True:
@@ -484,7 +490,7 @@ async def _client_to_raw(
 
 
 async def _raw_to_client(
-    stream: trio.SocketStream, client: _Client, target: WebSocketTarget, session: trio.CancelScope
+    stream: BackendStream, client: _Client, target: WebSocketTarget, session: trio.CancelScope
 ) -> None:
     on_activity = target.on_activity
     while True:
