@@ -526,6 +526,15 @@ def collect_servers(proxy: ServerProxy, *, source: str = CONFIGURATION) -> dict[
                 raise ConfigError(message)
             log.warning("%s; it gets no route (404), as in jupyter-server-proxy", message)
             del servers[name]
+    if proxy.load_entry_points:  # packages' Jupyter server extensions (their pages), in a child of their own
+        from .server_extensions import extension_servers
+
+        for name, settings in extension_servers(servers, reserved=RESERVED_NAMES).items():
+            try:
+                check_server_name(name)
+                servers[name] = load_server(name, settings, parent=proxy, strict=strict, source=f"server {name!r}'s extension host")
+            except ConfigError as exc:
+                log.error("not serving the server extension page %r: %s", name, exc)
     return servers
 
 

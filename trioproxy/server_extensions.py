@@ -1,0 +1,165 @@
+"""Pages that jupyter-*-proxy packages serve from a Jupyter server extension.
+
+Some packages that register ``jupyter_serverproxy_servers`` serve their user-facing page not
+from the process they start but from a Jupyter *server extension* of their own, which Jupyter
+Server loads beside jupyter-server-proxy: jupyter-remote-desktop-proxy's ``<base>/desktop/``
+(a template and noVNC's static files) is one; its launcher entry points there
+(``path_info: desktop``), while its server, ``desktop-websockify``, only carries the VNC
+WebSocket. trioproxy is no Jupyter Server, so it runs such extensions in one of its own
+servers: a Jupyter Server child (``trioproxy.extension_host``) per package, started on demand
+and supervised like any other, reached under the path its launcher entry points to.
+
+Discovery, without importing anything: a distribution that registers
+``jupyter_serverproxy_servers`` entry points and installs a
+``etc/jupyter/jupyter_server_config.d/*.json`` enabling server extensions
+(``ServerApp.jpserver_extensions``), which is how such packages enable themselves for Jupyter.
+The path to serve is the first segment of its servers' ``launcher_entry.path_info`` where that
+is not a server's own name: that is the page the launcher opens. A package whose extension
+serves nothing its launcher points to gets no child (its pages are not reachable from
+trioproxy's launcher anyway, and starting a Jupyter Server for them would cost for nothing).
+
+The child is named after that path (``desktop``), is relayed with ``absolute_url`` (Jupyter
+Server wants the whole path under its own ``base_url``, which is trioproxy's), and trusts only
+a token header trioproxy adds to each request it relays (see :mod:`trioproxy.extension_host`),
+so trioproxy's authentication, token or JupyterHub, is the one that decides. A server of that
+name in the configuration replaces it, as for every entry point's server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import Distribution, distributions
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+log = logging.getLogger("trioproxy.config")
+
+GROUP = "jupyter_serverproxy_servers"
+TOKEN_ENV = "TRIOPROXY_EXTENSION_HOST_TOKEN"
+# One token for the life of this trioproxy: a reload compares server settings by value, and a
+# new token would make every extension host look changed and restart.
+_TOKEN = secrets.token_hex(24)
+
+
+@dataclass(frozen=True)
+class PackageExtension:
+    """The server extensions one distribution enables, and the entry points it registers."""
+
+    distribution: str  # "jupyter-remote-desktop-proxy 3.0.1"
+    modules: tuple[str, ...]
+    entry_points: tuple[str, ...]
+
+
+def _config_files(dist: Distribution) -> list[Path]:
+    """The ``jupyter_server_config.d`` JSON files ``dist`` installed, where they are.
+
+    The recorded path is relative to the site directory (``../../../etc/jupyter/…`` for a
+    prefix install); ``pip install --target`` records the prefix's path but puts the file
+    below the target, so that place is tried too.
+    """
+    found = []
+    for file in dist.files or []:
+        path = PurePosixPath(str(file))
+        if path.suffix != ".json" or path.parent.name != "jupyter_server_config.d":
+            continue
+        site = Path(str(dist.locate_file("")))
+        for candidate in (Path(str(dist.locate_file(file))), site / "etc" / "jupyter" / "jupyter_server_config.d" / path.name):
+            if candidate.is_file():
+                found.append(candidate)
+                break
+    return found
+
+
+def enabled_modules(files: Iterable[Path], where: str) -> list[str]:
+    """Extension modules the files enable (``{"ServerApp": {"jpserver_extensions": {m: true}}}``);
+    a file that cannot be read or is not that shape is logged and skipped."""
+    modules: list[str] = []
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+            extensions = data.get("ServerApp", {}).get("jpserver_extensions", {})
+            if not isinstance(extensions, dict):
+                raise ValueError("ServerApp.jpserver_extensions is not an object")
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("ignoring %s of %s: %s", file, where, exc)
+            continue
+        modules += [str(name) for name, on in extensions.items() if on is True and name not in modules]
+    return modules
+
+
+def find_package_extensions() -> list[PackageExtension]:
+    """Installed distributions with both server-proxy entry points and enabled extensions, in
+    ``importlib.metadata``'s order, each once."""
+    seen: set[str] = set()
+    found = []
+    for dist in distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        names = tuple(entry.name for entry in dist.entry_points if entry.group == GROUP)
+        if not names:
+            continue
+        where = f"{dist.metadata['Name']} {dist.version}"
+        modules = enabled_modules(_config_files(dist), where)
+        if modules:
+            found.append(PackageExtension(where, tuple(modules), names))
+    return found
+
+
+def _first_segment(path_info: str) -> str:
+    return path_info.lstrip("/").split("?")[0].split("#")[0].split("/")[0]
+
+
+def page_paths(package: PackageExtension, servers: Mapping[str, Any]) -> list[str]:
+    """Where the package's launcher entries point outside its own servers' paths."""
+    paths: list[str] = []
+    for name in package.entry_points:
+        process = servers.get(name)
+        if process is None or process.config_error is not None:
+            continue
+        segment = _first_segment(process.launcher.path_info)
+        if segment and segment not in servers and segment not in paths:
+            paths.append(segment)
+    return paths
+
+
+def host_settings(modules: Iterable[str], title: str) -> dict[str, Any]:
+    """The server that runs ``modules`` in a Jupyter Server child."""
+    return {
+        "command": [
+            sys.executable, "-m", "trioproxy.extension_host",
+            "--port", "{port}", "--base-url", "{base_url}", "--auth-variable", TOKEN_ENV, *modules,
+        ],
+        "environment": {TOKEN_ENV: _TOKEN},
+        "request_headers_override": {"Authorization": f"token {_TOKEN}"},
+        "absolute_url": True,
+        "timeout": 60,  # a Jupyter Server's start, on a loaded machine
+        "launcher_entry": {"enabled": False, "title": title},
+    }
+
+
+def extension_servers(servers: Mapping[str, Any], *, reserved: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Settings of the extension hosts to add beside ``servers`` (the loaded ones), by name."""
+    taken = set(reserved)
+    hosts: dict[str, dict[str, Any]] = {}
+    for package in find_package_extensions():
+        paths = [path for path in page_paths(package, servers) if path not in taken and path not in hosts]
+        if not paths:
+            log.info(
+                "not running the server extension(s) %s of %s: none of its launcher entries points to a page "
+                "outside its servers", ", ".join(package.modules), package.distribution,
+            )
+            continue
+        for path in paths:
+            log.info(
+                "server %r: the server extension(s) %s of %s, in a Jupyter Server started on first use",
+                path, ", ".join(package.modules), package.distribution,
+            )
+            hosts[path] = host_settings(package.modules, f"{package.distribution}: {', '.join(package.modules)}")
+    return hosts
