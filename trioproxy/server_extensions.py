@@ -92,12 +92,12 @@ def enabled_modules(files: Iterable[Path], where: str) -> list[str]:
     return modules
 
 
-def find_package_extensions() -> list[PackageExtension]:
-    """Installed distributions with both server-proxy entry points and enabled extensions, in
-    ``importlib.metadata``'s order, each once."""
+def find_package_extensions(path: list[str] | None = None) -> list[PackageExtension]:
+    """Installed distributions (on ``path``, by default ``sys.path``) with both server-proxy
+    entry points and enabled extensions, in ``importlib.metadata``'s order, each once."""
     seen: set[str] = set()
     found = []
-    for dist in distributions():
+    for dist in distributions() if path is None else distributions(path=path):
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
         if name in seen:
             continue
@@ -144,22 +144,24 @@ def host_settings(modules: Iterable[str], title: str) -> dict[str, Any]:
     }
 
 
-def extension_servers(servers: Mapping[str, Any], *, reserved: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def extension_servers(
+    servers: Mapping[str, Any], *, reserved: Iterable[str] = (), path: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Settings of the extension hosts to add beside ``servers`` (the loaded ones), by name."""
     taken = set(reserved)
     hosts: dict[str, dict[str, Any]] = {}
-    for package in find_package_extensions():
-        paths = [path for path in page_paths(package, servers) if path not in taken and path not in hosts]
-        if not paths:
+    for package in find_package_extensions(path):
+        pages = [page for page in page_paths(package, servers) if page not in taken and page not in hosts]
+        if not pages:
             log.info(
                 "not running the server extension(s) %s of %s: none of its launcher entries points to a page "
                 "outside its servers", ", ".join(package.modules), package.distribution,
             )
             continue
-        for path in paths:
+        for page in pages:
             log.info(
                 "server %r: the server extension(s) %s of %s, in a Jupyter Server started on first use",
-                path, ", ".join(package.modules), package.distribution,
+                page, ", ".join(package.modules), package.distribution,
             )
-            hosts[path] = host_settings(package.modules, f"{package.distribution}: {', '.join(package.modules)}")
+            hosts[page] = host_settings(package.modules, f"{package.distribution}: {', '.join(package.modules)}")
     return hosts
