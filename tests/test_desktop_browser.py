@@ -239,6 +239,14 @@ def test_desktop_starts_and_stops_leave_no_x_server(desktop: Desktop) -> None:
     # The page for a browser that is not logged in: trioproxy's login, not Jupyter's.
     page = httpx.get(f"{desktop.url}desktop/", headers={"Accept": "text/html"}, timeout=30)
     assert page.status_code in (302, 303) and "login" in page.headers["location"]
+    # trioproxy killed outright: its orphan guard ends the X server and the extension host too.
+    assert desktop.api("POST", "servers/desktop-websockify/start").status_code == 200
+    assert len(_xservers(desktop.marker)) == 1
+    desktop.service.process.kill()
+    deadline = time.monotonic() + 30
+    while marked_pids(desktop.marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [_comm(pid) for pid in marked_pids(desktop.marker)] == []
 
 
 async def test_desktop_under_jupyterhub(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -192,6 +192,10 @@ def test_an_extension_page_is_served_under_the_base_url(tmp_path: Path, proxy_pr
         # The launcher opens the package's entry, pointing at the page; the host has no entry.
         info = client.get("server-proxy/servers-info").json()["server_processes"]
         assert [(s["name"], s["launcher_entry"]["path_info"]) for s in info if s["launcher_entry"]["enabled"]] == [("page-ws", "page")]
+        # A reload finds the same host: the running one is left alone.
+        reload = client.post("server-proxy/api/reload").json()
+        assert "page" in reload["unchanged"] and reload["changed"] == [], reload
+        assert client.get("server-proxy/api/servers/page").json()["state"] == "ready"
     output = "".join(proxy_processes[0].lines)
     assert TOKEN_ENV in output and "page_proxy" in output
     # The host's own token is never in the log (argv carries the variable's name, not its value).
