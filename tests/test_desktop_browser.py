@@ -173,7 +173,7 @@ def type_into_the_desktop(page: Page) -> None:
     assert (after["width"], after["height"]) == (before["width"], before["height"])
 
 
-def open_desktop_from_the_launcher(url: str) -> None:
+def open_desktop_from_the_launcher(url: str, hub_home: str | None = None) -> None:
     with sync_playwright() as playwright:
         browser = launch(playwright)
         try:
@@ -185,6 +185,11 @@ def open_desktop_from_the_launcher(url: str) -> None:
             with page.context.expect_page() as opened:
                 entry.get_by_role("link", name="Open").click()
             type_into_the_desktop(opened.value)
+            hub_link = opened.value.get_by_role("link", name="Hub Control Panel")
+            if hub_home is None:
+                expect(hub_link).to_have_count(0)
+            else:
+                expect(hub_link).to_have_attribute("href", hub_home)
         finally:
             browser.close()
 
@@ -265,5 +270,5 @@ async def test_desktop_under_jupyterhub(nursery: trio.Nursery, tmp_path: Path) -
         await trio.to_thread.run_sync(lambda: read_until(service, "trioproxy is serving", timeout=60))
         with trio.fail_after(150):
             # The browser logs in through the Hub's OAuth, lands on the launcher, opens Desktop.
-            await trio.to_thread.run_sync(open_desktop_from_the_launcher, f"http://127.0.0.1:{port}{PREFIX}")
+            await trio.to_thread.run_sync(open_desktop_from_the_launcher, f"http://127.0.0.1:{port}{PREFIX}", f"{hub.url}/hub/home")
         assert hub.token_requests, "the browser did not log in through the Hub"

@@ -36,6 +36,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def hub_template_vars(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """Under JupyterHub, what jupyterhub-singleuser gives extensions' templates: the link back
+    to the Hub's control panel (jupyter-remote-desktop-proxy's page shows it)."""
+    if "JUPYTERHUB_API_TOKEN" not in environ or "JUPYTERHUB_BASE_URL" not in environ:
+        return {}
+    base = environ["JUPYTERHUB_BASE_URL"].rstrip("/")
+    return {"hub_control_panel_url": f"{environ.get('JUPYTERHUB_HOST', '')}{base}/hub/home"}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     token = os.environ.pop(args.auth_variable, "")
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = ExtensionHost()
     app.jpserver_extensions = dict.fromkeys(args.modules, True)
+    app.jinja_template_vars = hub_template_vars(os.environ)
     app.identity_provider_class = TrioproxyIdentity
     app.initialize(
         argv=[
