@@ -24,6 +24,7 @@ from trioproxy.config import make_server_process
 from trioproxy.server_extensions import (
     TOKEN_ENV,
     PackageExtension,
+    disabled_in_jupyter_config,
     extension_servers,
     find_package_extensions,
     page_paths,
@@ -97,6 +98,28 @@ def test_extensions_are_found_where_pip_puts_their_config(tmp_path: Path) -> Non
         PackageExtension("prefix-proxy 1.0", ("prefix_proxy",), ("a",)),
         PackageExtension("target-proxy 1.0", ("target_proxy",), ("b",)),
     ]
+
+
+def test_an_extension_disabled_in_the_jupyter_configuration_is_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    site, user, system = tmp_path / "site", tmp_path / "user", tmp_path / "system"
+    site.mkdir()
+    write_package(site, "desk-proxy", servers={"a": PAGE}, config=enabling("desk_proxy"))
+    # What `jupyter server extension disable desk_proxy` writes, in the user's directory.
+    (user / "jupyter_server_config.d").mkdir(parents=True)
+    (user / "jupyter_server_config.d" / "desk_proxy.json").write_text(json.dumps(enabling("desk_proxy", False)))
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(user))
+    with caplog.at_level(logging.INFO, "trioproxy.config"):
+        assert find_package_extensions([str(site)]) == []
+    assert "desk_proxy of desk-proxy 1.0: disabled in the Jupyter configuration" in caplog.text
+    # Merged as Jupyter merges: a directory of higher priority (listed first) wins.
+    system.mkdir()
+    (system / "jupyter_server_config.json").write_text(json.dumps(enabling("desk_proxy", True)))
+    assert disabled_in_jupyter_config(["desk_proxy"], [str(user), str(system)]) == {"desk_proxy"}
+    assert disabled_in_jupyter_config(["desk_proxy"], [str(system), str(user)]) == set()
+    (system / "jupyter_server_config.json").write_text("{broken")  # Jupyter's to report; no change here
+    assert disabled_in_jupyter_config(["desk_proxy"], [str(system), str(user)]) == {"desk_proxy"}
 
 
 @pytest.mark.parametrize(

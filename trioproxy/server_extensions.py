@@ -12,7 +12,9 @@ and supervised like any other, reached under the path its launcher entry points 
 Discovery, without importing anything: a distribution that registers
 ``jupyter_serverproxy_servers`` entry points and installs a
 ``etc/jupyter/jupyter_server_config.d/*.json`` enabling server extensions
-(``ServerApp.jpserver_extensions``), which is how such packages enable themselves for Jupyter.
+(``ServerApp.jpserver_extensions``), which is how such packages enable themselves for Jupyter;
+one turned off in the Jupyter configuration's JSON files (``jupyter server extension disable``)
+is left out, as Jupyter Server merges them.
 The path to serve is the first segment of its servers' ``launcher_entry.path_info`` where that
 is not a server's own name: that is the page the launcher opens. A package whose extension
 serves nothing its launcher points to gets no child (its pages are not reachable from
@@ -107,9 +109,41 @@ def find_package_extensions(path: list[str] | None = None) -> list[PackageExtens
             continue
         where = f"{dist.metadata['Name']} {dist.version}"
         modules = enabled_modules(_config_files(dist), where)
+        off = disabled_in_jupyter_config(modules) if modules else set()
+        if off:
+            log.info("not running the server extension(s) %s of %s: disabled in the Jupyter configuration", ", ".join(sorted(off)), where)
+            modules = [module for module in modules if module not in off]
         if modules:
             found.append(PackageExtension(where, tuple(modules), names))
     return found
+
+
+def _jupyter_config_dirs() -> list[str]:
+    """Jupyter's config path, highest priority first (as ``jupyter --paths`` lists it)."""
+    try:
+        from jupyter_core.paths import jupyter_config_path
+    except ImportError:
+        return []
+    return list(jupyter_config_path())
+
+
+def disabled_in_jupyter_config(modules: Iterable[str], directories: list[str] | None = None) -> set[str]:
+    """Which of ``modules`` the Jupyter configuration turns off, as Jupyter Server merges it:
+    ``jupyter_server_config.d/*.json`` then ``jupyter_server_config.json`` of each directory,
+    lowest priority first (``jupyter server extension disable <module>`` writes such a file)."""
+    wanted = set(modules)
+    state: dict[str, bool] = {}
+    for directory in reversed(_jupyter_config_dirs() if directories is None else directories):
+        base = Path(directory)
+        files = sorted((base / "jupyter_server_config.d").glob("*.json")) + [base / "jupyter_server_config.json"]
+        for file in files:
+            try:
+                extensions = json.loads(file.read_text()).get("ServerApp", {}).get("jpserver_extensions", {})
+            except (OSError, ValueError, AttributeError):
+                continue  # Jupyter's to complain about; a missing file is the common case
+            if isinstance(extensions, dict):
+                state.update({name: bool(on) for name, on in extensions.items() if name in wanted})
+    return {name for name, on in state.items() if not on}
 
 
 def _first_segment(path_info: str) -> str:
