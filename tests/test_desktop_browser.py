@@ -239,8 +239,12 @@ def test_desktop_starts_and_stops_leave_no_x_server(desktop: Desktop) -> None:
     for attempt in ({}, {"params": {"token": TOKEN}}, {"headers": {"Authorization": f"token {TOKEN}"}}):
         refused = httpx.get(direct, timeout=30, **attempt)  # type: ignore[arg-type]
         assert refused.status_code in (302, 403) and "viewer.js" not in refused.text, (attempt, refused.status_code)
-    # ... and serves it to trioproxy's header.
-    assert "viewer.js" in httpx.get(direct, timeout=30, headers=host_header(desktop)).text
+    # ... and serves it to trioproxy's header, which trioproxy never shows.
+    header = host_header(desktop)
+    assert "viewer.js" in httpx.get(direct, timeout=30, headers=header).text
+    secret = header["Authorization"].split()[1]
+    for shown in (desktop.api("GET", "servers").text, desktop.api("GET", "servers/desktop/logs").text, desktop.service.log()):
+        assert secret not in shown
     # The page for a browser that is not logged in: trioproxy's login, not Jupyter's.
     page = httpx.get(f"{desktop.url}desktop/", headers={"Accept": "text/html"}, timeout=30)
     assert page.status_code in (302, 303) and "login" in page.headers["location"]
