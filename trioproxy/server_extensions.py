@@ -9,7 +9,7 @@ WebSocket. trioproxy is no Jupyter Server, so it runs such extensions in one of 
 servers: a Jupyter Server child (``trioproxy.extension_host``) per package, started on demand
 and supervised like any other, reached under the path its launcher entry points to.
 
-Discovery, without importing anything: a distribution that registers
+Discovery, without importing the packages: a distribution that registers
 ``jupyter_serverproxy_servers`` entry points and installs a
 ``etc/jupyter/jupyter_server_config.d/*.json`` enabling server extensions
 (``ServerApp.jpserver_extensions``), which is how such packages enable themselves for Jupyter;
