@@ -78,13 +78,21 @@ async def start_proxy(
     *,
     token: str | None = TOKEN,
     base_url: str = "/",
+    templates: dict[str, dict[str, Any]] | None = None,
     **settings: Any,
 ) -> Proxy:
-    """Start supervisors and Hypercorn on a free loopback port inside ``nursery``."""
+    """Start supervisors and Hypercorn on a free loopback port inside ``nursery``
+    (``templates``: as ``c.ServerProxy.templates``)."""
     from hypercorn.config import Config
 
     processes = {name: make_server_process(name, cfg) for name, cfg in (servers or {}).items()}
     supervisors = Supervisors(processes, base_url=base_url)
+    if templates is not None:
+        from trioproxy.instances import Instances, load_templates
+
+        loaded, invalid = load_templates(templates)
+        settings["instances"] = Instances(supervisors, loaded)
+        settings["instances"].invalid = invalid
     app = create_app(
         Settings(base_url=base_url, auth=TokenAuth(token, base_url=base_url), **settings), supervisors
     )

@@ -404,14 +404,18 @@ async def test_clients_that_give_up_before_the_head_close_their_backend_connecti
         await stream.send_all(
             b"POST /logged/" + path + b" HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: %d\r\n\r\n" % len(body) + body
         )
-        await trio.sleep(0.3)
+        # Gives up once its request is at the backend, waiting for the answer's head.
+        with trio.fail_after(30):
+            while not any(target.endswith("/" + path.decode()) for target in backend.paths()):
+                await trio.sleep(0.01)
         await stream.aclose()
 
     async with trio.open_nursery() as clients:
         for number in range(50):
             clients.start_soon(give_up, b"%d" % number, b"" if number % 2 else b"some body")
     assert len(backend.requests) == 50
-    with trio.fail_after(1):
+    # Closed within seconds: a leak would hold them for the backend's idle timeout (minutes).
+    with trio.fail_after(20):
         while backend.open:
             await trio.sleep(0.01)
 
@@ -426,7 +430,7 @@ async def test_a_client_that_leaves_a_quiet_stream_closes_its_backend_connection
         received += await stream.receive_some(65536)
     assert backend.open == 1
     await stream.aclose()
-    with trio.fail_after(1):
+    with trio.fail_after(20):
         while backend.open:
             await trio.sleep(0.02)
 

@@ -178,7 +178,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     ws_config = tmp / "ws_config.py"
     ws_config.write_text(
         "c.ServerProxy.servers = "
-        + repr({"ws": {"command": [sys.executable, str(BACKENDS / "ws_echo.py"), "{port}"]}})
+        + repr(
+            {
+                "ws": {"command": [sys.executable, str(BACKENDS / "ws_echo.py"), "{port}"]},
+                "asker": {"command": [sys.executable, str(BACKENDS / "asks_url.py"), "{port}"], "path": "tools/asker"},
+            }
+        )
         + "\n"
     )
     config = tmp / "jupyterhub_config.py"
@@ -262,6 +267,16 @@ async def test_websocket_through_the_hubs_proxy(hub: Hub, alice_server: dict[str
             assert await ws.get_message() == "through configurable-http-proxy"
             await ws.send_message(b"\x01\x02")
             assert await ws.get_message() == b"\x01\x02"
+
+
+def test_a_child_asks_its_url_with_the_servers_own_hub_token(hub: Hub, alice_server: dict[str, Any]) -> None:
+    """README "Apps that know their public URL": the Hub's server token (its
+    access:servers!server scope) lets a child ask trioproxy's API, at $JUPYTERHUB_SERVICE_URL."""
+    alice = httpx.get(f"{hub.url}/user/alice/tools/asker/", headers={"Authorization": f"token {hub.token_of('alice')}"}, timeout=30)
+    assert alice.status_code == 200, alice.text
+    seen = alice.json()
+    assert seen["prefix"] == "/user/alice/tools/asker/"
+    assert (seen["answer"]["server"], seen["answer"]["url"]) == ("asker", "/user/alice/tools/asker/")
 
 
 def test_activity_is_reported_to_the_hub(hub: Hub, alice_server: dict[str, Any]) -> None:

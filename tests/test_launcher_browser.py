@@ -32,6 +32,7 @@ CHROMIUM_ARGS = [
 ]
 # Set to a path to keep the screenshot (docs/launcher.png is made this way).
 SCREENSHOT_ENV = "TRIOPROXY_LAUNCHER_SCREENSHOT"
+FORM_SCREENSHOT_ENV = "TRIOPROXY_LAUNCHER_FORM_SCREENSHOT"  # the same for a template's form
 
 # Skipped on a machine without Chromium, never in CI (CI=true), where .ci/run installs it.
 pytestmark = pytest.mark.skipif(
@@ -237,3 +238,64 @@ async def test_launcher_follows_a_reload_without_reloading_the_page(nursery: tri
         await trio.to_thread.run_sync(drive_reload, f"{proxy.url}?token={TOKEN}")
     assert sorted(proxy.supervisors) == ["added", "echo"]
     assert proxy.supervisors["added"].state is State.READY
+
+
+def drive_template_form(url: str, screenshot: Path) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 700})
+            page.goto(url)
+            form = page.locator("form.template-form[data-template='viewer']")
+            expect(form.get_by_label("Log directory")).to_be_visible()
+            # A value the template refuses: the form says why, and nothing is made.
+            form.get_by_label("Log directory").fill("../outside")
+            form.get_by_role("button", name="Start new").click()
+            expect(form.locator(".form-error")).to_contain_text("argument 'logdir'")
+            expect(form.locator(".form-error")).to_contain_text("is outside")
+            expect(page.locator("section.template li.server")).to_have_count(0)
+
+            form.get_by_label("Log directory").fill("runs/exp1")
+            form.get_by_role("button", name="Start new").click()
+            instance = page.locator("section.template li.server")
+            expect(instance).to_have_count(1)
+            expect(instance).to_have_attribute("data-state", "ready")
+            expect(instance.locator(".title")).to_contain_text("Viewer (logdir=")
+            expect(page.locator("#status")).to_be_visible()
+            page.screenshot(path=str(screenshot), full_page=True, animations="disabled")
+
+            with page.context.expect_page() as opened:
+                instance.get_by_role("link", name="Open").click()
+            tab = opened.value
+            tab.wait_for_load_state()
+            assert '"--logdir"' in tab.content()  # the instance's own backend, through the proxy
+            tab.close()
+
+            # Stopping it removes it from the page.
+            instance.get_by_role("button", name="Stop", exact=True).click()
+            expect(page.locator("section.template li.server")).to_have_count(0)
+            expect(form.get_by_role("button", name="Start new")).to_be_enabled()
+        finally:
+            browser.close()
+
+
+async def test_launcher_form_makes_an_instance_of_a_template(nursery: trio.Nursery, tmp_path: Path) -> None:
+    expect.set_options(timeout=15_000)
+    (tmp_path / "runs" / "exp1").mkdir(parents=True)
+    templates = {
+        "viewer": {
+            "command": [PY, str(Path(__file__).parent / "backends" / "argv_env.py"), "{port}", "--logdir", "{logdir}"],
+            "cwd": str(tmp_path),
+            "timeout": 20,
+            "params": {"logdir": {"type": "path", "exists": "dir", "description": "Log directory"}},
+            "launcher_entry": {"title": "Viewer"},
+        }
+    }
+    proxy = await start_proxy(nursery, {"echo": {"command": echo_command()}}, templates=templates)
+    screenshot = tmp_path / "form.png"
+    with trio.fail_after(90):
+        await trio.to_thread.run_sync(drive_template_form, f"{proxy.url}?token={TOKEN}", screenshot)
+    assert [name for name in proxy.supervisors] == ["echo"]
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get(FORM_SCREENSHOT_ENV):
+        shutil.copyfile(screenshot, os.environ[FORM_SCREENSHOT_ENV])

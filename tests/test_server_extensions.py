@@ -146,6 +146,9 @@ def test_the_page_is_where_the_launcher_points_outside_the_servers() -> None:
     assert page_paths(package, servers) == ["desktop"]
     servers["desktop"] = make_server_process("desktop", {"command": ["mine"]})  # the configuration's wins
     assert page_paths(package, servers) == []
+    del servers["desktop"]
+    servers["other"] = make_server_process("other", {"command": ["x"], "path": "desktop/sub"})  # so does a path there
+    assert page_paths(package, servers) == []
 
 
 def test_extension_servers_are_hosts_named_after_their_page(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -501,13 +501,11 @@ async def test_a_child_printing_as_it_stops_is_read_to_the_end(nursery: trio.Nur
             """
         )
     )
-    supervisors = await run_supervisors(nursery, {"talk": {"command": [PY, str(script), "{port}"], "stop_timeout": 5}})
+    supervisors = await run_supervisors(nursery, {"talk": {"command": [PY, str(script), "{port}"], "stop_timeout": 60}})
     talk = supervisors["talk"]
     await talk.ensure_ready()
-    started = trio.current_time()
     await talk.stop()
-    assert trio.current_time() - started < 2  # it exited on SIGTERM, not killed after 5 s
-    assert talk.last_exit_code == 0
+    assert talk.last_exit_code == 0  # it exited on SIGTERM (a SIGKILL after the grace gives -9)
     assert "shutting down, step 1999" in talk.output.tail(5)
 
 

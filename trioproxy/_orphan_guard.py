@@ -21,9 +21,10 @@ GRACE = 0.5
 FAMILY_VARIABLE = "TRIOPROXY_FAMILY"
 
 
-def family_members(mark: str, pgid: int | None = None) -> list[int]:
+def family_members(mark: str, pgid: int | None = None, *, outside: int | None = None) -> list[int]:
     """Pids of the live processes (not zombies) whose environment carries ``mark`` as
-    :data:`FAMILY_VARIABLE`, or that are in process group ``pgid``.
+    :data:`FAMILY_VARIABLE`, or that are in process group ``pgid``; none of process group
+    ``outside`` (one signalled as a group already).
 
     Read from ``/proc`` (``environ`` is the environment a process was started with); where
     there is no ``/proc``, none are found.
@@ -40,7 +41,7 @@ def family_members(mark: str, pgid: int | None = None) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
-            if fields[0] == b"Z":
+            if fields[0] == b"Z" or (outside is not None and int(fields[2]) == outside):
                 continue
             if pgid is not None and int(fields[2]) == pgid:
                 found.append(int(entry))

@@ -28,6 +28,7 @@ from .backend import Backend, BackendClient, ProxyTargets
 from .config import ServerProcess
 from .metrics import PROXY_LABEL
 from .origin import origin_allowed
+from .paths import PathTable
 from .relay.headers import handshake_not_ascii, header_value, non_ascii_handshake_header
 from .relay.rewrite import RelayedRequest
 from .relay.upstream import Upstream, upstream_request
@@ -103,10 +104,19 @@ class Gate:
         self.supervisors = supervisors
         self.proxy_targets = proxy_targets
         self._activity_errors: set[str] = set()  # servers whose activity callable failed once
+        self._paths: tuple[tuple[int, int], PathTable] | None = None
 
     def route(self, scope: dict[str, Any]) -> Route:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        return resolve(raw_path, self.settings.base_url, self.supervisors, self.settings.root_server)
+        return resolve(raw_path, self.settings.base_url, self.paths(), self.settings.root_server)
+
+    def paths(self) -> PathTable:
+        """The servers' paths, built again when the set of servers changes: every change after
+        start-up bumps the generation; the servers added at start-up change the count."""
+        key = (self.supervisors.generation, len(self.supervisors))
+        if self._paths is None or self._paths[0] != key:
+            self._paths = (key, PathTable.of(self.supervisors))
+        return self._paths[1]
 
     def check_head(self, scope: dict[str, Any]) -> None:
         """Limits of the request head that Hypercorn does not enforce (it bounds the size)."""

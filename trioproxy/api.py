@@ -9,6 +9,7 @@ site (its ``oauth`` flow, e.g. JupyterHub's), whose answers are turned into resp
 from __future__ import annotations
 
 import html
+import json
 import logging
 import mimetypes
 import re
@@ -28,13 +29,17 @@ from werkzeug.exceptions import HTTPException, NotFound
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
 from .config import ConfigError, ReloadError
 from .errors import render_error
+from .instances import InstanceRefused, Instances
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .metrics import render as render_metrics
 from .origin import origin_allowed
+from .paths import parse_path
 from .relay.upstream import trusted_forwarded
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
+from .templates import Template as ServerTemplate
 from .throttle import LoginThrottle
+from .urls import public_prefix, url_for_port
 
 if TYPE_CHECKING:
     from .app import Settings
@@ -75,10 +80,13 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/server-proxy/servers-info", "servers_info", ("GET",)),
     ("/server-proxy/icon/<name>", "icon", ("GET",)),
     ("/server-proxy/api/servers", "list_servers", ("GET",)),
+    ("/server-proxy/api/servers", "create_instance", ("POST",)),
+    ("/server-proxy/api/templates", "list_templates", ("GET",)),
     ("/server-proxy/api/servers/<name>", "one_server", ("GET", "DELETE")),
     ("/server-proxy/api/servers/<name>/<action>", "control", ("POST",)),
     ("/server-proxy/api/servers/<name>/logs", "logs", ("GET",)),
     ("/server-proxy/api/reload", "reload", ("POST",)),
+    ("/server-proxy/api/url", "port_url", ("GET",)),
     ("/server-proxy/metrics", "metrics", ("GET",)),
     ("/server-proxy/static/<path:filename>", "static_file", ("GET",)),
     ("/server-proxy/api/health", "health", ("GET",)),
@@ -113,6 +121,7 @@ class Pages:
         self.base_url: str = settings.base_url
         self.auth: Authenticator = settings.auth
         self.throttle = LoginThrottle()
+        self.instances: Instances = settings.instances or Instances(supervisors)
 
     def _error(self, status: int, message: str, server: str | None = None, output: list[str] | None = None) -> Response:
         accept = request.headers.get("Accept", "")
@@ -249,7 +258,9 @@ class Pages:
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
     async def servers_info(self) -> Any:
-        return jsonify({"server_processes": [self.launcher_info(name) for name in self.supervisors]})
+        # A server whose paths clash with another's has no URL to launch.
+        names = [name for name in self.supervisors if self.supervisors[name].process.routed]
+        return jsonify({"server_processes": [self.launcher_info(name) for name in names]})
 
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
@@ -269,15 +280,49 @@ class Pages:
 
     # -- management API ---------------------------------------------------------------------
 
-    def status(self, name: str) -> dict[str, Any]:
-        supervisor = self.supervisors[name]
+    def status(self, name: str, supervisor: ServerSupervisor | None = None) -> dict[str, Any]:
+        supervisor = supervisor or self.supervisors[name]
         info = supervisor.status()
         if info["reason"]:  # may quote a command or environment value (a bad item, a callable's error)
             info["reason"] = mask_secrets(info["reason"], self.auth.known_secrets())
         info["last_activity"] = _timestamp_ago(info["idle_seconds"])
         info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
-        info["url"] = f"{self.public_base()}{quote(name, safe='')}/"
+        process = supervisor.process
+        base = self.public_base()
+        info["url"] = base + public_prefix(self.base_url, process)[len(self.base_url) :] if process.routed else None
+        info["aliases"] = [f"{base}{'/'.join(parse_path('aliases', alias))}/" for alias in process.aliases] if process.routed else []
+        instance = self.instances.describe(name)
+        if instance is not None:
+            info.update(instance)
         return info
+
+    async def port_url(self) -> Any:
+        """Where a local port is reached from outside: ``?port=N`` (see :func:`trioproxy.urls.url_for_port`)."""
+        text = request.args.get("port", "")
+        if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+            return self._error(400, f"port must be a number from 1 to 65535, not {text!r}.")
+        port = int(text)
+        answer = url_for_port(
+            port,
+            self.supervisors,
+            base=self.public_base(),
+            base_url=self.base_url,
+            public_url=self.supervisors.public_url,
+            proxy_allowed=self._localhost_allowed,
+        )
+        if answer is None:
+            return self._error(404, f"No server listens on port {port}, and proxy/{port}/ may not reach localhost (host_allowlist).")
+        return jsonify(answer)
+
+    def _localhost_allowed(self) -> bool:
+        allowlist = self.settings.host_allowlist
+        if not callable(allowlist):
+            return "localhost" in allowlist
+        try:
+            return bool(allowlist(self, "localhost"))
+        except Exception:
+            logging.getLogger("trioproxy.api").exception("host_allowlist callable failed for 'localhost'")
+            return False
 
     async def list_servers(self) -> Any:
         # generation: changes when a reload adds, removes or replaces servers (the launcher
@@ -358,18 +403,95 @@ class Pages:
         outcome = _Outcome()
         # The action runs in the supervisor's nursery, not in the request: a client that goes
         # away must not leave a restart half done (stopped, never started again), and a
-        # shutdown ends it with the server.
+        # shutdown ends it with the server. Stopping an instance removes it, supervisor and
+        # all: that runs in the supervisors' nursery.
+        removing = action == "stop" and name in self.instances
         try:
-            supervisor.spawn(partial(_run_action, supervisor, action, outcome))
+            if removing:
+                self.supervisors.spawn(partial(_remove_instance, self.instances, name, outcome))
+            else:
+                supervisor.spawn(partial(_run_action, supervisor, action, outcome, self.instances))
         except ServerUnavailable as exc:
             return self._error(exc.status, str(exc), server=name)
         if not wait:
-            return jsonify(self.status(name)), 202
+            return jsonify(self.status(name, supervisor)), 202
         await outcome.done.wait()
         failure = outcome.error
         if failure is not None:
             return self._error(failure.status, str(failure), server=name, output=failure.output)
-        return jsonify(self.status(name))
+        info = self.status(name, supervisor)
+        if removing:
+            info["removed"] = True
+        return jsonify(info)
+
+    # -- instances on demand (trioproxy.instances) ------------------------------------------
+
+    async def list_templates(self) -> Any:
+        instances = self.instances
+        templates = [
+            {**template.describe(), "instances": instances.of(name)} for name, template in instances.templates.items()
+        ]
+        return jsonify({"templates": templates, "invalid": instances.invalid, "generation": self.supervisors.generation})
+
+    async def create_instance(self) -> Any:
+        """``{"template": name, "args": {...}}``: make the instance of those arguments and start
+        it; 201 with its status (200 if it existed), when it is ready (``?wait=0``: 202 at once)."""
+        settings = self.settings
+        scope = cast(dict[str, Any], request.scope)
+        if not origin_allowed(scope, settings.allow_origin, settings.allow_origin_pat, settings.forwarded_allow_ips):
+            return self._error(403, "Cross-origin request refused.")
+        # No form a page of another site can post without asking first (a CORS preflight).
+        if request.mimetype != "application/json":
+            return self._error(415, "Send the request as JSON (Content-Type: application/json).")
+        body = b""
+        async for chunk in request.body:
+            body += chunk
+            if len(body) > _MAX_CREATE_BODY:
+                return self._error(413, f"The request body is over {_MAX_CREATE_BODY} bytes.")
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            return self._error(400, "The request body is not valid JSON.")
+        if not isinstance(document, dict):
+            return self._error(400, 'Expected a JSON object: {"template": ..., "args": {...}}.')
+        unknown = sorted(str(key) for key in document if key not in ("template", "args"))
+        if unknown:
+            return self._error(400, f"Unknown key {unknown[0]!r}: expected 'template' and 'args'.")
+        wait = request.args.get("wait", "1") not in ("0", "false", "no")
+        outcome = _Created()
+
+        # In the supervisors' nursery, like the actions: a client that goes away must not
+        # leave an instance half made.
+        async def create() -> None:
+            try:
+                outcome.name, outcome.created = await self.instances.create(document.get("template"), document.get("args"), wait=wait)
+            except (InstanceRefused, ServerUnavailable) as exc:
+                outcome.error = exc
+            except Exception as exc:  # a bug: reported, never a traceback to the client
+                logging.getLogger("trioproxy.api").exception("creating an instance failed")
+                outcome.error = exc
+            finally:
+                outcome.done.set()
+
+        try:
+            self.supervisors.spawn(create)
+        except ServerUnavailable as exc:
+            return self._error(exc.status, str(exc))
+        await outcome.done.wait()
+        error = outcome.error
+        if isinstance(error, InstanceRefused):
+            return self._error(error.status, str(error))
+        if isinstance(error, ServerUnavailable):
+            return self._error(error.status, str(error), server=error.server, output=error.output)
+        if error is not None:
+            return self._error(500, f"Creating the instance failed: {type(error).__name__}: {error}")
+        if outcome.name is None or outcome.name not in self.supervisors:
+            return self._error(503, "The instance was removed before it could be reported.")
+        status = 200 if not outcome.created else 201 if wait else 202
+        response = jsonify({**self.status(outcome.name), "created": outcome.created})
+        response.status_code = status
+        response.headers["Location"] = f"{self.public_base()}server-proxy/api/servers/{quote(outcome.name, safe='')}"
+        return response
 
     async def logs(self, name: str) -> Any:
         if name not in self.supervisors:
@@ -446,9 +568,19 @@ class Pages:
         return self._launcher(base)
 
     def _launcher(self, base: str) -> Any:
-        supervisors = self.supervisors
-        entries = [(name, supervisors[name]) for name in supervisors if supervisors[name].process.launcher.enabled]
-        page = _launcher_page(entries, base, supervisors.generation)
+        supervisors, instances = self.supervisors, self.instances
+        entries = [
+            (name, supervisor)
+            for name, supervisor in supervisors.items()
+            # routed: no URL, nothing to open
+            if supervisor.process.launcher.enabled and supervisor.process.routed and name not in instances
+        ]
+        templates = [
+            (template, [(name, supervisors[name]) for name in instances.of(template.name) if name in supervisors])
+            for template in instances.templates.values()
+            if template.in_launcher
+        ]
+        page = _launcher_page(entries, base, supervisors.generation, templates)
         response = Response(page, content_type="text/html; charset=utf-8")
         response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
@@ -476,22 +608,41 @@ _LOGIN_PAGE = (
 _ACTIONS = ("start", "restart", "stop")
 
 
+_MAX_CREATE_BODY = 64 * 1024
+
+
 @dataclass
 class _Outcome:
     done: trio.Event = field(default_factory=trio.Event)
     error: ServerUnavailable | None = None
 
 
-async def _run_action(supervisor: ServerSupervisor, action: str, outcome: _Outcome) -> None:
+@dataclass
+class _Created:
+    done: trio.Event = field(default_factory=trio.Event)
+    name: str | None = None
+    created: bool = False
+    error: Exception | None = None
+
+
+async def _run_action(supervisor: ServerSupervisor, action: str, outcome: _Outcome, instances: Instances) -> None:
     try:
         if action == "start":
             await supervisor.start(wait=True)
         elif action == "restart":
-            await supervisor.restart(wait=True)
+            with instances.keeping(supervisor.name):  # an instance is not removed in between
+                await supervisor.restart(wait=True)
         else:
             await supervisor.stop()
     except ServerUnavailable as exc:
         outcome.error = exc  # with ?wait=0 nobody waits for it: the state tells
+    finally:
+        outcome.done.set()
+
+
+async def _remove_instance(instances: Instances, name: str, outcome: _Outcome) -> None:
+    try:
+        await instances.remove(name, why="stopped on request")
     finally:
         outcome.done.set()
 
@@ -561,7 +712,12 @@ def _base_href(headers: Any, public_base: str) -> str:
 _HEADINGS = {"Notebook": "Servers", "": "Other"}
 
 
-def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "", generation: int = 0) -> str:
+def _launcher_page(
+    entries: list[tuple[str, ServerSupervisor]],
+    base: str = "",
+    generation: int = 0,
+    templates: list[tuple[ServerTemplate, list[tuple[str, ServerSupervisor]]]] | None = None,
+) -> str:
     categories: dict[str, list[str]] = {}
     for name, supervisor in entries:
         category = supervisor.process.launcher.category
@@ -571,6 +727,8 @@ def _launcher_page(entries: list[tuple[str, ServerSupervisor]], base: str = "", 
         f"<section><h2>{html.escape(category)}</h2>\n<ul class='servers'>\n" + "\n".join(items) + "\n</ul></section>"
         for category, items in categories.items()
     )
+    if templates:
+        sections += "\n" + "\n".join(_template_section(template, items) for template, items in templates)
     return _LAUNCHER_PAGE.substitute(
         base=base, sections=sections or "<p class='empty'>No servers are configured.</p>", generation=generation
     )
@@ -598,4 +756,43 @@ def _server_item(name: str, supervisor: ServerSupervisor) -> str:
         f" <span class='state'>{state}</span></div>"
         "<div class='detail'></div><pre class='log' hidden></pre></div>"
         f"<div class='actions'><a class='button open' href='{href}'{target}>Open</a>{buttons}</div></li>"
+    )
+
+
+def _template_section(template: ServerTemplate, instances: list[tuple[str, ServerSupervisor]]) -> str:
+    """A template's form (a field per parameter) and the list of its instances."""
+    name = html.escape(template.name)
+    fields = []
+    for param in template.params.values():
+        field_id = html.escape(f"t-{template.name}-{param.name}")
+        label = html.escape(param.description or param.name)
+        attributes = f" id='{field_id}' name='{html.escape(param.name)}'"
+        if param.required:
+            attributes += " required"
+        if param.choices is not None:
+            options = "".join(
+                f"<option{' selected' if str(choice) == str(param.default) else ''}>{html.escape(str(choice))}</option>"
+                for choice in param.choices
+            )
+            control = f"<select{attributes}>{options}</select>"
+        else:
+            if param.type == "int":
+                attributes += " type='number' step='1'"
+                attributes += f" min='{param.min}'" if param.min is not None else ""
+                attributes += f" max='{param.max}'" if param.max is not None else ""
+            else:
+                attributes += f" type='text' maxlength='{param.max_length}'"
+            if param.default is not None:
+                attributes += f" value='{html.escape(str(param.default))}'"
+            control = f"<input{attributes}>"
+        fields.append(f"<label for='{field_id}'>{label} <span class='type'>{html.escape(param.type)}</span></label>{control}")
+    description = f"<p class='description'>{html.escape(template.description)}</p>" if template.description else ""
+    items = "\n".join(_server_item(instance, supervisor) for instance, supervisor in instances)
+    return (
+        f"<section class='template' data-template='{name}'><h2>{html.escape(template.title)}</h2>{description}"
+        f"<form class='template-form' data-template='{name}' data-max='{template.max_instances}'>"
+        + "".join(f"<div class='field'>{field}</div>" for field in fields)
+        + "<div class='field submit'><button type='submit'>Start new</button></div>"
+        "<p class='form-error' role='alert' hidden></p></form>"
+        f"<ul class='servers instances'>\n{items}\n</ul></section>"
     )

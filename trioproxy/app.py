@@ -33,7 +33,7 @@ from .relay.pump import AVAILABLE as PUMP_AVAILABLE
 from .relay.pump import TunnelPump
 from .relay.rewrite import RewriteContext, RewriteError
 from .relay.upstream import DEFAULT_FORWARDED_ALLOW
-from .routing import Route
+from .routing import Route, alias_location
 from .supervisor import ServerUnavailable, Supervisors
 
 log = logging.getLogger("trioproxy.app")
@@ -65,6 +65,7 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = DEFAULT_FORWARDED_ALLOW
     proxy_client_options: ClientOptions = field(default_factory=ClientOptions)  # proxy/<port> targets
     reloader: Any = None  # a trioproxy.config.Reloader: POST server-proxy/api/reload
+    instances: Any = None  # a trioproxy.instances.Instances: templates, POST server-proxy/api/servers
     # Headers every answer carries, relayed or not, on every path (JupyterHub mode: its
     # version). Read at each answer: a service may fill the list before trioproxy listens.
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -138,6 +139,10 @@ class Dispatcher:
                 await gate.authenticate(scope)  # what is not found is not said to strangers
                 if route.kind == "add-slash" and isinstance(send, HttpExchange):
                     await self._add_slash(scope, send)
+                elif route.kind == "alias" and isinstance(send, HttpExchange):
+                    await send_redirect(send, alias_location(route, scope.get("query_string", b"")), status=307)
+                elif route.kind == "alias":  # a WebSocket cannot follow a redirect
+                    raise Refused(404, f"Not found: an alias of {route.name!r}; connect to {route.redirect}.")
                 else:
                     raise Refused(404, f"Not found: {route.reason or 'not a WebSocket route'}.")
         except Refused as refused:

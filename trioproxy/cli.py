@@ -94,6 +94,11 @@ class TrioProxy(Application):
         allow_none=True,
         help="The token clients must present. Default: $JUPYTER_TOKEN, else a generated one.",
     ).tag(config=True)
+    public_url = Unicode(
+        "",
+        help="The absolute URL at which users reach the base URL (https://example.org/tools/), told to "
+        "servers as TRIOPROXY_URL. Default: $JUPYTERHUB_PUBLIC_URL under JupyterHub, else unknown.",
+    ).tag(config=True)
     no_auth = Bool(False, help="Let everyone in without a token (only on loopback).").tag(config=True)
     allow_remote_no_auth = Bool(
         False, help="Allow --no-auth on a non-loopback address (dangerous)."
@@ -157,6 +162,7 @@ class TrioProxy(Application):
         "ip": "TrioProxy.ip",
         "port": "TrioProxy.port",
         "base-url": "TrioProxy.base_url",
+        "public-url": "TrioProxy.public_url",
         "token": "TrioProxy.token",
         "graceful-timeout": "TrioProxy.graceful_timeout",
         "certfile": "TrioProxy.certfile",
@@ -371,10 +377,11 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
     servers = collect_servers(proxy, source=_config_source(app))
     if app.extra_args:
         return {
-            ROOT_SERVER: make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy),
+            ROOT_SERVER: _root_server(make_server_process(ROOT_SERVER, {"command": list(app.extra_args)}, parent=proxy)),
             **{k: v for k, v in servers.items() if k != ROOT_SERVER},
         }
-    if not servers and not proxy.servers:  # not when every configured one was left out
+    # Not when every configured one was left out, nor when templates are all there is.
+    if not servers and not proxy.servers and not proxy.templates:
         servers[DEFAULT_SERVER] = make_server_process(
             DEFAULT_SERVER,
             {
@@ -388,9 +395,15 @@ def _servers(app: TrioProxy, proxy: ServerProxy) -> dict[str, ServerProcess]:
     return servers
 
 
-def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
+def _root_server(process: ServerProcess) -> ServerProcess:
+    process.root = True
+    return process
+
+
+def read_servers_again(app: TrioProxy, instances: Any = None) -> dict[str, ServerProcess]:
     """The servers as the configuration says now: the same command line, the files read
-    again (what a reload applies). Raises ConfigError."""
+    again (what a reload applies); the templates read with them are staged in ``instances``.
+    Raises ConfigError."""
     fresh = TrioProxy()
     fresh.initialize(list(app.argv))
     if fresh.config_file:
@@ -400,7 +413,11 @@ def read_servers_again(app: TrioProxy) -> dict[str, ServerProcess]:
         for _path, error in fresh.loaded_jupyter_configs:
             if error is not None:
                 raise ConfigError(error)
-    return _servers(fresh, ServerProxy(parent=fresh))
+    proxy = ServerProxy(parent=fresh)
+    servers = _servers(fresh, proxy)
+    if instances is not None:
+        instances.stage(proxy.templates, parent=proxy)
+    return servers
 
 
 def build(app: TrioProxy) -> tuple[Any, Any, Any]:
@@ -408,6 +425,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     from hypercorn.config import Config as HypercornConfig
 
     from .app import Settings, create_app
+    from .instances import Instances, TemplateReloader, load_templates
     from .supervisor import Supervisors
 
     hub = _hub_settings(app, os.environ)
@@ -462,8 +480,13 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         response_headers=auth.response_headers if hub is not None else [],
         default_url=hub.default_url if hub is not None else "",
     )
-    supervisors = Supervisors(servers, base_url=base_url)
-    settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
+    public_url = app.public_url or (hub.public_url if hub is not None else "")
+    supervisors = Supervisors(servers, base_url=base_url, public_url=public_url)
+    templates, _invalid = load_templates(proxy.templates, parent=proxy)
+    instances = settings.instances = Instances(supervisors, templates, parent=proxy)
+    instances.invalid = _invalid
+    reloader = Reloader(partial(read_servers_again, app, instances), instances.configured)
+    settings.reloader = TemplateReloader(reloader, instances)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
         warning = kubernetes_grace_warning(app.graceful_timeout, servers, os.environ)

@@ -48,6 +48,7 @@ from traitlets.config import Configurable
 
 from .health import HealthCheck
 from .options import OptionError, check_server
+from .paths import check_paths, clash_with, find_clashes, server_path
 
 log = logging.getLogger("trioproxy.config")
 
@@ -183,6 +184,17 @@ class ServerProcess(Configurable):
     ).tag(config=True)
 
     # trioproxy's own options
+    path = Unicode(
+        "",
+        help="URL path below the base URL to serve the server at instead of its name; several "
+        "segments allowed ('tools/refine'). Checked against other servers' paths and trioproxy's "
+        "own routes.",
+    ).tag(config=True)
+    aliases = List(
+        Unicode(),
+        help="Other paths that redirect (307) to the server's path, keeping the rest of the "
+        "path and the query.",
+    ).tag(config=True)
     autostart = Bool(False, help="Start the server when trioproxy starts, not on first use.").tag(
         config=True
     )
@@ -263,6 +275,10 @@ class ServerProcess(Configurable):
 
     # Not an option: why this server cannot run (see failed_server); None for a usable one.
     config_error = Unicode(None, allow_none=True)
+    # Not an option: False for a stand-in whose paths clash with another server's (no URL).
+    routed = Bool(True)
+    # Not an option: standalone mode's server, served at the base URL's root.
+    root = Bool(False)
 
     @validate("exclude_last_activity_patterns")
     def _validate_patterns(self, proposal: Any) -> list[re.Pattern[str]]:
@@ -301,6 +317,11 @@ class ServerProxy(Configurable):
 
     servers = Dict(
         help="Servers to run: {name: {option: value}} or {name: ServerProcess(...)}."
+    ).tag(config=True)
+    templates = Dict(
+        help="Servers started on demand, one instance per set of arguments (POST "
+        "server-proxy/api/servers): {name: {server options..., 'params': {param: {'type': "
+        "'string'|'path'|'int', ...}}, 'max_instances': 3}}; see the README, 'Instances on demand'."
     ).tag(config=True)
     host_allowlist = Union(
         [List(Unicode()), CallableTrait()],
@@ -373,10 +394,10 @@ def unknown_key_message(name: str, where: str, key: str) -> str:
     own, other = (LAUNCHER_OPTIONS, SERVER_OPTIONS) if where else (SERVER_OPTIONS, LAUNCHER_OPTIONS)
     label = f"{where} option" if where else "option"
     hint = difflib.get_close_matches(key, sorted(own), n=1)
-    if hint:
-        suggestion = f" (did you mean {hint[0]!r}?)"
-    elif key in other:
+    if key in other:  # before a near miss: 'path_info' is launcher_entry's, not a typo of 'path'
         suggestion = " (a launcher_entry option, not a server option)" if not where else " (a server option, not a launcher_entry one)"
+    elif hint:
+        suggestion = f" (did you mean {hint[0]!r}?)"
     else:
         suggestion = ""
     return f"server {name!r}: unknown {label} {key!r}{suggestion}"
@@ -395,15 +416,37 @@ def _check_values(process: ServerProcess) -> None:
         check_server(process)
     except OptionError as exc:
         raise ServerOptionError(process.name, exc.option, exc.detail) from None
+    entry = process.launcher
+    if process.path and entry.path_info == process.name + "/":  # the default follows the path
+        entry.path_info = server_path(process) + "/"
 
 
-def failed_server(name: str, reason: str) -> ServerProcess:
+def failed_server(name: str, reason: str, *, routed: bool = True, like: ServerProcess | None = None) -> ServerProcess:
     """A stand-in for a server that cannot run (``reason`` says why): it runs nothing, and
     each start (one at once, then one per request or API call) fails with the reason, so its
-    URL answers 503 with it and the API lists it as failed. A reload replaces it."""
+    URL answers 503 with it and the API lists it as failed. A reload replaces it.
+    ``routed`` false: it has no URL (its paths clash with another server's). ``like``: the
+    server it stands in for, whose path and aliases it takes."""
     process = ServerProcess(name=name, autostart=True)
     process.command = ["(not started)"]  # never run: the supervisor sees config_error first
     process.config_error = reason
+    process.routed = routed
+    if like is not None:
+        process.path, process.aliases, process.root = like.path, list(like.aliases), like.root
+    return process
+
+
+def _paths_of(name: str, settings: Any) -> ServerProcess | None:
+    """A server with just the path and aliases of ``settings``, if those are valid."""
+    try:
+        if isinstance(settings, ServerProcess):
+            path, aliases = settings.path, settings.aliases
+        else:
+            path, aliases = settings.get("path", ""), settings.get("aliases", [])
+        process = ServerProcess(name=name, path=path, aliases=list(aliases))
+        check_paths(process)
+    except Exception:  # the path is what is wrong (reported already), or no dict at all
+        return None
     return process
 
 
@@ -421,7 +464,8 @@ def load_server(
         return make_server_process(name, settings, parent=parent, strict=strict, source=source)
     except ServerOptionError as exc:
         log.error("%s (in %s); this server will not start, the others will", exc, source)
-        return failed_server(name, f"option {exc.option!r}: {exc.detail}; fix the configuration and reload")
+        reason = f"option {exc.option!r}: {exc.detail}; fix the configuration and reload"
+        return failed_server(name, reason, like=_paths_of(name, settings))
 
 
 def _masked(exc: TraitError, value: Any) -> str:
@@ -535,7 +579,35 @@ def collect_servers(proxy: ServerProxy, *, source: str = CONFIGURATION) -> dict[
                 servers[name] = load_server(name, settings, parent=proxy, strict=strict, source=f"server {name!r}'s extension host")
             except ConfigError as exc:
                 log.error("not serving the server extension page %r: %s", name, exc)
+    _refuse_clashes(servers, proxy, from_entry_points, strict=strict, source=source)
     return servers
+
+
+def _refuse_clashes(
+    servers: dict[str, ServerProcess],
+    proxy: ServerProxy,
+    from_entry_points: dict[str, EntryPointServer],
+    *,
+    strict: bool,
+    source: str,
+) -> None:
+    """Servers whose paths clash with another's (see :mod:`trioproxy.paths`) become stand-ins
+    without a URL that report why; with ``strict``, a clash in the configuration is an error.
+    The configuration's servers come first, in its order, then those of entry points: the
+    later of two keeps nothing."""
+    order = [name for name in proxy.servers if name in servers] + [n for n in servers if n not in proxy.servers]
+    for name, reason in find_clashes(servers[name] for name in order).items():
+        if name in proxy.servers:
+            where = source
+        elif name in from_entry_points:
+            where = from_entry_points[name].source
+        else:
+            where = f"server {name!r}'s extension host"
+        message = f"server {name!r} in {where}: {reason}"
+        if strict and where == source:
+            raise ConfigError(message)
+        log.error("%s; this server gets no URL, the others are served (fix the configuration and reload)", message)
+        servers[name] = failed_server(name, f"{reason}; fix the configuration and reload", routed=False)
 
 
 RESERVED_NAMES = frozenset({"proxy", "server-proxy", "login", "logout", "oauth_callback"})
@@ -701,8 +773,10 @@ class Reloader:
             if process.config_error is None:
                 continue
             invalid[name] = f"server {name!r}: {process.config_error}"
-            if name in current and current[name].config_error is None:
-                kept[name] = current[name]
+            running = current.get(name)
+            # Kept unless its paths now clash with a server the new configuration has.
+            if running is not None and running.config_error is None and clash_with(running, kept.values()) is None:
+                kept[name] = running
                 invalid[name] += " (its running settings are kept)"
                 log.error("reload: %s", invalid[name])
         return kept, invalid

@@ -137,9 +137,11 @@ async def send_error(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_redirect(send: Send, location: str, extra_headers: Headers | None = None) -> None:
+async def send_redirect(
+    send: Send, location: str, extra_headers: Headers | None = None, status: int = 302
+) -> None:
     headers = [(b"location", location.encode("latin-1")), (b"content-length", b"0")]
     await send(
-        {"type": "http.response.start", "status": 302, "headers": headers + (extra_headers or [])}
+        {"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])}
     )
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -26,7 +26,7 @@ from typing import Any
 MAX_SECONDS = 10 * 365.25 * 86400
 
 # What templates are checked with at load time: the real values only exist at a start.
-SAMPLE_VARIABLES: Mapping[str, Any] = {"port": 0, "unix_socket": "", "base_url": "/"}
+SAMPLE_VARIABLES: Mapping[str, Any] = {"port": 0, "unix_socket": "", "base_url": "/", "public_prefix": "/"}
 
 # RFC 9110 §5.6.2: tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" /
 # "_" / "`" / "|" / "~" / DIGIT / ALPHA
@@ -165,6 +165,9 @@ def check_request_path(option: str, path: Any) -> None:
 def check_server(process: Any) -> None:
     """Every rule for one server's static values (a ``ServerProcess``); callables are checked
     where they are called. Raises OptionError for the first value that cannot work."""
+    from .paths import check_paths
+
+    check_paths(process)
     for option in ("timeout", "connect_timeout", "response_timeout", "pool_idle_timeout"):
         check_duration(option, getattr(process, option), zero=False)
     for option in ("stop_timeout", "backoff_initial", "backoff_max", "failure_window", "stable_after", "idle_timeout"):
@@ -214,6 +217,26 @@ def check_app_options(app: Any) -> None:
     check_count("websocket_max_message_size", app.websocket_max_message_size, least=1)
     if app.max_body_size is not None:
         check_count("max_body_size", app.max_body_size, least=0)
+    if app.public_url:
+        check_public_url(app.public_url)
+
+
+def check_public_url(url: Any, option: str = "public_url") -> None:
+    """An absolute http(s) URL with a host, no query, fragment or credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+        or not url.isprintable()
+        or " " in url
+    ):
+        raise OptionError(option, f"{url!r} is not an http:// or https:// URL with a host (no query, fragment or user)")
 
 
 def _describe(char: str) -> str:

@@ -97,10 +97,15 @@ class Family:
     def signal(self, signum: int) -> bool:
         """Send ``signum`` to every live member; whether any was there to get it."""
         reached = False
+        signalled_group = None
         if self.pgid is not None and (signum != 0 or not _PROC):
             # Without /proc, the group is all there is to see (zombies included).
-            reached = _signal_group(self.pgid, signum) and not _PROC
-        for pid in family_members(self.mark, self.pgid):
+            if _signal_group(self.pgid, signum):
+                reached = True
+                # Once each: an app may take a second SIGTERM as "quit now", or get it after
+                # its handler has run, as Python's shutdown restores the default.
+                signalled_group = self.pgid
+        for pid in family_members(self.mark, self.pgid, outside=signalled_group):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
                 reached = True

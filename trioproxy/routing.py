@@ -24,8 +24,9 @@ class Route:
     """Where a request goes.
 
     kind: ``server`` (a named server), ``proxy`` (proxy/<host>:<port>), ``add-slash``
-    (redirect to the same path with a trailing slash), ``app`` (trioproxy's own pages and
-    API), or ``not-found`` (with ``reason``).
+    (redirect to the same path with a trailing slash), ``alias`` (redirect to ``redirect``
+    followed by ``upstream_path``: one of a server's ``aliases``), ``app`` (trioproxy's own
+    pages and API), or ``not-found`` (with ``reason``).
     """
 
     kind: str
@@ -37,6 +38,7 @@ class Route:
     context_path: str = ""  # the public prefix, without a trailing slash
     app_path: str = ""  # for kind "app": the path below the base URL
     reason: str = ""
+    redirect: str = ""  # for kind "alias": the server's public prefix, ending with "/"
 
 
 # trioproxy's own routes, by their first path segment: a server may be named "loginx".
@@ -50,7 +52,11 @@ OWN_PATHS = frozenset({"api"})
 def resolve(
     raw_path: bytes, base_url: str, servers: Container[str], root_server: str | None = None
 ) -> Route:
-    """Route ``raw_path`` (no query) under ``base_url`` (which ends with "/")."""
+    """Route ``raw_path`` (no query) under ``base_url`` (which ends with "/").
+
+    ``servers``: the names of the servers, each served at ``<name>/``, or a
+    :class:`trioproxy.paths.PathTable` (servers at their ``path``, and their ``aliases``).
+    """
     base = base_url.encode("utf-8")
     if not raw_path.startswith(base):
         if raw_path + b"/" == base:
@@ -64,7 +70,21 @@ def resolve(
         return _proxy_route(after, base_url, has_slash=bool(slash))
     if segment in OWN_SEGMENTS or (not slash and segment in OWN_PATHS and root_server is None):
         return Route("app", app_path=unquote(rest.decode("latin-1")))
-    if segment and segment in servers:
+    match = getattr(servers, "match", None)
+    if match is not None:
+        found = match(rest)
+        if found is not None:
+            if found.alias:
+                return Route("alias", name=found.name, upstream_path=found.rest, redirect=f"{base_url}{found.prefix}/")
+            if not found.rest:
+                return Route("add-slash", name=found.name)
+            return Route(
+                "server",
+                name=found.name,
+                upstream_path=found.rest,
+                context_path=base_url + unquote(found.prefix),
+            )
+    elif segment and segment in servers:
         if not slash:
             return Route("add-slash", name=segment)
         context = base_url + segment
@@ -84,6 +104,14 @@ def resolve(
     if not rest:
         return Route("app", app_path="")
     return Route("not-found", reason=f"no server named {segment!r}")
+
+
+def alias_location(route: Route, query: bytes) -> str:
+    """Where an ``alias`` route redirects: the server's prefix, the rest of the path as the
+    client sent it (escapes kept) and the query."""
+    rest = route.upstream_path.decode("latin-1")
+    rest = rest[1:] if rest.startswith("/") else rest
+    return route.redirect + rest + ("?" + query.decode("latin-1") if query else "")
 
 
 def _proxy_route(after: bytes, base_url: str, has_slash: bool) -> Route:

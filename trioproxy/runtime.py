@@ -53,6 +53,11 @@ class Instance:
         return f"{self.url_with_token()} (pid {self.pid}, port {self.port})"
 
 
+def file_of(pid: int) -> Path:
+    """Where the trioproxy of process ``pid`` writes its runtime file."""
+    return runtime_dir() / f"{PREFIX}{pid}.json"
+
+
 def write(instance: Instance) -> Path:
     """Write the runtime file of ``instance`` (this process), atomically and mode 0600."""
     directory = runtime_dir()

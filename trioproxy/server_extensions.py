@@ -39,6 +39,8 @@ from importlib.metadata import Distribution, distributions, entry_points
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .paths import name_clash
+
 log = logging.getLogger("trioproxy.config")
 
 GROUP = "jupyter_serverproxy_servers"
@@ -171,7 +173,7 @@ def page_paths(package: PackageExtension, servers: Mapping[str, Any]) -> list[st
         if process is None or process.config_error is not None:
             continue
         segment = _first_segment(process.launcher.path_info)
-        if segment and segment not in servers and segment not in paths:
+        if segment and segment not in servers and segment not in paths and name_clash(segment, servers.values()) is None:
             paths.append(segment)
     return paths
 

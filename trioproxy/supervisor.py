@@ -36,6 +36,7 @@ from .options import OptionError, check_argv, check_environment, check_unix_sock
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
 from .templating import TemplateError, expand_environment, expand_list
+from .urls import child_environment, public_prefix
 
 # How long a request whose backend broke off waits to see whether its process exited.
 EXIT_GRACE = 0.5
@@ -115,10 +116,12 @@ class ServerSupervisor:
         *,
         base_url: str = "/",
         guard: OrphanGuard | None = None,
+        public_url: str = "",
     ) -> None:
         self.process = process
         self.name = process.name
         self.base_url = base_url
+        self.public_url = public_url  # trioproxy's, if known (trioproxy.urls)
         self._guard = guard
         self.log = logging.getLogger(f"trioproxy.supervisor.{self.name}")
         self.output = OutputLog()
@@ -193,6 +196,7 @@ class ServerSupervisor:
             "port": self.address.port,
             "unix_socket": self.address.unix_socket or "",
             "base_url": self.base_url,
+            "public_prefix": public_prefix(self.base_url, self.process),
         }
 
     # -- lifetime -------------------------------------------------------------------------
@@ -538,7 +542,7 @@ class ServerSupervisor:
             check_environment(extra_env)
         except OptionError as exc:
             raise _StartFailed(str(exc)) from None
-        env = {**os.environ, **extra_env}
+        env = {**os.environ, **child_environment(self.base_url, self.public_url, self.process), **extra_env}
         return ChildSpec(
             name=self.name,
             argv=argv,
@@ -762,9 +766,10 @@ def _in_trio() -> bool:
 class Supervisors(Mapping[str, ServerSupervisor]):
     """All servers' supervisors, started and stopped together."""
 
-    def __init__(self, processes: Mapping[str, ServerProcess], *, base_url: str = "/") -> None:
+    def __init__(self, processes: Mapping[str, ServerProcess], *, base_url: str = "/", public_url: str = "") -> None:
         self._processes = dict(processes)
         self.base_url = base_url
+        self.public_url = public_url
         self._supervisors: dict[str, ServerSupervisor] = {}
         self._scopes: dict[ServerSupervisor, trio.CancelScope] = {}
         self._waiting_for_idle: dict[str, trio.CancelScope] = {}
@@ -812,7 +817,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
     ) -> ServerSupervisor:
         if self._nursery is None:
             raise ServerUnavailable(process.name, 503, "trioproxy is shutting down")
-        supervisor = ServerSupervisor(process, base_url=self.base_url, guard=self._guard)
+        supervisor = ServerSupervisor(process, base_url=self.base_url, guard=self._guard, public_url=self.public_url)
         supervisor.predecessor_gone = predecessor_gone
         scope = self._scopes[supervisor] = trio.CancelScope()
 
@@ -847,7 +852,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
     async def _stand_in(self, crashed: ServerSupervisor, reason: str) -> None:
         if self._supervisors.get(crashed.name) is not crashed:
             return
-        stand_in = await self._start_supervisor(failed_server(crashed.name, reason))
+        stand_in = await self._start_supervisor(failed_server(crashed.name, reason, like=crashed.process))
         if self._supervisors.get(crashed.name) is crashed:
             self._supervisors[crashed.name] = stand_in
             self.generation += 1

@@ -1,5 +1,5 @@
 // trioproxy's launcher: keeps each server's state live by polling the management API, and
-// sends the start, restart and stop buttons to it.
+// sends the start, restart and stop buttons to it; a template's form creates an instance.
 //
 // Every URL here is relative to the page (the root of trioproxy's base URL), so the page
 // works under any base URL and behind any other proxy's prefix.
@@ -48,7 +48,13 @@
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.querySelector("main");
     if (!fresh) throw new Error("the launcher page has no list");
+    // What someone is typing in a template's form survives the new list.
+    const typed = new Map(Array.from(main.querySelectorAll("form.template-form [id]"), (field) => [field.id, field.value]));
     main.replaceChildren(...Array.from(fresh.childNodes, (node) => document.importNode(node, true)));
+    for (const [id, value] of typed) {
+      const field = document.getElementById(id);
+      if (field) field.value = value;
+    }
     main.dataset.generation = fresh.dataset.generation || String(generation);
     index();
   }
@@ -62,11 +68,14 @@
   }
 
   async function getJson(url, options = {}) {
+    const { contentType, ...rest } = options;
+    const headers = { Accept: "application/json" };
+    if (contentType) headers["Content-Type"] = contentType;
     const response = await fetch(url, {
       cache: "no-store",
       credentials: "same-origin",
-      ...options,
-      headers: { Accept: "application/json" },
+      ...rest,
+      headers,
     });
     let body = null;
     try {
@@ -192,6 +201,40 @@
       refresh();
     }
   }
+
+  // A template's form: one field per parameter; empty optional fields take their default.
+  async function create(form) {
+    const error = form.querySelector(".form-error");
+    const button = form.querySelector("button[type=submit]");
+    const args = {};
+    for (const field of form.querySelectorAll("input[name], select[name]")) {
+      if (field.value !== "" || field.required) args[field.name] = field.value;
+    }
+    error.hidden = true;
+    button.disabled = true;
+    fastUntil = Date.now() + FAST_FOR_MS;
+    try {
+      const server = await getJson(`${API}?wait=0`, {
+        method: "POST",
+        body: JSON.stringify({ template: form.dataset.template, args }),
+        contentType: "application/json",
+      });
+      setStatus(server.created ? `Started ${server.name}` : `${server.name} was already there`, false);
+    } catch (failure) {
+      error.textContent = failure.message;
+      error.hidden = false;
+    } finally {
+      button.disabled = false;
+      refresh();
+    }
+  }
+
+  document.addEventListener("submit", (event) => {
+    const form = event.target.closest("form.template-form");
+    if (!form) return;
+    event.preventDefault();
+    create(form);
+  });
 
   document.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-action]");
