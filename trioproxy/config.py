@@ -584,6 +584,15 @@ def collect_servers(proxy: ServerProxy, *, source: str = CONFIGURATION) -> dict[
                 raise ConfigError(message)
             log.warning("%s; it gets no route (404), as in jupyter-server-proxy", message)
             del servers[name]
+    if proxy.load_entry_points:  # packages' Jupyter server extensions (their pages), in a child of their own
+        from .server_extensions import extension_servers
+
+        for name, settings in extension_servers(servers, reserved=RESERVED_NAMES).items():
+            try:
+                check_server_name(name)
+                servers[name] = load_server(name, settings, parent=proxy, strict=strict, source=f"server {name!r}'s extension host")
+            except ConfigError as exc:
+                log.error("not serving the server extension page %r: %s", name, exc)
     _refuse_clashes(servers, proxy, from_entry_points, strict=strict, source=source)
     return servers
 
@@ -602,7 +611,12 @@ def _refuse_clashes(
     later of two keeps nothing."""
     order = [name for name in proxy.servers if name in servers] + [n for n in servers if n not in proxy.servers]
     for name, reason in find_clashes(servers[name] for name in order).items():
-        where = source if name in proxy.servers else from_entry_points[name].source
+        if name in proxy.servers:
+            where = source
+        elif name in from_entry_points:
+            where = from_entry_points[name].source
+        else:
+            where = f"server {name!r}'s extension host"
         message = f"server {name!r} in {where}: {reason}"
         if strict and where == source:
             raise ConfigError(message)
