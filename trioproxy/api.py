@@ -26,7 +26,7 @@ from quart import Blueprint, Response, jsonify, make_response, redirect, request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
-from .config import ConfigError, ReloadError
+from .config import ConfigError, ReloadError, ServerProcess
 from .errors import render_error
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -235,8 +235,10 @@ class Pages:
 
     # -- servers-info and icons (jupyter-server-proxy's shapes) ---------------------------
 
-    def launcher_info(self, name: str) -> dict[str, Any]:
-        process = self.supervisors[name].process
+    def launcher_info(self, name: str, process: ServerProcess | None = None) -> dict[str, Any]:
+        """``name``'s entry in servers-info: the served process's, or ``process``'s (another
+        server of that name that is listed but not served)."""
+        process = process or self.supervisors[name].process
         entry = process.launcher
         info: dict[str, Any] = {
             "enabled": entry.enabled,
@@ -249,13 +251,20 @@ class Pages:
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
     async def servers_info(self) -> Any:
-        return jsonify({"server_processes": [self.launcher_info(name) for name in self.supervisors]})
+        listed = []
+        for name, supervisor in self.supervisors.items():
+            listed.append(self.launcher_info(name))
+            # jupyter-server-proxy lists every server of a name; the first is the one served.
+            listed.extend(self.launcher_info(name, other) for other in supervisor.process.also_listed)
+        return jsonify({"server_processes": listed})
 
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
-        if name not in supervisors or not supervisors[name].process.launcher.icon_path:
+        process = supervisors[name].process if name in supervisors else None
+        # The served server's icon, else that of one listed with it (servers-info gives both one URL).
+        path = next((p.launcher.icon_path for p in (process, *process.also_listed) if p.launcher.icon_path), "") if process else ""
+        if not path:
             return self._error(404, f"No icon for {name!r}.")
-        path = supervisors[name].process.launcher.icon_path
         try:
             data = await trio.Path(path).read_bytes()
         except OSError as exc:
