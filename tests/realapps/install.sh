@@ -60,7 +60,7 @@ if ! fresh "$dir" "$CODE_SERVER"; then
     mkdir -p "$dir/tmp/$(dirname "$RIPGREP_CACHE")"
     tar czf "$dir/tmp/$RIPGREP_CACHE" -C "$(dirname "$(command -v rg)")" rg
     # npm_config_yes: node-pty's postinstall runs `npx node-gyp`, which would ask.
-    TMPDIR="$dir/tmp" npm_config_yes=true npm install --prefix "$dir" --no-fund --no-audit --loglevel=error \
+    TMPDIR="$dir/tmp" npm_config_yes=true npm install --prefix "$dir" --no-fund --no-audit --prefer-offline --loglevel=error \
         --unsafe-perm "$CODE_SERVER"
     HOME="$dir/tmp" "$dir/node_modules/.bin/code-server" --version
     rm -rf "$dir/tmp"
