@@ -23,7 +23,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,14 +180,14 @@ def open_from_launcher(page: Page, apps: Apps, name: str, title: str) -> Page:
     return tab
 
 
-def in_chromium(apps: Apps, drive: object) -> None:
+def in_chromium(apps: Apps, drive: Callable[[Page], None]) -> None:
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as playwright:
         browser = launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             try:
-                drive(page)  # type: ignore[operator]
+                drive(page)
             except Exception as exc:
                 shots = Path(os.environ.get("TRIOPROXY_REALAPPS_SHOTS", apps.service.log_path.parent))
                 for index, tab in enumerate(page.context.pages):
