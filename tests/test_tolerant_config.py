@@ -236,12 +236,15 @@ def test_two_packages_with_one_name_serve_the_first_found(
     first (sys.path order) is served, as jupyter-server-proxy routes to the first."""
     sites: dict[str, Path] = {}
     sources: dict[str, str] = {}
+    icon = tmp_path / "beta.svg"
+    icon.write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     for dist in ("alpha_marimo_proxy", "beta_marimo_proxy"):
         sites[dist] = tmp_path / dist
         sites[dist].mkdir()
+        entry = f"'title': {dist!r}" + (f", 'icon_path': {str(icon)!r}" if dist.startswith("beta") else "")
         sources[dist] = package(
             sites[dist], dist, "dup-like",
-            f"{{'command': COMMAND, 'environment': {{'MARK': {dist!r}}}, 'launcher_entry': {{'title': {dist!r}}}}}",
+            f"{{'command': COMMAND, 'environment': {{'MARK': {dist!r}}}, 'launcher_entry': {{{entry}}}}}",
         )  # fmt: skip
     second = next(dist for dist in sites if dist != first)
     order = [sites[first], sites[second]]
@@ -263,6 +266,9 @@ def test_two_packages_with_one_name_serve_the_first_found(
         assert http.get("dup-like/").json()["env"]["MARK"] == first
         listed = [s for s in http.get("server-proxy/servers-info").json()["server_processes"] if s["name"] == "dup-like"]
         assert [s["launcher_entry"]["title"] for s in listed] == [first, second]  # as jupyter-server-proxy lists them
+        # Only beta's has an icon: its URL gives it whichever is served.
+        assert [("icon_url" in s["launcher_entry"]) for s in listed] == [first.startswith("beta"), second.startswith("beta")]
+        assert http.get("server-proxy/icon/dup-like").content == icon.read_bytes()
         assert [s["name"] for s in http.get("server-proxy/api/servers").json()["servers"]].count("dup-like") == 1
     assert (
         f"server 'dup-like' is registered by two packages: {sources[first]} and {sources[second]}; serving the one "

@@ -260,9 +260,9 @@ class Pages:
 
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
-        process = supervisors[name].process if name in supervisors else None
         # The served server's icon, else that of one listed with it (servers-info gives both one URL).
-        path = next((p.launcher.icon_path for p in (process, *process.also_listed) if p.launcher.icon_path), "") if process else ""
+        listed = [supervisors[name].process, *supervisors[name].process.also_listed] if name in supervisors else []
+        path = next((process.launcher.icon_path for process in listed if process.launcher.icon_path), "")
         if not path:
             return self._error(404, f"No icon for {name!r}.")
         try:
