@@ -71,6 +71,9 @@ def test_secrets_are_masked_in_the_log_the_api_and_trioproxy_servers(
         assert relayed["argv"][:4] == ["--token-password", SECRETS["option"], f"--api-key={SECRETS['equals']}", "--auth"]
         assert relayed["env"]["APP_PASSWORD"] == SECRETS["env"]
         wait_until(lambda: "my password is" in http.get("server-proxy/api/servers/marimo-like/logs").text)
+        # A learned secret in a path, and secrets in a query (marimo takes ?access_token=).
+        query = f"access_token={SECRETS['option']}&x=1&Password=hunter-two-zz&token={TOKEN}&tokenizer=bpe"
+        assert http.get(f"marimo-like/files/{SECRETS['env']}?{query}").status_code == 200
         for path in (
             "server-proxy/api/servers",
             "server-proxy/api/servers/marimo-like",
@@ -97,10 +100,14 @@ def test_secrets_are_masked_in_the_log_the_api_and_trioproxy_servers(
     ), started
     assert f"marimo-like: environment added: APP_PASSWORD={MASK} GH_TOKEN={MASK} MARK=visible-mark" in output
     assert f"my password is {MASK}" in output
+    wait_until(lambda: "GET /marimo-like/files/" in proxy.output())
+    access = next(line for line in proxy.output().splitlines() if "GET /marimo-like/files/" in line)
+    assert f"GET /marimo-like/files/{MASK}?access_token={MASK}&x=1&Password={MASK}&tokenizer=bpe 200 " in access
+    output = proxy.output()
     for text in [output, *answers]:
         for name, secret in SECRETS.items():
             assert secret not in text, (name, text)
-        assert TOKEN not in text
+        assert TOKEN not in text and "hunter-two-zz" not in text
     assert proxy.stop() == 0
 
 
@@ -122,6 +129,23 @@ def test_secrets_are_masked_in_the_log_the_api_and_trioproxy_servers(
 )
 def test_secret_looking_options_are_masked(argv: list[str], shown: list[str]) -> None:
     assert mask_argv(argv) == shown
+
+
+@pytest.mark.parametrize(
+    ("query", "shown"),
+    [
+        (b"", ""),
+        (b"x=1&y=%2F", "x=1&y=%2F"),  # as sent: nothing re-encoded
+        (b"token=abc&x=1", "x=1"),
+        (b"access_token=abc&api_key=k&PASSWORD=p&client-secret=s", f"access_token={MASK}&api_key={MASK}&PASSWORD={MASK}&client-secret={MASK}"),
+        (b"tokenizer=bpe&max_tokens=5&keyboard=us&flag", "tokenizer=bpe&max_tokens=5&keyboard=us&flag"),
+        (b"password", "password"),  # a name alone holds nothing
+    ],
+)
+def test_query_strings_in_the_access_log(query: bytes, shown: str) -> None:
+    from trioproxy.auth import query_for_log
+
+    assert query_for_log(query) == shown
 
 
 def test_known_secrets_are_masked_in_any_argument() -> None:

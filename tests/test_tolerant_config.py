@@ -236,10 +236,16 @@ def test_two_packages_with_one_name_serve_the_first_found(
     first (sys.path order) is served, as jupyter-server-proxy routes to the first."""
     sites: dict[str, Path] = {}
     sources: dict[str, str] = {}
+    icon = tmp_path / "beta.svg"
+    icon.write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     for dist in ("alpha_marimo_proxy", "beta_marimo_proxy"):
         sites[dist] = tmp_path / dist
         sites[dist].mkdir()
-        sources[dist] = package(sites[dist], dist, "dup-like", f"{{'command': COMMAND, 'environment': {{'MARK': {dist!r}}}}}")
+        entry = f"'title': {dist!r}" + (f", 'icon_path': {str(icon)!r}" if dist.startswith("beta") else "")
+        sources[dist] = package(
+            sites[dist], dist, "dup-like",
+            f"{{'command': COMMAND, 'environment': {{'MARK': {dist!r}}}, 'launcher_entry': {{{entry}}}}}",
+        )  # fmt: skip
     second = next(dist for dist in sites if dist != first)
     order = [sites[first], sites[second]]
 
@@ -247,7 +253,7 @@ def test_two_packages_with_one_name_serve_the_first_found(
         "import json, warnings\n"
         "warnings.simplefilter('ignore')\n"
         "from jupyter_server_proxy.config import get_entrypoint_server_processes\n"
-        "print(json.dumps([p.environment.get('MARK') for p in get_entrypoint_server_processes() if p.name == 'dup-like']))\n"
+        "print(json.dumps([p.launcher_entry.title for p in get_entrypoint_server_processes() if p.name == 'dup-like']))\n"
     )
     jsp = subprocess.run(
         [PY, "-c", script], capture_output=True, text=True, timeout=120, check=True,
@@ -258,11 +264,37 @@ def test_two_packages_with_one_name_serve_the_first_found(
     proxy = launch([], proxy_processes, *order)
     with client(proxy) as http:
         assert http.get("dup-like/").json()["env"]["MARK"] == first
-        assert list(launcher_titles(http)).count("dup-like") == 1
+        listed = [s for s in http.get("server-proxy/servers-info").json()["server_processes"] if s["name"] == "dup-like"]
+        assert [s["launcher_entry"]["title"] for s in listed] == [first, second]  # as jupyter-server-proxy lists them
+        # Only beta's has an icon: its URL gives it whichever is served.
+        assert [("icon_url" in s["launcher_entry"]) for s in listed] == [first.startswith("beta"), second.startswith("beta")]
+        assert http.get("server-proxy/icon/dup-like").content == icon.read_bytes()
+        assert [s["name"] for s in http.get("server-proxy/api/servers").json()["servers"]].count("dup-like") == 1
     assert (
         f"server 'dup-like' is registered by two packages: {sources[first]} and {sources[second]}; serving the one "
-        f"of {first} 1.0 (found first, as jupyter-server-proxy does), not the one of {second} 1.0"
+        f"of {first} 1.0 (found first, as jupyter-server-proxy does), not the one of {second} 1.0 (servers-info lists both)"
     ) in proxy.output()
+    assert proxy.stop() == 0
+
+
+def test_a_configured_server_is_listed_before_the_entry_point_of_its_name(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    """jupyter-server-proxy lists the configuration's servers, then the entry points', and
+    routes a name to the first: the configuration's."""
+    site = tmp_path / "site"
+    site.mkdir()
+    package(site, "packaged_proxy", "both", "{'command': COMMAND, 'launcher_entry': {'title': 'From the package'}}")
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        f"c.ServerProxy.servers = {{'both': {{'command': {COMMAND!r}, 'environment': {{'MARK': 'config'}}, "
+        "'launcher_entry': {'title': 'From the configuration'}}}\n"
+    )
+    proxy = launch(["--config", str(config)], proxy_processes, site)
+    with client(proxy) as http:
+        assert http.get("both/").json()["env"]["MARK"] == "config"
+        listed = [s for s in http.get("server-proxy/servers-info").json()["server_processes"] if s["name"] == "both"]
+        assert [s["launcher_entry"]["title"] for s in listed] == ["From the configuration", "From the package"]
     assert proxy.stop() == 0
 
 

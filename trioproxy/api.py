@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
 from .backend_tls import server_tls
-from .config import ConfigError, ReloadError
+from .config import ConfigError, ReloadError, ServerProcess
 from .errors import render_error
 from .identity import describe as describe_forward_user
 from .instances import InstanceRefused, Instances
@@ -246,8 +246,10 @@ class Pages:
 
     # -- servers-info and icons (jupyter-server-proxy's shapes) ---------------------------
 
-    def launcher_info(self, name: str) -> dict[str, Any]:
-        process = self.supervisors[name].process
+    def launcher_info(self, name: str, process: ServerProcess | None = None) -> dict[str, Any]:
+        """``name``'s entry in servers-info: the served process's, or ``process``'s (another
+        server of that name that is listed but not served)."""
+        process = process or self.supervisors[name].process
         entry = process.launcher
         info: dict[str, Any] = {
             "enabled": entry.enabled,
@@ -260,15 +262,22 @@ class Pages:
         return {"name": name, "launcher_entry": info, "new_browser_tab": process.new_browser_tab}
 
     async def servers_info(self) -> Any:
-        # A server whose paths clash with another's has no URL to launch.
-        names = [name for name in self.supervisors if self.supervisors[name].process.routed]
-        return jsonify({"server_processes": [self.launcher_info(name) for name in names]})
+        listed = []
+        for name, supervisor in self.supervisors.items():
+            if not supervisor.process.routed:  # its paths clash with another's: no URL to launch
+                continue
+            listed.append(self.launcher_info(name))
+            # jupyter-server-proxy lists every server of a name; the first is the one served.
+            listed.extend(self.launcher_info(name, other) for other in supervisor.process.also_listed)
+        return jsonify({"server_processes": listed})
 
     async def icon(self, name: str) -> Any:
         supervisors = self.supervisors
-        if name not in supervisors or not supervisors[name].process.launcher.icon_path:
+        # The served server's icon, else that of one listed with it (servers-info gives both one URL).
+        listed = [supervisors[name].process, *supervisors[name].process.also_listed] if name in supervisors else []
+        path = next((process.launcher.icon_path for process in listed if process.launcher.icon_path), "")
+        if not path:
             return self._error(404, f"No icon for {name!r}.")
-        path = supervisors[name].process.launcher.icon_path
         try:
             data = await trio.Path(path).read_bytes()
         except OSError as exc:

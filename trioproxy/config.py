@@ -20,8 +20,8 @@ import difflib
 import logging
 import pathlib
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
@@ -109,6 +109,10 @@ class ServerProcess(Configurable):
     def __init__(self, **kwargs: Any) -> None:
         # (where, key): where is "" for a server option, "launcher_entry" for one of those.
         self.ignored_options: list[tuple[str, str]] = []
+        # Servers of the same name that are not served but listed in servers-info after this
+        # one, as jupyter-server-proxy lists them: another package's, or the entry point's
+        # when the configuration has the name too.
+        self.also_listed: list[ServerProcess] = []
         known = set(type(self).class_trait_names()) | {"parent", "config"}
         for key in [key for key in kwargs if key not in known]:
             del kwargs[key]
@@ -510,6 +514,7 @@ class EntryPointServer:
     settings: Any
     source: str  # "entry point 'name = module:function' of distribution 1.0"
     distribution: str
+    shadowed: tuple[EntryPointServer, ...] = ()  # later ones with the same name: listed, not served
 
 
 def _distribution(entry: Any) -> str:
@@ -523,33 +528,49 @@ def load_entry_point_servers() -> dict[str, EntryPointServer]:
     """Server settings from installed packages; one that fails is logged and skipped.
 
     Entry points come in ``importlib.metadata``'s order (``sys.path``'s); when two register
-    one name, the first is used and the other named in a warning, as jupyter-server-proxy
-    (which lists both, and routes to the first) serves the first.
+    one name, the first is served and the later ones kept in its ``shadowed`` and named in a
+    warning, as jupyter-server-proxy lists both and routes to the first.
     """
     found: dict[str, EntryPointServer] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         distribution = _distribution(entry)
         source = f"entry point '{entry.name} = {entry.value}' of {distribution}"
-        if entry.name in found:
-            first = found[entry.name]
-            log.warning(
-                "server %r is registered by two packages: %s and %s; serving the one of %s (found "
-                "first, as jupyter-server-proxy does), not the one of %s",
-                entry.name,
-                first.source,
-                source,
-                first.distribution,
-                distribution,
-            )
-            continue
         try:
             setup = entry.load()
             settings = setup()
         except Exception as exc:  # a broken package must not stop the others
             log.error("skipping server %r from %s: %s: %s", entry.name, source, type(exc).__name__, exc)
             continue
-        found[entry.name] = EntryPointServer(settings, source, distribution)
+        server = EntryPointServer(settings, source, distribution)
+        if entry.name in found:
+            first = found[entry.name]
+            log.warning(
+                "server %r is registered by two packages: %s and %s; serving the one of %s (found "
+                "first, as jupyter-server-proxy does), not the one of %s (servers-info lists both)",
+                entry.name,
+                first.source,
+                source,
+                first.distribution,
+                distribution,
+            )
+            found[entry.name] = replace(first, shadowed=(*first.shadowed, server))
+            continue
+        found[entry.name] = server
     return found
+
+
+def _listed_only(name: str, entries: Iterable[EntryPointServer], proxy: ServerProxy) -> list[ServerProcess]:
+    """Servers that servers-info lists but that get no route; one that does not load is left out."""
+    listed = []
+    for entry in entries:
+        try:
+            process = load_server(name, entry.settings, parent=proxy, strict=False, source=entry.source)
+        except ConfigError as exc:
+            log.error("not listing server %r from %s: %s", name, entry.source, exc)
+            continue
+        if process.config_error is None:
+            listed.append(process)
+    return listed
 
 
 def has_route(process: ServerProcess) -> bool:
@@ -566,16 +587,21 @@ def collect_servers(proxy: ServerProxy, *, source: str = CONFIGURATION) -> dict[
     servers: dict[str, ServerProcess] = {}
     for name, entry in from_entry_points.items():
         if name in proxy.servers:
-            log.info("server %r: the configuration's replaces the one from %s", name, entry.source)
+            log.info("server %r: the configuration's replaces the one from %s (servers-info lists both)", name, entry.source)
             continue
         try:
             check_server_name(name)
             servers[name] = load_server(name, entry.settings, parent=proxy, strict=strict, source=entry.source)
         except ConfigError as exc:
             log.error("skipping server %r from %s: %s", name, entry.source, exc)
+            continue
+        servers[name].also_listed = _listed_only(name, entry.shadowed, proxy)
     for name, settings in proxy.servers.items():
         check_server_name(name)
         servers[name] = load_server(name, settings, parent=proxy, strict=strict, source=source)
+        if name in from_entry_points:
+            entry = from_entry_points[name]
+            servers[name].also_listed = _listed_only(name, (entry, *entry.shadowed), proxy)
     for name in list(servers):
         if servers[name].config_error is None and not has_route(servers[name]):
             where = from_entry_points[name].source if name in from_entry_points and name not in proxy.servers else source

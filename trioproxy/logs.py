@@ -8,8 +8,10 @@ clean exit.
 
 The access log has a line per request; handed over one by one, those lines cost a tenth of a
 small relayed request's CPU time. They are handed over together a few times a second instead.
-Their tokens were already taken out of the query when the line was made, so only the known
-secrets are masked there, not every pattern.
+Their tokens and secret-named query parameters were already taken out when the line was made
+(:func:`~trioproxy.auth.query_for_log`), so only the known secrets (trioproxy's own) and the
+learned ones (values from servers' command lines and environments) are masked there, not every
+pattern.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import IO, Any
 
 import trio
 
-from .auth import MASK, MIN_KNOWN_SECRET, MaskingFormatter
+from .auth import MaskingFormatter, mask_known
 
 FLUSH_INTERVAL = 0.2
 # Pieces of text (lines, or batches of access log lines) waiting for a stalled stderr; past
@@ -88,11 +90,7 @@ class KnownSecretsFormatter(logging.Formatter):
         self.known = known  # shared with the masking formatter, filled once auth is known
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.known:
-            if len(secret) >= MIN_KNOWN_SECRET and secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        return mask_known(super().format(record), self.known)
 
 
 class BatchedHandler(logging.Handler):

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .auth import strip_token_from_query
+from .auth import query_for_log
 from .histogram import Histogram
 from .supervisor import State
 
@@ -137,15 +137,14 @@ class WebSocketExchange:
 
 
 def log_access(scope: dict[str, Any], method: str, status: int, sent: int | None, began: float) -> None:
-    """One line per request: method, path and query (less any token), status, bytes, time."""
+    """One line per request: method, path and query (less any token, secret-named parameters
+    masked), status, bytes, time. Known and learned secrets are masked by its formatter."""
     if not access_log.isEnabledFor(logging.INFO):
         return
     path = (scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1")
-    query: bytes = scope.get("query_string", b"")
-    if b"token" in query:
-        query = strip_token_from_query(query)
+    query = query_for_log(scope.get("query_string", b""))
     if query:
-        path += "?" + query.decode("latin-1")
+        path += "?" + query
     duration_ms = (trio.current_time() - began) * 1000
     access_log.info(
         "%s %s %s %s %.1f ms",
