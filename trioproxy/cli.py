@@ -408,6 +408,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     from hypercorn.config import Config as HypercornConfig
 
     from .app import Settings, create_app
+    from .start_history import StartHistory
     from .supervisor import Supervisors
 
     hub = _hub_settings(app, os.environ)
@@ -463,6 +464,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
         default_url=hub.default_url if hub is not None else "",
     )
     supervisors = Supervisors(servers, base_url=base_url)
+    supervisors.history = StartHistory.in_runtime_dir()  # the start page's estimates, kept
     settings.reloader = Reloader(partial(read_servers_again, app), supervisors)
     asgi_app = create_app(settings, supervisors)
     if hub is not None:
