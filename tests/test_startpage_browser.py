@@ -168,3 +168,32 @@ async def test_a_failed_start_shows_why_and_restarts_on_a_click(nursery: trio.Nu
     with trio.fail_after(120):
         await trio.to_thread.run_sync(drive_failure, f"{proxy.url}?token={TOKEN}", f"{proxy.url}model/some/page?x=1")
     assert started(tmp_path, 0.5) == 2
+
+
+def drive_launcher(url: str) -> None:
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            model = page.locator("li.server[data-server='model']")
+            model.get_by_role("button", name="Start", exact=True).click()
+            expect(model).to_have_attribute("data-state", "starting")
+            detail = model.locator(".detail")
+            expect(detail).to_contain_text(re.compile(r"starting for \d+ s · usually ready in ~12 s"))
+            expect(model.locator(".last-line")).to_have_text(LOADING)
+            expect(model).to_have_attribute("data-state", "ready", timeout=60_000)
+            expect(model.locator(".last-line")).to_be_hidden()
+            expect(detail).not_to_contain_text("starting for")
+        finally:
+            browser.close()
+
+
+async def test_the_launcher_shows_a_start_in_progress(nursery: trio.Nursery, tmp_path: Path) -> None:
+    expect.set_options(timeout=30_000)
+    proxy = await start_proxy(nursery, {"model": model_server(tmp_path, 4)})
+    for seconds in (11.5, 12.0, 20.0):  # earlier starts, as if kept from another run
+        proxy.supervisors.history.record("model", seconds)
+    with trio.fail_after(120):
+        await trio.to_thread.run_sync(drive_launcher, f"{proxy.url}?token={TOKEN}")
+    assert started(tmp_path, 4) == 1

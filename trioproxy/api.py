@@ -664,6 +664,6 @@ def _server_item(name: str, supervisor: ServerSupervisor) -> str:
         f" data-managed='{'true' if supervisor.has_command else 'false'}'>{icon}"
         f"<div class='body'><div class='head'><a class='title' href='{href}'{target}>{title}</a>"
         f" <span class='state'>{state}</span></div>"
-        "<div class='detail'></div><pre class='log' hidden></pre></div>"
+        "<div class='detail'></div><div class='last-line' hidden></div><pre class='log' hidden></pre></div>"
         f"<div class='actions'><a class='button open' href='{href}'{target}>Open</a>{buttons}</div></li>"
     )
