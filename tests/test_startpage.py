@@ -56,11 +56,16 @@ def scope(method: str = "GET", **headers: str) -> dict[str, Any]:
 
 def test_only_browser_navigations_get_the_start_page() -> None:
     html = "text/html,*/*"
-    assert is_navigation(scope(Accept=html))  # a browser that sends no Sec-Fetch-* headers
+    browser = "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0"
+    # A browser that sends no Sec-Fetch-* headers (plain HTTP to another host): by its agent.
+    assert is_navigation(scope(Accept=html, **{"User-Agent": browser}))
+    assert not is_navigation(scope(Accept=html, **{"User-Agent": "python-httpx/0.28"}))
+    assert not is_navigation(scope(Accept=html))
     assert is_navigation(scope(Accept=html, **{"Sec-Fetch-Mode": "navigate"}))
+    assert not is_navigation(scope(Accept=html, **{"Sec-Fetch-Mode": "cors", "User-Agent": browser}))
     for mode in ("cors", "no-cors", "same-origin", "websocket"):
         assert not is_navigation(scope(Accept=html, **{"Sec-Fetch-Mode": mode})), mode
-    assert not is_navigation(scope(Accept=html, **{"X-Requested-With": "XMLHttpRequest"}))
+    assert not is_navigation(scope(Accept=html, **{"X-Requested-With": "XMLHttpRequest", "User-Agent": browser}))
     assert not is_navigation(scope(Accept="application/json"))
     assert not is_navigation(scope())
     for method in ("POST", "HEAD", "PUT"):
@@ -215,6 +220,7 @@ async def test_a_navigation_gets_the_start_page_at_once_and_other_requests_wait(
         async with trio.open_nursery() as waiting:
             waiting.start_soon(waits, {})
             waiting.start_soon(waits, {"Accept": "application/json"})
+            waiting.start_soon(waits, {"Accept": "text/html"})  # a script's (not a browser's agent)
             waiting.start_soon(waits, {**NAVIGATE, "Sec-Fetch-Mode": "cors"})
             waiting.start_soon(waits, {**NAVIGATE, "Sec-Fetch-Mode": "no-cors"})
             waiting.start_soon(waits, {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"})

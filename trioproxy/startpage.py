@@ -53,18 +53,23 @@ _NOT_NAVIGATION_MODES = frozenset({b"cors", b"no-cors", b"same-origin", b"websoc
 def is_navigation(scope: dict[str, Any]) -> bool:
     """A browser navigating to a page: GET, asks for HTML, not a script's request.
 
-    ``Sec-Fetch-Mode`` is believed where sent (every current browser sends it): only
-    ``navigate`` counts. ``X-Requested-With`` marks a script's request (jQuery and others).
+    ``Sec-Fetch-Mode`` is believed where sent: only ``navigate`` counts. Browsers send it to
+    secure origins and localhost, not over plain HTTP to another host; there (and from browsers
+    too old to send it) the User-Agent must be a browser's (they all begin ``Mozilla/``), so
+    that a script or link checker asking for HTML waits for the server as before.
+    ``X-Requested-With`` marks a script's request (jQuery and others).
     """
     if scope["type"] != "http" or scope["method"] != "GET":
         return False
     headers = scope["headers"]
     if b"text/html" not in (header_value(headers, b"accept") or b"").lower():
         return False
-    mode = header_value(headers, b"sec-fetch-mode")
-    if mode is not None and mode.strip().lower() != b"navigate":
+    if header_value(headers, b"x-requested-with") is not None or header_value(headers, b"upgrade") is not None:
         return False
-    return header_value(headers, b"x-requested-with") is None and header_value(headers, b"upgrade") is None
+    mode = header_value(headers, b"sec-fetch-mode")
+    if mode is not None:
+        return mode.strip().lower() == b"navigate"
+    return (header_value(headers, b"user-agent") or b"").startswith(b"Mozilla/")
 
 
 def needs_start_page(supervisor: ServerSupervisor) -> bool:
