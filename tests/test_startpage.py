@@ -421,3 +421,44 @@ async def test_unmanaged_and_ready_servers_go_straight_through(nursery: trio.Nur
         backend.kill()
         await backend.wait()
 
+
+
+async def test_an_event_stream_whose_client_left_ends(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await start_proxy(nursery, {"slow": slow(tmp_path, 30)})
+    host, port = proxy.url.split("/")[2].split(":")
+    async with proxy.client() as client:
+        await client.post("server-proxy/api/servers/slow/start?wait=0")
+    with caplog.at_level(logging.DEBUG, "trioproxy.startpage"):
+        stream = await trio.open_tcp_stream(host, int(port))
+        head = f"GET /server-proxy/api/servers/slow/events HTTP/1.1\r\nHost: x\r\nAuthorization: token {TOKEN}\r\n\r\n"
+        await stream.send_all(head.encode())
+        received = b""
+        with trio.fail_after(10):
+            while b"event: status" not in received:
+                received += await stream.receive_some()
+        await stream.aclose()
+        # Hypercorn tells the app nothing; the stream notices at its next look (within a tick).
+        await wait_for(lambda: "the event stream's client has gone" in caplog.text, timeout=10)
+    assert proxy.supervisors["slow"].state is State.STARTING  # the start goes on
+
+
+async def test_the_start_page_of_a_server_at_the_root(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # trioproxy -- <command>: the server owns the base URL's root.
+    proxy = await start_proxy(nursery, {"app": slow(tmp_path, 1)}, base_url="/lab/", root_server="app")
+    async with proxy.client(headers=NAVIGATE) as client:
+        url = proxy.url + "some/page?x=1"
+        answer = await client.get(url)
+        assert answer.status_code == 302
+        assert answer.headers["location"] == "../server-proxy/start/app?next=some%2Fpage%3Fx%3D1"
+        page_url = urljoin(url, answer.headers["location"])
+        assert page_url.startswith(proxy.url + "server-proxy/start/app?")
+        with trio.fail_after(30):
+            while (page := await client.get(page_url)).status_code == 200:
+                await trio.sleep(0.2)
+        assert page.status_code == 303 and page.headers["location"] == "../../some/page?x=1"
+        landed = await client.get(urljoin(page_url, page.headers["location"]))
+        assert landed.status_code == 200 and "/some/page?x=1" in landed.text
+        refused = await client.get(proxy.url + "server-proxy/start/app", params={"next": "server-proxy/api/servers"})
+        assert refused.status_code == 400

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable, Container
 from string import Template
@@ -36,6 +37,8 @@ from .listener import CLIENT_SOCKET, client_gone
 from .relay.headers import header_value
 from .routing import Route, resolve
 from .supervisor import ServerSupervisor, ServerUnavailable, State
+
+log = logging.getLogger("trioproxy.startpage")
 
 # How often the event stream looks at the state and at its client when nothing else happens.
 TICK = 1.0
@@ -214,7 +217,10 @@ async def events(
             if now_status["state"] == State.READY.value:
                 return
         now = trio.current_time()
-        if now - began > MAX_STREAM or not current() or (sock is not None and client_gone(sock)):
+        if now - began > MAX_STREAM or not current():
+            return
+        if sock is not None and client_gone(sock):
+            log.debug("%s: the event stream's client has gone", supervisor.name)
             return
         if now - last_sent > HEARTBEAT:
             yield b": still here\n\n"
