@@ -462,3 +462,27 @@ async def test_the_start_page_of_a_server_at_the_root(nursery: trio.Nursery, tmp
         assert landed.status_code == 200 and "/some/page?x=1" in landed.text
         refused = await client.get(proxy.url + "server-proxy/start/app", params={"next": "server-proxy/api/servers"})
         assert refused.status_code == 400
+
+
+def test_the_command_keeps_start_times_in_the_runtime_dir(tmp_path: Path, proxy_processes: list[Any]) -> None:
+    from trioproxy.start_history import FILE_NAME
+
+    from .conftest import launch_trioproxy
+
+    config = tmp_path / "config.py"
+    config.write_text(f"c.ServerProxy.servers = {{'slow': {slow(tmp_path, 0.3)!r}}}\n")
+    runtime = tmp_path / "runtime"
+    args = ["--port", "0", "--token", TOKEN, "--config", str(config)]
+    env = {"JUPYTER_RUNTIME_DIR": str(runtime)}
+    auth = {"Authorization": f"token {TOKEN}"}
+    first = launch_trioproxy(args, env=env)
+    proxy_processes.append(first)
+    api = first.base + "server-proxy/api/servers/slow"
+    assert httpx.post(api + "/start", headers=auth, timeout=30).status_code == 200
+    kept = json.loads((runtime / FILE_NAME).read_text())
+    assert len(kept["slow"]) == 1 and kept["slow"][0] >= 0.3
+    assert first.stop() == 0
+    second = launch_trioproxy(args, env=env)
+    proxy_processes.append(second)
+    info = httpx.get(second.base + "server-proxy/api/servers/slow", headers=auth, timeout=30).json()
+    assert info["state"] == "stopped" and info["estimate"] == kept["slow"][0] and info["estimate_from"] == 1
