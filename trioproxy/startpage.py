@@ -201,35 +201,40 @@ async def events(
     seen = first
     last_status: dict[str, Any] | None = None
     began = last_sent = trio.current_time()
-    yield b"retry: 1000\n\n"
-    while True:
-        lines = output.since(seen)
-        seen = output.total
-        if lines:
-            yield sse("output", masked(lines), seen)
-            last_sent = trio.current_time()
-        now_status = status()
-        changed = {k: v for k, v in now_status.items() if k not in _MOVING}
-        if changed != last_status:
-            last_status = changed
-            yield sse("status", now_status)
-            last_sent = trio.current_time()
-            if now_status["state"] == State.READY.value:
+    try:
+        yield b"retry: 1000\n\n"
+        while True:
+            # Before anything is sent: a send to a client that has gone may never return.
+            if trio.current_time() - began > MAX_STREAM or not current():
                 return
-        now = trio.current_time()
-        if now - began > MAX_STREAM or not current():
-            return
-        if sock is not None and client_gone(sock):
-            log.debug("%s: the event stream's client has gone", supervisor.name)
-            return
-        if now - last_sent > HEARTBEAT:
-            yield b": still here\n\n"
-            last_sent = now
-        with trio.move_on_after(TICK):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_then_cancel, nursery, output.wait_for_more, seen)
-                others = tuple(state for state in State if state is not supervisor.state)
-                nursery.start_soon(_then_cancel, nursery, supervisor.wait_for_state, *others)
+            if sock is not None and client_gone(sock):
+                log.debug("%s: the event stream's client has gone", supervisor.name)
+                return
+            lines = output.since(seen)
+            seen = output.total
+            if lines:
+                yield sse("output", masked(lines), seen)
+                last_sent = trio.current_time()
+            now_status = status()
+            changed = {k: v for k, v in now_status.items() if k not in _MOVING}
+            if changed != last_status:
+                last_status = changed
+                yield sse("status", now_status)
+                last_sent = trio.current_time()
+                if now_status["state"] == State.READY.value:
+                    return
+            now = trio.current_time()
+            if now - last_sent > HEARTBEAT:
+                yield b": still here\n\n"
+                last_sent = now
+            with trio.move_on_after(TICK):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_then_cancel, nursery, output.wait_for_more, seen)
+                    others = tuple(state for state in State if state is not supervisor.state)
+                    nursery.start_soon(_then_cancel, nursery, supervisor.wait_for_state, *others)
+    finally:
+        # However it ends: here, or cancelled (a disconnect Hypercorn did see, a shutdown).
+        log.debug("%s: an event stream ended", supervisor.name)
 
 
 async def _then_cancel(nursery: trio.Nursery, wait: Callable[..., Any], *args: Any) -> None:
