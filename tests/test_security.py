@@ -746,12 +746,20 @@ async def test_error_pages_and_logs_api_mask_secrets(nursery: trio.Nursery) -> N
     )
     proxy = await start_proxy(nursery, {"leaky": {"command": [PY, "-c", leak]}})
     async with proxy.client() as client:
-        for accept in ("application/json", "text/html"):
-            response = await client.get("leaky/", headers={"Accept": accept})
+        # A script asking for HTML gets the HTML error page (a browser's navigation gets the
+        # start page, checked below).
+        for headers in ({"Accept": "application/json"}, {"Accept": "text/html", "Sec-Fetch-Mode": "cors"}):
+            response = await client.get("leaky/", headers=headers)
             assert response.status_code == 503
             text = response.text
             assert "token=[secret]" in text and "Bearer [secret]" in text and "raw: [secret]" in text
             assert TOKEN not in text and "abcdef123456" not in text and "zzz111" not in text
+        navigation = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+        page = await client.get("leaky/", headers=navigation, follow_redirects=True)
+        assert "/server-proxy/start/leaky" in str(page.url)
+        text = page.text
+        assert "token=[secret]" in text and "Bearer [secret]" in text and "raw: [secret]" in text
+        assert TOKEN not in text and "abcdef123456" not in text and "zzz111" not in text
         started = await client.post("server-proxy/api/servers/leaky/start")
         assert started.status_code == 503 and TOKEN not in started.text
         logs = await client.get("server-proxy/api/servers/leaky/logs")

@@ -6,7 +6,8 @@ and the WebSocket fast path, which takes an upgrade off the socket before Hyperc
 whichever way a request came:
 
     head limits → authenticate → WebSocket origin → host allowlist → what the route accepts
-    → (the transport's own checks) → in use → start the server, wait until ready → upstream request
+    → (the transport's own checks) → a browser's navigation to a server not ready: its start page
+    → in use → start the server, wait until ready → upstream request
     (with the identity headers for a ``forward_user`` server)
 
 A refusal at any step is a :class:`Refused`, with its status, message (secrets masked) and,
@@ -35,6 +36,7 @@ from .relay.headers import handshake_not_ascii, header_value, non_ascii_handshak
 from .relay.rewrite import RelayedRequest
 from .relay.upstream import Upstream, upstream_request
 from .routing import Route, resolve
+from .startpage import divert
 from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
 
 if TYPE_CHECKING:
@@ -54,7 +56,8 @@ class Refused(Exception):
 
     ``login``: where a browser should go to log in (a redirect instead of the page, for a
     top-level GET that asked for HTML). ``retry_after``: seconds after which the same request
-    may succeed (a server starting or backing off).
+    may succeed (a server starting or backing off). ``location``: a redirect elsewhere (the
+    start page), with ``headers`` (a login's cookie) added to it.
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class Refused(Exception):
         output: list[str] | None = None,
         retry_after: float | None = None,
         login: str | None = None,
+        location: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -74,6 +79,8 @@ class Refused(Exception):
         self.output = output or []
         self.retry_after = retry_after
         self.login = login
+        self.location = location
+        self.headers = headers or []
 
 
 @dataclass
@@ -155,6 +162,8 @@ class Gate:
             output=[mask_secrets(line, known) for line in exc.output],
             retry_after=exc.retry_after,
             login=exc.login,
+            location=exc.location,
+            headers=exc.headers,
         )
 
     @asynccontextmanager
@@ -196,6 +205,8 @@ class Gate:
                 raise Refused(404, f"Not found: {route.reason or 'not a relayed route'}.")
             if before_start is not None:
                 before_start(server)
+            if supervisor is not None:
+                await self._start_page(scope, route, identity, supervisor)
         except Refused as exc:
             raise self.refusal(exc) from None
         while True:
@@ -212,6 +223,17 @@ class Gate:
                     continue
                 yield admission
                 return
+
+    async def _start_page(
+        self, scope: dict[str, Any], route: Route, identity: Identity, supervisor: ServerSupervisor
+    ) -> None:
+        """A browser's navigation to a server that is not ready goes to its start page at once,
+        the start set going (:mod:`trioproxy.startpage`); anything else goes on to wait."""
+        location = await divert(scope, route, supervisor, self.settings.base_url)
+        if location is not None:
+            cookie = [(b"set-cookie", identity.set_cookie)] if identity.set_cookie is not None else []
+            cookie.append((b"cache-control", b"no-store"))
+            raise Refused(302, f"{route.name} is starting.", server=route.name, location=location, headers=cookie)
 
     async def _open(
         self,

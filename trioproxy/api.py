@@ -26,6 +26,7 @@ import trio
 from quart import Blueprint, Response, jsonify, make_response, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
+from . import startpage
 from .auth import Authenticator, Identity, LoginAnswer, LoginRequest, TokenAuth, local_redirect, mask_secrets
 from .backend_tls import server_tls
 from .config import ConfigError, ReloadError, ServerProcess
@@ -36,9 +37,9 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .metrics import render as render_metrics
 from .origin import origin_allowed
-from .paths import parse_path
+from .paths import PathTable, parse_path
 from .relay.upstream import trusted_forwarded
-from .supervisor import ServerSupervisor, ServerUnavailable, Supervisors
+from .supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 from .templates import Template as ServerTemplate
 from .throttle import LoginThrottle
 from .urls import public_prefix, url_for_port
@@ -87,6 +88,8 @@ ROUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/server-proxy/api/servers/<name>", "one_server", ("GET", "DELETE")),
     ("/server-proxy/api/servers/<name>/<action>", "control", ("POST",)),
     ("/server-proxy/api/servers/<name>/logs", "logs", ("GET",)),
+    ("/server-proxy/api/servers/<name>/events", "events", ("GET",)),
+    ("/server-proxy/start/<name>", "start_page", ("GET",)),
     ("/server-proxy/api/reload", "reload", ("POST",)),
     ("/server-proxy/api/url", "port_url", ("GET",)),
     ("/server-proxy/metrics", "metrics", ("GET",)),
@@ -291,15 +294,26 @@ class Pages:
 
     # -- management API ---------------------------------------------------------------------
 
+    def masked(self, lines: list[str]) -> list[str]:
+        """A server's output as clients may see it (the logs API, the start page's events)."""
+        known = self.auth.known_secrets()
+        return [mask_secrets(line, known) for line in lines]
+
     def status(self, name: str, supervisor: ServerSupervisor | None = None) -> dict[str, Any]:
-        supervisor = supervisor or self.supervisors[name]
+        return self.status_of(supervisor or self.supervisors[name], name=name)
+
+    def status_of(
+        self, supervisor: ServerSupervisor, public_base: str | None = None, *, name: str | None = None
+    ) -> dict[str, Any]:
+        """``public_base``: given where there is no request context (an event stream's body)."""
+        name = name or supervisor.name
         info = supervisor.status()
         if info["reason"]:  # may quote a command or environment value (a bad item, a callable's error)
             info["reason"] = mask_secrets(info["reason"], self.auth.known_secrets())
         info["last_activity"] = _timestamp_ago(info["idle_seconds"])
         info["managed"] = supervisor.has_command  # False: relayed to, never started or stopped
         process = supervisor.process
-        base = self.public_base()
+        base = public_base or self.public_base()
         info["url"] = base + public_prefix(self.base_url, process)[len(self.base_url) :] if process.routed else None
         info["aliases"] = [f"{base}{'/'.join(parse_path('aliases', alias))}/" for alias in process.aliases] if process.routed else []
         instance = self.instances.describe(name)
@@ -309,6 +323,10 @@ class Pages:
         info["forward_user"] = describe_forward_user(supervisor.process)
         tls = server_tls(supervisor.process)
         info["backend_tls"] = tls.describe() if tls is not None else None
+        # How far a start is (the launcher and the start page show it).
+        info.update(startpage.progress(supervisor))
+        last = self.masked(supervisor.output.tail(1))
+        info["last_line"] = last[0] if last else None
         return info
 
     async def port_url(self) -> Any:
@@ -516,10 +534,9 @@ class Pages:
         if tail and not tail.isdigit():
             return self._error(400, f"tail must be a number of lines, not {tail!r}.", server=name)
         first = max(0, output.total - int(tail)) if tail else 0
-        known = self.auth.known_secrets()
 
         def text_of(lines: list[str]) -> str:
-            return "".join(mask_secrets(line, known) + "\n" for line in lines)
+            return "".join(line + "\n" for line in self.masked(lines))
 
         if request.args.get("follow", "0") in ("0", "false", "no"):
             return Response(text_of(output.since(first)), content_type="text/plain; charset=utf-8")
@@ -537,6 +554,59 @@ class Pages:
         response.timeout = None  # type: ignore[union-attr]
         # Proxies in front (nginx) would otherwise hold the stream back in their buffers.
         response.headers["X-Accel-Buffering"] = "no"
+        return response
+
+    # -- the start page (trioproxy.startpage) ------------------------------------------------
+
+    async def events(self, name: str) -> Any:
+        """Server-sent events of a server's state and output, from ``?since=<line count>`` or a
+        reconnecting EventSource's ``Last-Event-ID`` (else the last lines)."""
+        supervisor = self.supervisors.get(name)
+        if supervisor is None:
+            return self._unknown(name)
+        output = supervisor.output
+        resume = request.headers.get("Last-Event-ID") or request.args.get("since", "")
+        if resume and not resume.isdigit():
+            return self._error(400, f"since must be a number of lines, not {resume!r}.", server=name)
+        first = min(int(resume), output.total) if resume else max(0, output.total - startpage.FIRST_LINES)
+        stream = startpage.events(
+            cast(dict[str, Any], request.scope),
+            supervisor,
+            partial(self.status_of, supervisor, self.public_base()),
+            self.masked,
+            first,
+            lambda: self.supervisors.get(name) is supervisor,
+        )
+        response = await make_response(stream, 200, {"Content-Type": "text/event-stream; charset=utf-8"})
+        response.timeout = None  # type: ignore[union-attr]
+        response.headers["X-Accel-Buffering"] = "no"
+        return response
+
+    async def start_page(self, name: str) -> Any:
+        """The page a browser is sent to while ``name`` starts; once ready, a redirect to ``next``."""
+        supervisor = self.supervisors.get(name)
+        if supervisor is None:
+            return self._unknown(name)
+        root_server = self.settings.root_server
+        value = request.args.get("next")
+        if value is None:
+            value = startpage.default_next(supervisor, root_server)
+        target = startpage.continue_target(value, name, self.base_url, PathTable.of(self.supervisors), root_server)
+        if target is None:
+            logging.getLogger("trioproxy.api").warning("%s: start page refused next=%r", name, value)
+            return self._error(400, f"next must be a path to {name!r} below trioproxy's base URL.", server=name)
+        if not startpage.needs_start_page(supervisor):
+            return Response("", status=303, headers={"Location": target})
+        if supervisor.state in (State.STOPPED, State.STOPPING):  # reached directly, or stopped since
+            try:
+                await startpage.begin_start(supervisor)
+            except ServerUnavailable as exc:
+                return self._error(exc.status, str(exc), server=name)
+        status = self.status_of(supervisor)
+        output = self.masked(supervisor.output.tail(startpage.FIRST_LINES))
+        code, page = startpage.render(supervisor, status, output, target, value)
+        response = Response(page, status=code, content_type="text/html; charset=utf-8")
+        response.headers["Content-Security-Policy"] = _LAUNCHER_CSP
         return response
 
     # -- liveness ---------------------------------------------------------------------------
@@ -769,7 +839,7 @@ def _server_item(name: str, supervisor: ServerSupervisor) -> str:
         f" data-managed='{'true' if supervisor.has_command else 'false'}'>{icon}"
         f"<div class='body'><div class='head'><a class='title' href='{href}'{target}>{title}</a>"
         f" <span class='state'>{state}</span></div>"
-        "<div class='detail'></div><pre class='log' hidden></pre></div>"
+        "<div class='detail'></div><div class='last-line' hidden></div><pre class='log' hidden></pre></div>"
         f"<div class='actions'><a class='button open' href='{href}'{target}>Open</a>{buttons}</div></li>"
     )
 

@@ -157,6 +157,8 @@ class Dispatcher:
             )
         elif refused.login is not None:
             await send_redirect(send, refused.login)
+        elif refused.location is not None:
+            await send_redirect(send, refused.location, refused.headers)
         else:
             await send_error(
                 send,

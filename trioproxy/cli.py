@@ -426,6 +426,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
 
     from .app import Settings, create_app
     from .instances import Instances, TemplateReloader, load_templates
+    from .start_history import StartHistory
     from .supervisor import Supervisors
 
     hub = _hub_settings(app, os.environ)
@@ -482,6 +483,7 @@ def build(app: TrioProxy) -> tuple[Any, Any, Any]:
     )
     public_url = app.public_url or (hub.public_url if hub is not None else "")
     supervisors = Supervisors(servers, base_url=base_url, public_url=public_url)
+    supervisors.history = StartHistory.in_runtime_dir()  # the start page's estimates, kept
     templates, _invalid = load_templates(proxy.templates, parent=proxy)
     instances = settings.instances = Instances(supervisors, templates, parent=proxy)
     instances.invalid = _invalid

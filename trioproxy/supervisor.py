@@ -37,6 +37,7 @@ from .identity import secret_environment
 from .options import OptionError, check_argv, check_environment, check_unix_socket
 from .process import ChildSpec, OrphanGuard, OutputLog, open_orphan_guard, run_child
 from .restart import Action, RestartPolicy
+from .start_history import StartHistory
 from .templating import TemplateError, expand_environment, expand_list
 from .urls import child_environment, public_prefix
 
@@ -144,6 +145,8 @@ class ServerSupervisor:
         self.ready_since: float | None = None
         self.last_activity = trio.current_time() if _in_trio() else 0.0
         self.start_latency = Histogram()
+        self.history = StartHistory()  # Supervisors gives every supervisor its shared one
+        self.start_began: float | None = None  # when the current start (or attempt) began
         self._in_use = 0  # requests and WebSockets admitted and not done (see in_use)
         self._unused = trio.Event()
         self._changed = trio.Event()
@@ -373,6 +376,7 @@ class ServerSupervisor:
         self._cycle_scope = trio.CancelScope()
         self._cycle_done = trio.Event()
         self._cycle_was_ready = False
+        self.start_began = trio.current_time()
         self._set_state(State.STARTING)
         self._nursery.start_soon(self._cycle, self._cycle_scope, self._cycle_done)
 
@@ -564,7 +568,7 @@ class ServerSupervisor:
         checks (None: it was not).
         """
         spec = self._spec()
-        started_at = trio.current_time()
+        started_at = self.start_began = trio.current_time()
         self._last_ready_for = 0.0
         start_error: str | None = None
         was_ready = False
@@ -638,6 +642,7 @@ class ServerSupervisor:
                 return
             self.last_activity = self.ready_since  # idle time counts from the start
             self.start_latency.record(self.ready_since - started_at)
+            self.history.record(self.name, self.ready_since - started_at)
             self.client = BackendClient(self.backend, self.name, self.client_options)
             self._cycle_was_ready = True
             self._set_state(State.READY, f"pid {pid} on {self.backend.describe()}")
@@ -779,6 +784,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
         self._nursery: trio.Nursery | None = None
         self._guard: OrphanGuard | None = None
         self.generation = 0  # bumped by every reload that changes the set of servers
+        self.history = StartHistory()  # start-to-ready times by name, across reloads
 
     def __getitem__(self, name: str) -> ServerSupervisor:
         return self._supervisors[name]
@@ -822,6 +828,7 @@ class Supervisors(Mapping[str, ServerSupervisor]):
             raise ServerUnavailable(process.name, 503, "trioproxy is shutting down")
         supervisor = ServerSupervisor(process, base_url=self.base_url, guard=self._guard, public_url=self.public_url)
         supervisor.predecessor_gone = predecessor_gone
+        supervisor.history = self.history
         scope = self._scopes[supervisor] = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -133,6 +133,10 @@
       button.hidden = !managed;
       button.disabled = busy.has(server.name) || !ALLOWED[action].has(server.state);
     }
+    const lastLine = item.querySelector(".last-line");
+    const starting = CHANGING.has(server.state) && server.state !== "stopping";
+    lastLine.textContent = starting && server.last_line ? server.last_line : "";
+    lastLine.hidden = !lastLine.textContent;
     const log = item.querySelector(".log");
     if (server.state === "failed") {
       if (previous !== "failed" || log.hidden) {
@@ -157,7 +161,17 @@
       parts.push(`last exit code ${server.last_exit_code}`);
     }
     if (server.reason && server.state !== "ready") parts.push(server.reason);
+    if (server.starting_for !== null && server.starting_for !== undefined) {
+      // The same progress as the start page: time since the start, the estimate.
+      parts.unshift(`starting for ${Math.floor(server.starting_for)} s`, estimateText(server));
+    }
     return parts.join(" · ");
+  }
+
+  function estimateText(server) {
+    if (server.estimate === null || server.estimate === undefined) return "first start: no estimate yet";
+    const seconds = Math.max(1, Math.ceil(server.estimate));
+    return server.estimate_from > 1 ? `usually ready in ~${seconds} s` : `ready in ~${seconds} s last time`;
   }
 
   function duration(seconds) {
