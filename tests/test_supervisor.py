@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from trioproxy.config import make_server_process
+from trioproxy.lifecycle import ProcessStarted, Ready, StartAsked
 from trioproxy.supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 
 from .conftest import BACKENDS, PY, echo_command, pid_alive, wait_for
@@ -461,16 +462,16 @@ async def test_a_stop_fails_the_requests_waiting_for_the_start(nursery: trio.Nur
 
 
 async def test_idle_culling_on_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
-    # The culling schedule alone: no process (its cycle is a bare cancel scope here).
+    # The culling schedule alone: no process (the lifecycle is put in READY by its events).
     idle = ServerSupervisor(make_server_process("idle", {"command": [PY, "-c", "pass"], "idle_timeout": 30}))
-    cycle = idle._cycle_scope = trio.CancelScope()
-    idle._set_state(State.STARTING)
-    idle._set_state(State.READY)  # as its process would be
+    for event in (StartAsked(), ProcessStarted(1, 0.0), Ready(1, 0.0, "nowhere")):
+        idle.lifecycle.handle(event)  # as its process would make it
+    cycle = idle._cycle_scope = trio.CancelScope()  # the cycle the culler ends
     t0 = idle.last_activity = trio.current_time()
     culled_at: list[float] = []
 
     async def cull() -> None:
-        await idle._cull_when_idle()
+        await idle.cycle.cull_when_idle()
         culled_at.append(trio.current_time() - t0)
 
     async with trio.open_nursery() as nursery:
