@@ -109,7 +109,7 @@ case(S.STARTING, PredecessorGone(), None, S.STARTING, predecessor_cleared, prede
 
 
 def started(lc: Lifecycle, step: Any) -> None:
-    assert lc.ready_since is None and lc.ready_for == 0.0 and step.effects == frozenset()
+    assert lc.ready_since is None and lc.ready_for == 0.0 and step.effects == frozenset() and lc.started_at == 1.0
 
 
 case(S.STARTING, ProcessStarted(7, 1.0), None, S.STARTING, started, ready_since=0.5, ready_for=3.0)
@@ -289,11 +289,12 @@ case(S.FAILED, StopAsked(), None, S.STOPPED, failed_stopped, reason="broken", fa
 def cycle_over(reason: str) -> Check:
     def check(lc: Lifecycle, step: Any) -> None:
         assert lc.reason == reason and step.effects == frozenset()
+        assert lc.ready_since is None and lc.started_at is None and lc.halt is None
 
     return check
 
 
-case(S.STOPPING, CycleEnded(), None, S.STOPPED, cycle_over("stop requested"), reason="stop requested")
+case(S.STOPPING, CycleEnded(), None, S.STOPPED, cycle_over("stop requested"), reason="stop requested", ready_since=3.0, started_at=1.0)
 case(S.STOPPED, CycleEnded(), None, S.STOPPED, cycle_over("exit code 0"), reason="exit code 0")
 case(S.FAILED, CycleEnded(), None, S.FAILED, cycle_over("broken"), reason="broken")
 

@@ -111,15 +111,22 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
-async def test_timeout_bounds_the_wait_with_504(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_timeout_bounds_the_wait_with_504_and_the_start_goes_on(nursery: trio.Nursery, tmp_path: Path) -> None:
     supervisors = await run_supervisors(
-        nursery, {"slow": {"command": serve_command(tmp_path, 5), "timeout": 0.5}}
+        nursery, {"slow": {"command": serve_command(tmp_path, 2), "timeout": 0.5}}
     )
+    slow = supervisors["slow"]
     with trio.fail_after(3):
         with pytest.raises(ServerUnavailable) as info:
-            await supervisors["slow"].ensure_ready()
-    assert info.value.status == 504
-    assert "not ready within 0.5 s" in str(info.value)
+            await slow.ensure_ready()
+    assert info.value.status == 504 and info.value.retry_after == 2.0
+    assert "still starting after 0.5 s; the start goes on" in str(info.value)
+    pid = slow.pid
+    assert slow.state is State.STARTING and pid is not None  # not killed at timeout
+    with trio.fail_after(20):
+        await slow.wait_for_state(State.READY)
+    assert slow.pid == pid and starts(tmp_path) == [str(pid)]
+    await slow.ensure_ready()
 
 
 async def test_early_exit_fails_waiters_at_once_with_output(nursery: trio.Nursery) -> None:

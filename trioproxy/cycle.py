@@ -29,6 +29,7 @@ from .lifecycle import (
     PortTaken,
     PredecessorGone,
     ProcessStarted,
+    QuietDeadline,
     Ready,
     StartDeadline,
     StartFailed,
@@ -36,7 +37,7 @@ from .lifecycle import (
     Unhealthy,
 )
 from .options import OptionError, check_argv, check_environment, check_unix_socket
-from .process import ChildSpec, run_child
+from .process import ChildSpec, OutputLog, run_child
 from .templating import TemplateError, expand_environment, expand_list
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class ProcessCycle:
                 # at our next checkpoint): the process is on its way out, never ready.
                 return
             if deadline is not None:
-                sv.log.warning("%s: pid %d %s; stopping it", sv.name, pid, deadline.why)
+                sv.log.warning("%s: pid %d %s; stopping it", sv.name, pid, describe_deadline(deadline))
                 sv.feed(deadline)
                 return
             now = trio.current_time()
@@ -168,15 +169,29 @@ class ProcessCycle:
                 if sv.health_check is not None:
                     nursery.start_soon(self._watch_health, pid)
 
-    async def _ready_or_deadline(self, pid: int) -> StartDeadline | None:
-        """Wait until the process is ready (None) or its start deadline passes (that event)."""
+    async def _ready_or_deadline(self, pid: int) -> StartDeadline | QuietDeadline | None:
+        """Wait until the process is ready (None) or a start deadline passes (that event).
+
+        The request's ``timeout`` plays no part: a request that gives up leaves the start
+        running, so that the next one finds it further on.
+        """
         sv = self.supervisor
-        timeout = sv.process.timeout
-        with trio.move_on_after(timeout):
-            await wait_until_ready(sv.backend, sv.process.ready_check_path, sv.prober)
-            return None
-        why = f"not ready within {timeout:g} s (raise the server's 'timeout' if it needs longer to start)"
-        return StartDeadline(pid, timeout, why)
+        outcome: list[StartDeadline | QuietDeadline | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def ready() -> None:
+                await wait_until_ready(sv.backend, sv.process.ready_check_path, sv.prober)
+                outcome.append(None)
+                nursery.cancel_scope.cancel()
+
+            async def deadline() -> None:
+                process = sv.process
+                outcome.append(await start_deadline(sv.output, pid, process.start_timeout, process.start_quiet_timeout))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(ready)
+            nursery.start_soon(deadline)
+        return outcome[0]
 
     async def _watch_health(self, pid: int) -> None:
         """Check the ready process every interval; stop it once it fails enough in a row."""
@@ -256,6 +271,36 @@ class ProcessCycle:
             stop_timeout=process.stop_timeout,
             added_env=extra_env,
         )
+
+
+async def start_deadline(
+    output: OutputLog, pid: int, start_timeout: float, quiet_timeout: float = 0.0
+) -> StartDeadline | QuietDeadline:
+    """Return when a start has taken ``start_timeout`` seconds, or (``quiet_timeout`` > 0)
+    when ``output`` got no line for ``quiet_timeout`` seconds: the event to feed then. Lines
+    there before the call do not count. No end otherwise: the caller cancels it at readiness.
+    """
+    deadline = trio.current_time() + start_timeout
+    seen = output.total
+    quiet_until = trio.current_time() + quiet_timeout
+    while True:
+        wake = min(deadline, quiet_until) if quiet_timeout > 0 else deadline
+        with trio.move_on_at(wake):
+            await output.wait_for_more(seen)
+        now = trio.current_time()
+        if output.total != seen:
+            seen = output.total
+            quiet_until = now + quiet_timeout
+        if now >= deadline:
+            return StartDeadline(pid, start_timeout, f"not ready after {start_timeout:g} s (start_timeout)")
+        if quiet_timeout > 0 and now >= quiet_until:
+            return QuietDeadline(pid, quiet_timeout)
+
+
+def describe_deadline(event: StartDeadline | QuietDeadline) -> str:
+    if isinstance(event, StartDeadline):
+        return event.why
+    return f"printed nothing for {event.seconds:g} s (start_quiet_timeout)"
 
 
 def _expanded(option: str, expand: Callable[[Any, Mapping[str, Any]], _T], value: Any, variables: Mapping[str, Any]) -> _T:

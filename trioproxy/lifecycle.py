@@ -305,6 +305,7 @@ class Lifecycle:
     halt: str | None = None  # why trioproxy is stopping the process for cause
     predecessor_pending: bool = False  # nothing starts before the replaced supervisor is gone
     restarts: int = 0  # restarts the policy decided
+    started_at: float | None = None  # when the process under way was started
 
     def qualifier(self, event: Event) -> str | None:
         if isinstance(event, CycleEnded):
@@ -361,6 +362,7 @@ class Lifecycle:
 
     def _record(self, event: Event, row: Row) -> None:
         if isinstance(event, ProcessStarted):
+            self.started_at = event.at
             self.ready_since = None
             self.ready_for = 0.0
         elif isinstance(event, Ready) and row.target is State.READY:
@@ -371,9 +373,12 @@ class Lifecycle:
         elif isinstance(event, PredecessorGone):
             self.predecessor_pending = False
         elif isinstance(event, (Exited, Shutdown)):
-            self.ready_since = None
+            self.ready_since = self.started_at = None
             self.halt = None
-        elif isinstance(event, (StopAsked, CycleEnded)):
+        elif isinstance(event, CycleEnded):
+            self.ready_since = self.started_at = None  # stopped: no Exited came
+            self.halt = None
+        elif isinstance(event, StopAsked):
             self.halt = None  # a stop on request wins over one for cause
 
     def _halt_reason(self, event: StartDeadline | QuietDeadline | Unhealthy) -> str:

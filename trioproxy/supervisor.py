@@ -267,14 +267,26 @@ class ServerSupervisor:
     async def _wait_ready_until(self, deadline: float) -> BackendClient:
         with trio.move_on_at(deadline):
             return await self._wait_ready()
-        raise ServerUnavailable(
-            self.name,
-            504,
-            f"not ready within {self.process.timeout:g} s (state: {self.state.value}); "
-            "raise the server's 'timeout' if it needs longer to start",
-            self.output.tail(20),
-            self._retry_after(),
-        )
+        raise ServerUnavailable(self.name, 504, self._still_waiting(), self.output.tail(20), self._retry_after())
+
+    def _still_waiting(self) -> str:
+        """Why a request that waited ``timeout`` is answered 504: the server's state, and
+        that a start under way goes on (only ``start_timeout`` gives a process up)."""
+        waited = f"{self.process.timeout:g} s"
+        state = self.state
+        if state is State.STARTING:
+            started = self.lifecycle.started_at
+            running = "" if started is None or self.pid is None else (
+                f" (pid {self.pid}, starting for {trio.current_time() - started:.0f} s of at most {self.process.start_timeout:g} s)"
+            )
+            if self.lifecycle.halt is not None:
+                return f"still starting after {waited}, and being stopped: {self.reason}"
+            return f"still starting after {waited}; the start goes on{running}"
+        if state is State.BACKOFF:
+            return f"not ready after {waited}: backing off after a failure ({self.reason}); the start goes on"
+        if state is State.STOPPING:
+            return f"not ready after {waited}: stopping ({self.reason})"
+        return f"not ready after {waited} (state: {state.value}{'; ' + self.reason if self.reason else ''})"
 
     def _retry_after(self) -> float | None:
         """For a request that failed now: when another might not (see ServerUnavailable)."""
