@@ -340,6 +340,7 @@ def test_an_event_without_a_row_is_refused_and_changes_nothing() -> None:
         with pytest.raises(InvalidTransition):
             lc.handle(event)
         assert lc.state is S.STOPPED and lc.reason == "as before"
+        assert lc.policy.failures(0.0) == 0 and lc.restarts == 0 and lc.failed_attempts == 0
 
 
 def test_transitions_are_the_rows_changes_of_state() -> None:

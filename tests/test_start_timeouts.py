@@ -222,3 +222,28 @@ async def test_the_driver_on_virtual_time_answers_at_timeout_and_gives_up_at_sta
         assert never.reason.startswith("not ready after 300 s (start_timeout); stopped")
         assert never.starts == 1 and len(pids(tmp_path)) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_the_504_names_the_state_it_found() -> None:
+    from trioproxy.lifecycle import Exited, ProcessStarted, StartAsked, StopAsked
+    from trioproxy.supervisor import ServerSupervisor
+
+    web = ServerSupervisor(make_server_process("web", {"command": ["x"], "timeout": 5}))
+    lc = web.lifecycle
+    lc.handle(StartAsked())
+    lc.handle(ProcessStarted(7, trio.current_time()))
+    web.pid = 7
+    assert web._still_waiting().startswith("still starting after 5 s; the start goes on (pid 7, starting for 0 s of at most 300 s)")
+    lc.handle(StartDeadline(7, 300, "not ready after 300 s (start_timeout)"))
+    assert web._still_waiting() == (
+        "still starting after 5 s, and being stopped: not ready after 300 s (start_timeout); stopping pid 7"
+    )
+    lc.handle(Exited(-15, 1.0))  # the first failure restarts at once
+    lc.handle(ProcessStarted(8, 1.0))
+    lc.handle(Exited(1, 2.0))  # the second backs off
+    assert lc.state is State.BACKOFF
+    assert web._still_waiting().startswith(
+        "not ready after 5 s: backing off after a failure (exited before it was ready (exit code 1); restarting in 0."
+    )
+    lc.handle(StopAsked())
+    assert web._still_waiting() == "not ready after 5 s: stopping (stop requested)"

@@ -59,3 +59,15 @@ def test_a_private_socket_directory_is_removed_on_close(tmp_path: object) -> Non
     address.close()
     assert not os.path.exists(address.owned_dir)
     assert ServerAddress(0, "/tmp/given.sock").owned_dir is None
+
+
+def test_the_split_modules_import_in_any_order_and_share_their_names() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import trioproxy.registry as r, trioproxy.supervisor as s, trioproxy.lifecycle as l;"
+        "assert s.Supervisors is r.Supervisors and s.ServerUnavailable is l.ServerUnavailable and s.State is l.State;"
+        "import trioproxy; assert trioproxy.Supervisors is r.Supervisors"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -87,7 +87,7 @@ class StartDeadline:
 
     pid: int
     seconds: float
-    why: str  # e.g. "not ready within 5 s"
+    why: str  # e.g. "not ready after 300 s (start_timeout)"
 
 
 @dataclass(frozen=True)
@@ -332,6 +332,8 @@ class Lifecycle:
         delay = 0.0
         if qualifier == "?":
             assert isinstance(event, Exited)
+            if not any(source is self.state and kind is Exited for source, kind, _ in TABLE):
+                self.row(event, None)  # refused before the policy counts anything
             qualifier, reason, delay = self._decide_exit(event)
         row = self.row(event, qualifier)
         if reason is None:

@@ -257,7 +257,7 @@ class ServerSupervisor:
 
         Raises ServerUnavailable: 503 when the process fails or exits before it is ready
         (at once, with its output, unless it was ready since it was started: then the
-        request rides through restarts), 504 when it is not ready within ``timeout``.
+        request rides through restarts), 504 when it is not ready within ``timeout`` (the start goes on).
         """
         client = self.client
         if client is not None and self.state is State.READY:
