@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from trioproxy.config import make_server_process
+from trioproxy.lifecycle import ProcessStarted, Ready, StartAsked
 from trioproxy.supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 
 from .conftest import BACKENDS, PY, echo_command, pid_alive, wait_for
@@ -110,15 +111,22 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
-async def test_timeout_bounds_the_wait_with_504(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_timeout_bounds_the_wait_with_504_and_the_start_goes_on(nursery: trio.Nursery, tmp_path: Path) -> None:
     supervisors = await run_supervisors(
-        nursery, {"slow": {"command": serve_command(tmp_path, 5), "timeout": 0.5}}
+        nursery, {"slow": {"command": serve_command(tmp_path, 2), "timeout": 0.5}}
     )
+    slow = supervisors["slow"]
     with trio.fail_after(3):
         with pytest.raises(ServerUnavailable) as info:
-            await supervisors["slow"].ensure_ready()
-    assert info.value.status == 504
-    assert "not ready within 0.5 s" in str(info.value)
+            await slow.ensure_ready()
+    assert info.value.status == 504 and info.value.retry_after == 2.0
+    assert "still starting after 0.5 s; the start goes on" in str(info.value)
+    pid = slow.pid
+    assert slow.state is State.STARTING and pid is not None  # not killed at timeout
+    with trio.fail_after(20):
+        await slow.wait_for_state(State.READY)
+    assert slow.pid == pid and starts(tmp_path) == [str(pid)]
+    await slow.ensure_ready()
 
 
 async def test_early_exit_fails_waiters_at_once_with_output(nursery: trio.Nursery) -> None:
@@ -461,16 +469,16 @@ async def test_a_stop_fails_the_requests_waiting_for_the_start(nursery: trio.Nur
 
 
 async def test_idle_culling_on_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
-    # The culling schedule alone: no process (its cycle is a bare cancel scope here).
+    # The culling schedule alone: no process (the lifecycle is put in READY by its events).
     idle = ServerSupervisor(make_server_process("idle", {"command": [PY, "-c", "pass"], "idle_timeout": 30}))
-    cycle = idle._cycle_scope = trio.CancelScope()
-    idle._set_state(State.STARTING)
-    idle._set_state(State.READY)  # as its process would be
+    for event in (StartAsked(), ProcessStarted(1, 0.0), Ready(1, 0.0, "nowhere")):
+        idle.lifecycle.handle(event)  # as its process would make it
+    cycle = idle._cycle_scope = trio.CancelScope()  # the cycle the culler ends
     t0 = idle.last_activity = trio.current_time()
     culled_at: list[float] = []
 
     async def cull() -> None:
-        await idle._cull_when_idle()
+        await idle.cycle.cull_when_idle()
         culled_at.append(trio.current_time() - t0)
 
     async with trio.open_nursery() as nursery:

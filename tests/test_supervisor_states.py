@@ -8,6 +8,7 @@ import pytest
 
 from trioproxy.addresses import ServerAddress
 from trioproxy.config import make_server_process
+from trioproxy.lifecycle import Idle, PortTaken, Ready, StartAsked, StartFailed
 from trioproxy.supervisor import TRANSITIONS, InvalidTransition, ServerSupervisor, State
 
 
@@ -21,15 +22,16 @@ def test_every_state_has_a_row() -> None:
     assert State.READY not in TRANSITIONS[State.STOPPED]  # a server is started before it is ready
 
 
-def test_a_transition_outside_the_table_is_refused() -> None:
+def test_an_event_outside_the_table_is_refused() -> None:
+    # The table replaced _set_state: a supervisor's state changes only by events.
     web = supervisor()
-    with pytest.raises(InvalidTransition, match="stopped -> ready"):
-        web._set_state(State.READY, "never started")
-    web._set_state(State.STARTING)
-    web._set_state(State.STARTING, "restarting")  # restated with a reason: fine
-    web._set_state(State.FAILED, "broken")
-    with pytest.raises(InvalidTransition, match="failed -> stopping"):
-        web._set_state(State.STOPPING)
+    with pytest.raises(InvalidTransition, match="web: Ready in state stopped"):
+        web.feed(Ready(1, 0.0, "nowhere"))
+    web.lifecycle.handle(StartAsked())
+    web.lifecycle.handle(PortTaken(8000))  # restated with a reason: fine
+    web.lifecycle.handle(StartFailed("broken", 0.0))
+    with pytest.raises(InvalidTransition, match="web: Idle in state failed"):
+        web.feed(Idle(5))
     assert web.state is State.FAILED and web.reason == "broken"
 
 
@@ -57,3 +59,15 @@ def test_a_private_socket_directory_is_removed_on_close(tmp_path: object) -> Non
     address.close()
     assert not os.path.exists(address.owned_dir)
     assert ServerAddress(0, "/tmp/given.sock").owned_dir is None
+
+
+def test_the_split_modules_import_in_any_order_and_share_their_names() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import trioproxy.registry as r, trioproxy.supervisor as s, trioproxy.lifecycle as l;"
+        "assert s.Supervisors is r.Supervisors and s.ServerUnavailable is l.ServerUnavailable and s.State is l.State;"
+        "import trioproxy; assert trioproxy.Supervisors is r.Supervisors"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

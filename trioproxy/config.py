@@ -133,7 +133,10 @@ class ServerProcess(Configurable):
         default_value={},
         help="Environment variables (dict, or callable returning one) added to trioproxy's own.",
     ).tag(config=True)
-    timeout = Float(5.0, help="Seconds to wait for the server to become ready.").tag(config=True)
+    timeout = Float(
+        5.0,
+        help="Seconds a request waits for the server to become ready (504 after); the start goes on.",
+    ).tag(config=True)
     absolute_url = Bool(
         False, help="Pass the full path (with the proxy prefix) to the server instead of stripping it."
     ).tag(config=True)
@@ -225,6 +228,16 @@ class ServerProcess(Configurable):
         allow_none=True,
         help="Path that must answer (status < 400) for the server to be ready; by default "
         "an accepted connection is enough.",
+    ).tag(config=True)
+    start_timeout = Float(
+        300.0,
+        help="Seconds a starting process has to become ready; then it is stopped and the start "
+        "counts as a failure under 'restart'.",
+    ).tag(config=True)
+    start_quiet_timeout = Float(
+        0.0,
+        help="Stop a starting process that printed no line for this many seconds; the start "
+        "counts as a failure (0: off).",
     ).tag(config=True)
     stop_timeout = Float(5.0, help="Seconds between SIGTERM and SIGKILL when stopping.").tag(
         config=True

@@ -172,9 +172,9 @@ def check_server(process: Any) -> None:
     from .paths import check_paths
 
     check_paths(process)
-    for option in ("timeout", "connect_timeout", "response_timeout", "pool_idle_timeout"):
+    for option in ("timeout", "start_timeout", "connect_timeout", "response_timeout", "pool_idle_timeout"):
         check_duration(option, getattr(process, option), zero=False)
-    for option in ("stop_timeout", "backoff_initial", "backoff_max", "failure_window", "stable_after", "idle_timeout"):
+    for option in ("start_quiet_timeout", "stop_timeout", "backoff_initial", "backoff_max", "failure_window", "stable_after", "idle_timeout"):
         check_duration(option, getattr(process, option))
     check_count("port", process.port, least=0, most=65535)
     check_count("max_connections", process.max_connections, least=1)
