@@ -18,6 +18,7 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -56,6 +57,7 @@ class Stack:
     token: str
     standalone_port: int
     services: list[Service]
+    tmp: Path
 
     def prefix(self, setup: str) -> str:
         """Where the browser sees trioproxy's root."""
@@ -80,6 +82,11 @@ def write_configs(tmp: Path) -> tuple[Path, Path]:
             "launcher_entry": {"title": "Echo", "icon_path": str(tmp / "echo.svg")},
         },
         "ws": {"command": [sys.executable, str(BACKENDS / "ws_echo.py"), "{port}"]},
+        # Ready after 3 s, under the default timeout (5 s): the start page's case.
+        "slow": {
+            "command": [sys.executable, str(BACKENDS / "slow_start.py"), "{port}", "3", str(tmp / "slow-pids")],
+            "launcher_entry": {"enabled": False},
+        },
     }
     proxy_config = tmp / "trioproxy_config.py"
     proxy_config.write_text(f"c.ServerProxy.servers = {servers!r}\n")
@@ -139,7 +146,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         jupyter = f"http://127.0.0.1:{jupyter_port}"
         wait_until(answers(f"{jupyter}{JUPYTER_BASE}api"), timeout=60, what="Jupyter Server", services=tuple(services))
         wait_until(answers(f"http://127.0.0.1:{standalone_port}/login"), timeout=30, what="trioproxy", services=tuple(services))
-        yield Stack(jupyter, token, standalone_port, services)
+        yield Stack(jupyter, token, standalone_port, services, tmp)
 
 
 def test_jupyter_serves_both_setups(stack: Stack) -> None:
@@ -192,7 +199,11 @@ def test_launcher_links_stay_under_the_prefix(stack: Stack, setup: str) -> None:
         icon = client.get(entries["echo"]["icon_url"])
         assert icon.status_code == 200 and icon.content == ICON
         servers = client.get(f"{prefix}server-proxy/api/servers").json()["servers"]
-        assert {server["name"]: server["url"] for server in servers} == {"echo": f"{prefix}echo/", "ws": f"{prefix}ws/"}
+        assert {server["name"]: server["url"] for server in servers} == {
+            "echo": f"{prefix}echo/",
+            "ws": f"{prefix}ws/",
+            "slow": f"{prefix}slow/",
+        }
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -210,6 +221,33 @@ def test_redirects_stay_under_the_prefix(stack: Stack, setup: str) -> None:
         assert landed.status_code == 200 and landed.json()["target"] == "/?x=1"
         landed = client.get(f"{prefix}echo/redirect", params={"to": "/target?q=2"}, follow_redirects=True)
         assert landed.url.path == f"{prefix}echo/target" and landed.json()["target"] == "/target?q=2"
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_a_browser_opening_a_slow_server_gets_the_start_page_and_lands_where_it_asked(stack: Stack, setup: str) -> None:
+    # As a browser without JavaScript meets it (the Chromium tests drive the script behind an
+    # outer trioproxy): the relative redirects stay under Jupyter's prefix at every step.
+    prefix = stack.prefix(setup)
+    pids = stack.tmp / "slow-pids"
+    before = pids.read_text().split() if pids.exists() else []
+    navigate = {"Accept": "text/html,*/*;q=0.8", "Sec-Fetch-Mode": "navigate", "User-Agent": "Mozilla/5.0"}
+    with stack.client() as client:
+        url = f"{stack.jupyter}{prefix}slow/deep/page?x=1"
+        first = client.get(url, headers=navigate)
+        assert first.status_code == 302, stack.logs()
+        page_url = urljoin(url, first.headers["location"])
+        assert page_url.startswith(f"{stack.jupyter}{prefix}server-proxy/start/slow?next="), page_url
+        deadline = time.monotonic() + 60
+        while (page := client.get(page_url, headers=navigate)).status_code == 200:
+            assert "Slow" in page.text or "slow" in page.text
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.5)  # a browser waits the page's refresh
+        assert page.status_code == 303, page.text
+        landed = client.get(urljoin(page_url, page.headers["location"]), headers=navigate)
+    assert landed.status_code == 200 and landed.url.path == f"{prefix}slow/deep/page", stack.logs()
+    assert "/deep/page?x=1" in landed.text
+    after = pids.read_text().split()
+    assert len(after) == len(before) + 1  # started once
 
 
 @pytest.mark.parametrize("setup", SETUPS)
