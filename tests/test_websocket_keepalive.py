@@ -1,0 +1,510 @@
+"""WebSocket keepalive (trioproxy.relay.keepalive): trioproxy's pings to a quiet client.
+
+On the tunnel (the fast path), copied on the pump's thread and on the event loop, with raw
+sockets at both ends where frame boundaries matter; then through a real trioproxy with real
+clients (trio-websocket, wsproto offering permessage-deflate as browsers do) on the fast path
+and on the ASGI path (an upgrade after a first request, and ``raw_socket_proxy``).
+
+Intervals are short (0.3 s) and every wait generous: what is asserted is an order of events
+(no ping inside a message, a close after a ping), never a tight time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
+
+from trioproxy.config import ConfigError, make_server_process
+from trioproxy.relay import keepalive
+from trioproxy.relay.keepalive import Action, Keepalive, interval_for
+from trioproxy.relay.pump import TunnelPump
+from trioproxy.relay.tunnel import FrameCursor, Tunnel
+
+from .conftest import TOKEN, start_proxy, wait_for
+from .test_admission import AUTH as AUTH_LINE
+from .test_admission import PLAIN, read_response
+from .test_tunnel_frames import (
+    MIB,
+    Ends,
+    client_frame,
+    close_code,
+    frames_in,
+    pump,  # noqa: F401  (the fixture: pump-thread, event-loop)
+    read_exactly,
+    server_frame,
+    socket_pair,
+)
+from .test_websocket import open_ws, start_raw_server
+from .test_websocket_fastpath import (
+    DEFLATE_OFFER,
+    KEY,
+    proxy_port,
+    raw_handshake,
+    start_wire_backend,
+    switching_protocols,
+)
+
+INTERVAL = 0.3
+PREFIX = b"trioproxy-keepalive-"
+
+
+# -- the rule, pure ----------------------------------------------------------------------------
+
+
+def test_a_ping_is_due_after_a_quiet_interval_toward_the_client() -> None:
+    state = Keepalive(30, now=100.0)
+    assert state.check(129.9) is None
+    state.last_from_client = 125.0  # bytes from the client do not make it less quiet
+    assert state.check(130.0) is Action.PING
+    state.last_to_client = 120.0
+    assert state.check(130.0) is None and state.deadline() == 150.0
+
+
+def test_an_unanswered_ping_expires_after_the_interval_unless_the_client_still_sends() -> None:
+    state = Keepalive(30, now=0.0)
+    state.pinged(30.0)
+    assert state.deadline() == 60.0 and state.check(59.0) is None
+    state.last_from_client = 50.0  # in the middle of a long frame, say: it cannot answer yet
+    assert state.check(60.0) is None and state.deadline() == 80.0
+    assert state.check(80.0) is Action.EXPIRED and state.expired
+    answered = Keepalive(30, now=0.0)
+    answered.pinged(30.0)
+    answered.answered()
+    assert answered.check(59.9) is None and answered.check(60.0) is Action.PING  # the ping was bytes too
+
+
+def test_a_ping_that_cannot_go_is_tried_again_soon_not_at_once() -> None:
+    state = Keepalive(30, now=0.0)
+    assert state.check(31.0) is Action.PING
+    assert state.next_check(31.0) == 32.0  # RETRY
+    assert Keepalive(0.3, now=0.0).next_check(1.0) == pytest.approx(1.03)  # a tenth of a short interval
+
+
+def test_times_move_between_clocks_whole() -> None:
+    state = Keepalive(30, now=10.0)
+    state.pinged(20.0)
+    state.shift(1000.0)
+    assert (state.last_to_client, state.last_from_client, state.ping_sent_at) == (1020.0, 1010.0, 1020.0)
+
+
+def test_the_payload_is_trioproxys_and_the_ping_a_servers_frame() -> None:
+    one, other = Keepalive(1, now=0), Keepalive(1, now=0)
+    assert one.payload.startswith(PREFIX) and one.payload != other.payload  # random per WebSocket
+    assert frames_in(one.frame) == [(0x9, one.payload)] and not one.frame[1] & 0x80  # unmasked
+    assert len(one.payload) <= 125
+
+
+def test_the_cursor_drops_our_pong_only_whole_and_split_anywhere() -> None:
+    state = Keepalive(1, now=0)
+    ours = client_frame(0xA, state.payload)
+    theirs = client_frame(0xA, b"x" * len(state.payload))  # the same length, another payload
+    before, after = client_frame(0x1, b"before"), client_frame(0x2, b"after")
+    stream = before + ours + theirs + after
+    for cut in range(len(stream) + 1):
+        cursor = FrameCursor(MIB)
+        cursor.keepalive = state
+        state.ping_sent_at = 1.0
+        passed = cursor.advance(stream[:cut]) + cursor.advance(stream[cut:])
+        assert passed == before + theirs + after, cut
+        assert state.ping_sent_at is None, cut
+    unmasked = server_frame(0xA, state.payload)  # a client breaking the rules: still ours
+    cursor = FrameCursor(MIB)
+    cursor.keepalive = state
+    assert cursor.advance(unmasked + after) == after
+
+
+def test_the_cursor_knows_when_it_is_inside_a_fragmented_message() -> None:
+    cursor = FrameCursor(MIB)
+    cursor.advance(server_frame(0x1, b"", fin=False))  # an empty first fragment too
+    assert cursor.in_message and cursor.at_boundary
+    cursor.advance(server_frame(0x9, b"ping between fragments"))
+    assert cursor.in_message
+    cursor.advance(server_frame(0x0, b"end"))
+    assert not cursor.in_message
+
+
+def test_the_option_defaults_and_limits() -> None:
+    raw = make_server_process("vnc", {"command": ["x"], "raw_socket_proxy": True})
+    plain = make_server_process("app", {"command": ["x"]})
+    assert interval_for(raw) == keepalive.RAW_SOCKET_DEFAULT == 30.0
+    assert interval_for(plain) is None and interval_for(None) is None
+    off = make_server_process("vnc", {"command": ["x"], "raw_socket_proxy": True, "websocket_keepalive": 0})
+    assert interval_for(off) is None
+    assert interval_for(make_server_process("app", {"command": ["x"], "websocket_keepalive": 45})) == 45.0
+    for bad, said in [(0.05, "at least 0.1 s"), (-1, "0 or more"), (math.nan, "0 or more"), ("30", "expected a float")]:
+        with pytest.raises(ConfigError) as failed:
+            make_server_process("app", {"command": ["x"], "websocket_keepalive": bad})
+        assert "websocket_keepalive" in str(failed.value) and said in str(failed.value)
+
+
+# -- the tunnel, on both copiers ------------------------------------------------------------------
+
+
+async def open_tunnel(
+    nursery: trio.Nursery, pump: TunnelPump | None, interval: float = INTERVAL, **options: object
+) -> Ends:
+    client, near = await socket_pair()
+    far, backend = await socket_pair()
+    tunnel = Tunnel(near, far, max_message_size=MIB, pump=pump, close_timeout=2, keepalive=interval, name="kept", **options)  # type: ignore[arg-type]
+    ends = Ends(client, backend, tunnel)
+
+    async def run() -> None:
+        async with near, far:
+            await tunnel.run()
+        ends.ended.set()
+
+    nursery.start_soon(run)
+    if pump is not None and pump.running:
+        await wait_for(lambda: pump.carried > 0)
+    return ends
+
+
+class Wire:
+    """One end's frames as they arrive, parsed at boundaries (what came after the last is kept)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.data = b""
+        self.frames: list[tuple[int, bytes]] = []
+
+    async def next_frame(self, within: float = 10) -> tuple[int, bytes]:
+        with trio.fail_after(within):
+            while not self.frames:
+                chunk = await self.stream.receive_some(MIB)
+                assert chunk, f"the connection ended; unparsed: {self.data[:80]!r}"
+                self.data += chunk
+                self._parse()
+        return self.frames.pop(0)
+
+    def _parse(self) -> None:
+        while True:
+            for end in range(2, len(self.data) + 1):
+                try:
+                    (frame,) = frames_in(self.data[:end])
+                except (AssertionError, IndexError, ValueError):
+                    continue
+                self.frames.append(frame)
+                self.data = self.data[end:]
+                break
+            else:
+                return
+
+    async def ended(self, within: float = 10) -> bytes:
+        """What else came before the connection ended."""
+        rest = self.data
+        with trio.fail_after(within):
+            while True:
+                try:
+                    chunk = await self.stream.receive_some(MIB)
+                except trio.BrokenResourceError:
+                    return rest
+                if not chunk:
+                    return rest
+                rest += chunk
+
+
+async def test_a_quiet_client_gets_our_pings_and_its_pongs_never_reach_the_backend(
+    nursery: trio.Nursery, pump: TunnelPump | None
+) -> None:
+    activity: list[float] = []
+    ends = await open_tunnel(nursery, pump, on_activity=lambda: activity.append(trio.current_time()))
+    client = Wire(ends.client)
+    async with ends:
+        began = trio.current_time()
+        for _ in range(4):  # several intervals: answered each time, it stays open
+            opcode, payload = await client.next_frame()
+            assert opcode == 0x9 and payload.startswith(PREFIX)
+            await ends.client.send_all(client_frame(0xA, payload))
+        assert trio.current_time() - began >= 3 * INTERVAL  # not one ping after another
+        # A pong of its own (and any other frame) still passes, byte for byte.
+        theirs = client_frame(0xA, b"the client's own pong") + client_frame(0x1, b"hello")
+        await ends.client.send_all(theirs)
+        assert await read_exactly(ends.backend, len(theirs)) == theirs
+        assert not ends.ended.is_set()
+        if pump is not None:
+            assert pump.carried == 1  # the pings went from the thread, which still carries it
+        await trio.sleep(0.2)
+        counted = len(activity)
+        assert counted >= 1  # the client's own frames count as activity...
+        for _ in range(2):  # ...our pings' pongs do not
+            opcode, payload = await client.next_frame()
+            await ends.client.send_all(client_frame(0xA, payload))
+        await trio.sleep(0.3)
+        if pump is not None:
+            ends.tunnel.report_activity()
+        assert len(activity) == counted
+    with trio.fail_after(10):
+        await ends.ended.wait()
+    await ends.__aexit__()
+
+
+async def test_a_silent_client_is_closed_with_1011_and_the_backend_told(
+    nursery: trio.Nursery, pump: TunnelPump | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    ends = await open_tunnel(nursery, pump)
+    client, backend = Wire(ends.client), Wire(ends.backend)
+    with caplog.at_level(logging.INFO, logger="trioproxy.tunnel"):
+        async with ends:
+            opcode, payload = await client.next_frame()
+            pinged = trio.current_time()
+            assert opcode == 0x9 and payload.startswith(PREFIX)
+            # It never answers: after the bound, 1011 to it, 1001 to the backend.
+            opcode, payload = await client.next_frame()
+            assert trio.current_time() - pinged >= INTERVAL * 0.9
+            assert opcode == 0x8 and close_code(payload) == 1011
+            assert payload[2:] == keepalive.CLIENT_REASON.encode()
+            opcode, payload = await backend.next_frame()
+            assert opcode == 0x8 and close_code(payload) == 1001
+            assert payload[2:] == keepalive.BACKEND_REASON.encode()
+            await ends.backend.send_all(server_frame(0x8, payload[:2]))  # the backend answers and closes
+            await ends.backend.aclose()
+            with trio.fail_after(10):
+                await ends.ended.wait()  # without waiting for the silent client
+    assert "kept: WebSocket client silent for 0.3 s after a keepalive ping: closing it with 1011" in caplog.text
+
+
+async def test_a_client_that_keeps_sending_a_long_frame_is_not_closed(
+    nursery: trio.Nursery, pump: TunnelPump | None
+) -> None:
+    """It cannot put the pong before its frame's end: its bytes count as an answer meanwhile."""
+    ends = await open_tunnel(nursery, pump)
+    client = Wire(ends.client)
+    async with ends:
+        opcode, payload = await client.next_frame()
+        assert opcode == 0x9
+        frame = client_frame(0x2, os.urandom(40_000))
+        pieces = [frame[at : at + 4000] for at in range(0, len(frame), 4000)]
+        for piece in pieces:  # ~3 intervals long, a piece every third of one
+            await ends.client.send_all(piece)
+            await trio.sleep(INTERVAL / 3)
+        assert not ends.ended.is_set()
+        await ends.client.send_all(client_frame(0xA, payload))  # now it answers
+        assert await read_exactly(ends.backend, len(frame)) == frame
+        await trio.sleep(INTERVAL * 1.5)
+        assert not ends.ended.is_set()
+
+
+async def test_no_ping_inside_a_fragmented_message_or_a_frame_relayed_in_part(
+    nursery: trio.Nursery, pump: TunnelPump | None
+) -> None:
+    ends = await open_tunnel(nursery, pump)
+    client = Wire(ends.client)
+    async with ends:
+        # A message in fragments, quiet for three intervals between them.
+        await ends.backend.send_all(server_frame(0x1, b"first part ", fin=False))
+        assert await client.next_frame() == (0x1, b"first part ")
+        await trio.sleep(3 * INTERVAL)
+        assert not client.frames and not client.data  # nothing came meanwhile
+        await ends.backend.send_all(server_frame(0x0, b"last part"))
+        assert await client.next_frame() == (0x0, b"last part")
+        opcode, payload = await client.next_frame()  # the message over, the ping may come
+        assert opcode == 0x9
+        await ends.client.send_all(client_frame(0xA, payload))
+        # A large frame whose second half comes three intervals after its first.
+        big = server_frame(0x2, os.urandom(300_000))
+        await ends.backend.send_all(big[:150_000])
+        await read_exactly(ends.client, 150_000 - len(client.data))
+        client.data = b""
+        await trio.sleep(3 * INTERVAL)
+        await ends.backend.send_all(big[150_000:])
+        rest = await read_exactly(ends.client, len(big) - 150_000)
+        assert rest == big[150_000:]  # not a byte of ours inside it
+        opcode, payload = await client.next_frame()
+        assert opcode == 0x9 and payload.startswith(PREFIX)
+        assert not ends.ended.is_set()
+
+
+async def test_bytes_toward_the_client_postpone_the_ping(nursery: trio.Nursery, pump: TunnelPump | None) -> None:
+    ends = await open_tunnel(nursery, pump)
+    client = Wire(ends.client)
+    async with ends:
+        for number in range(8):  # ~2.7 intervals of messages a third of an interval apart
+            await ends.backend.send_all(server_frame(0x1, b"tick %d" % number))
+            assert await client.next_frame() == (0x1, b"tick %d" % number)
+            await trio.sleep(INTERVAL / 3)
+        opcode, _ = await client.next_frame()
+        assert opcode == 0x9  # only once they stopped
+
+
+async def test_a_pump_that_fails_in_a_keepalive_ends_that_tunnel(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    from trioproxy.relay.pump import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("the tunnel pump runs on CPython on Linux only")
+    tunnel_pump = TunnelPump()
+    await nursery.start(tunnel_pump.run)
+
+    def fault(where: str) -> None:
+        if where == "keepalive":
+            raise RuntimeError("injected keepalive failure")
+
+    tunnel_pump.fault = fault
+    with caplog.at_level(logging.ERROR, logger="trioproxy.pump"):
+        ends = await open_tunnel(nursery, tunnel_pump)
+        async with ends:
+            with trio.fail_after(10):
+                await ends.ended.wait()
+            assert await Wire(ends.client).ended() == b""  # just closed: where it stood is unknown
+    assert "ending a tunnel after an unexpected error" in caplog.text
+    assert "injected keepalive failure" in caplog.text
+    assert tunnel_pump.running  # the thread goes on
+
+
+# -- through trioproxy: the fast path and the ASGI path ------------------------------------------
+
+
+async def test_a_server_with_keepalive_pings_real_clients_on_the_fast_path(nursery: trio.Nursery) -> None:
+    """trio-websocket answers pings itself: several intervals later it is open and echoes; the
+    backend never saw a pong of ours."""
+    backend = await start_wire_backend(nursery, deflate=False)
+    proxy = await start_proxy(nursery, {"kept": {"port": backend.port, "websocket_keepalive": INTERVAL}})
+    with trio.fail_after(20):
+        async with open_ws(proxy.url, "kept/ws") as ws:
+            await trio.sleep(5 * INTERVAL)
+            await ws.send_message("still here")
+            assert await ws.get_message() == "still here"
+    assert not [event for event in backend.events if isinstance(event, Pong)]
+
+
+@pytest.mark.parametrize("way", ["fast-path", "asgi"])
+async def test_a_browser_like_client_offering_deflate_is_pinged_and_kept(nursery: trio.Nursery, way: str) -> None:
+    backend = await start_wire_backend(nursery, deflate=True)
+    proxy = await start_proxy(nursery, {"kept": {"port": backend.port, "websocket_keepalive": INTERVAL}})
+    port = proxy_port(proxy.url)
+    ws = WSConnection(ConnectionType.CLIENT)
+    pings = 0
+    with trio.fail_after(20):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            if way == "asgi":
+                await stream.send_all(PLAIN.format(path="server-proxy/api/servers", extra=AUTH_LINE).encode())
+                assert (await read_response(stream))[0] == 200
+            request = Request(host=f"127.0.0.1:{port}", target="/kept/ws", extra_headers=[(b"authorization", f"token {TOKEN}".encode())], extensions=[PerMessageDeflate()])
+            await stream.send_all(ws.send(request))
+            events: list[object] = []
+            while not any(isinstance(event, AcceptConnection) for event in events):
+                ws.receive_data(await stream.receive_some(65536))
+                events += list(ws.events())
+            accepted = next(event for event in events if isinstance(event, AcceptConnection))
+            assert [type(extension) for extension in accepted.extensions] == [PerMessageDeflate]
+            message = "compressible " * 2000
+            await stream.send_all(ws.send(TextMessage(message)))
+            echoed = ""
+            while pings < 3 or len(echoed) < len(message):
+                data = await stream.receive_some(65536)
+                assert data
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Ping):
+                        assert event.payload.startswith(PREFIX)
+                        pings += 1
+                        await stream.send_all(ws.send(event.response()))  # as a browser does
+                    elif isinstance(event, TextMessage):
+                        echoed += event.data
+                    else:
+                        raise AssertionError(f"unexpected {event!r}")
+            assert echoed == message
+            await stream.send_all(ws.send(CloseConnection(1000)))
+    assert not [event for event in backend.events if isinstance(event, Pong)]
+    assert [event.data for event in backend.events if isinstance(event, TextMessage)] == [message]
+
+
+@pytest.mark.parametrize("way", ["fast-path", "asgi", "raw-socket"])
+async def test_a_silent_client_through_trioproxy_is_closed_with_1011(
+    nursery: trio.Nursery, way: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw-socket client that never answers; the backend (a raw server) sees the end."""
+    seen: list[bytes] = []
+    backend_done = trio.Event()
+
+    async def backend_handler(stream: trio.SocketStream, server: object) -> None:
+        data = b""
+        if way != "raw-socket":
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            await stream.send_all(switching_protocols(data))
+            data = data.partition(b"\r\n\r\n")[2]
+        try:
+            while chunk := await stream.receive_some(65536):
+                seen.append(chunk)
+                if way != "raw-socket" and b"".join(seen)[:1] == b"\x88":  # a close: answer it
+                    await stream.send_all(server_frame(0x8, (1001).to_bytes(2, "big")))
+                    break
+        except trio.BrokenResourceError:
+            pass
+        backend_done.set()
+
+    backend = await start_raw_server(nursery, backend_handler)
+    options: dict[str, object] = {"port": backend.port, "websocket_keepalive": INTERVAL}
+    if way == "raw-socket":
+        options["raw_socket_proxy"] = True
+    proxy = await start_proxy(nursery, {"kept": options})
+    port = proxy_port(proxy.url)
+    auth = f"Authorization: token {TOKEN}"
+    with caplog.at_level(logging.INFO), trio.fail_after(20):
+        if way == "fast-path":
+            stream, head, rest = await raw_handshake(port, "kept/ws", auth)
+        else:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(PLAIN.format(path="server-proxy/api/servers", extra=AUTH_LINE).encode())
+            assert (await read_response(stream))[0] == 200
+            await stream.send_all(
+                (
+                    "GET /kept/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n\r\n"
+                ).encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+            head, _, rest = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        async with stream:
+            client = Wire(stream)
+            client.data = rest
+            client._parse()
+            opcode, payload = await client.next_frame()
+            assert opcode == 0x9 and payload.startswith(PREFIX)
+            opcode, payload = await client.next_frame()
+            assert opcode == 0x8 and close_code(payload) == 1011, payload
+            assert payload[2:] == keepalive.CLIENT_REASON.encode()
+            await backend_done.wait()
+    if way == "raw-socket":
+        assert seen == []  # its stream just ended
+    else:
+        (opcode, payload), *_ = frames_in(b"".join(seen))
+        assert opcode == 0x8 and close_code(payload) == 1001 and payload[2:] == keepalive.BACKEND_REASON.encode()
+    assert "kept: WebSocket client silent for 0.3 s after a keepalive ping: closing it with 1011" in caplog.text
+
+
+async def test_a_raw_socket_server_keeps_a_real_client_open_and_relays_bytes(nursery: trio.Nursery) -> None:
+    async def echo(stream: trio.SocketStream, server: object) -> None:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+
+    backend = await start_raw_server(nursery, echo)
+    proxy = await start_proxy(
+        nursery, {"vnc": {"port": backend.port, "raw_socket_proxy": True, "websocket_keepalive": INTERVAL}}
+    )
+    with trio.fail_after(20):
+        async with open_ws(proxy.url, "vnc/") as ws:
+            await trio.sleep(5 * INTERVAL)
+            await ws.send_message(b"RFB 003.008\n")
+            assert await ws.get_message() == b"RFB 003.008\n"  # no pong of ours among the bytes
+
+
+async def test_keepalive_is_off_by_default_for_other_servers(nursery: trio.Nursery) -> None:
+    backend = await start_wire_backend(nursery, deflate=False)
+    proxy = await start_proxy(nursery, {"plain": {"port": backend.port}})
+    with trio.fail_after(10):
+        stream, head, rest = await raw_handshake(proxy_port(proxy.url), "plain/ws", f"Authorization: token {TOKEN}")
+        async with stream:
+            assert head.startswith(b"HTTP/1.1 101") and rest == b""
+            with trio.move_on_after(1.0):
+                assert await stream.receive_some(100) == b"", "something came on a quiet tunnel"
