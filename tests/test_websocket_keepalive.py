@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -24,10 +26,10 @@ from wsproto.extensions import PerMessageDeflate
 from trioproxy.config import ConfigError, make_server_process
 from trioproxy.relay import keepalive
 from trioproxy.relay.keepalive import Action, Keepalive, interval_for
-from trioproxy.relay.pump import TunnelPump
+from trioproxy.relay.pump import AVAILABLE, TunnelPump
 from trioproxy.relay.tunnel import FrameCursor, Tunnel
 
-from .conftest import TOKEN, start_proxy, wait_for
+from .conftest import TOKEN, ProxyProcess, launch_trioproxy, start_proxy, wait_for
 from .test_admission import AUTH as AUTH_LINE
 from .test_admission import PLAIN, read_response
 from .test_tunnel_frames import (
@@ -36,14 +38,12 @@ from .test_tunnel_frames import (
     client_frame,
     close_code,
     frames_in,
-    pump,  # noqa: F401  (the fixture: pump-thread, event-loop)
     read_exactly,
     server_frame,
     socket_pair,
 )
-from .test_websocket import open_ws, start_raw_server
+from .test_websocket import open_ws, start_raw_server, ws_echo_command
 from .test_websocket_fastpath import (
-    DEFLATE_OFFER,
     KEY,
     proxy_port,
     raw_handshake,
@@ -53,6 +53,19 @@ from .test_websocket_fastpath import (
 
 INTERVAL = 0.3
 PREFIX = b"trioproxy-keepalive-"
+
+
+@pytest.fixture(params=["pump-thread", "event-loop"])
+async def pump(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[TunnelPump | None]:
+    """The tunnel copied on the pump's thread, or on the event loop (as over TLS, or portable)."""
+    if request.param == "event-loop":
+        yield None
+        return
+    if not AVAILABLE:
+        pytest.skip("the tunnel pump runs on CPython on Linux only")
+    tunnel_pump = TunnelPump()
+    await nursery.start(tunnel_pump.run)
+    yield tunnel_pump
 
 
 # -- the rule, pure ----------------------------------------------------------------------------
@@ -334,8 +347,6 @@ async def test_bytes_toward_the_client_postpone_the_ping(nursery: trio.Nursery, 
 
 
 async def test_a_pump_that_fails_in_a_keepalive_ends_that_tunnel(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
-    from trioproxy.relay.pump import AVAILABLE
-
     if not AVAILABLE:
         pytest.skip("the tunnel pump runs on CPython on Linux only")
     tunnel_pump = TunnelPump()
@@ -508,3 +519,41 @@ async def test_keepalive_is_off_by_default_for_other_servers(nursery: trio.Nurse
             assert head.startswith(b"HTTP/1.1 101") and rest == b""
             with trio.move_on_after(1.0):
                 assert await stream.receive_some(100) == b"", "something came on a quiet tunnel"
+
+
+def test_over_http2_a_client_is_pinged_kept_while_it_answers_then_closed_with_1011(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    """RFC 8441 WebSockets take the ASGI path: the pings go as DATA on the client's stream."""
+    from . import test_http2_faults as h2
+
+    config = tmp_path / "config.py"
+    servers = {"kept": {"command": ws_echo_command("{port}"), "websocket_keepalive": INTERVAL}}
+    config.write_text(f"c.ServerProxy.servers = {servers!r}\n")
+    proxy = launch_trioproxy(["--port", "0", "--token", h2.TOKEN, "--config", str(config)])
+    proxy_processes.append(proxy)
+    host, port = proxy.base.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    client = h2.H2Client.open((host, int(port)), "prior")
+    stream_id = h2.websocket_connect(client, b"/kept/ws", auth=True)
+    client.wait(lambda: client.status(stream_id) is not None)
+    assert client.status(stream_id) == 200
+
+    def received() -> list[tuple[int, bytes]]:
+        wire = Wire.__new__(Wire)
+        wire.data, wire.frames = client.body(stream_id), []
+        wire._parse()
+        return wire.frames
+
+    for answered in range(3):
+        client.wait(lambda: len([f for f in received() if f[0] == 0x9]) > answered)  # noqa: B023
+        payload = [f for f in received() if f[0] == 0x9][answered][1]
+        assert payload.startswith(PREFIX)
+        client.connection.send_data(stream_id, client_frame(0xA, payload))
+        client.flush()
+    client.wait(lambda: any(f[0] == 0x8 for f in received()))
+    opcode, close = received()[-1]
+    assert opcode == 0x8 and close_code(close) == 1011 and close[2:] == keepalive.CLIENT_REASON.encode()
+    assert [f[0] for f in received()] == [0x9, 0x9, 0x9, 0x9, 0x8]  # the last ping went unanswered
+    client.close()
+    proxy.stop()
+    assert "kept: WebSocket client silent for 0.3 s after a keepalive ping: closing it with 1011" in proxy.output()

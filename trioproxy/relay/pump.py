@@ -10,7 +10,9 @@ that loop on a thread and carries a tunnel for as long as nothing but copying ha
 Anything else hands the tunnel back to its task, which finishes it on the event loop with
 the same code as tunnels over TLS: an end of either side (EOF, an error), a frame the tunnel
 will not pass (over the size limit, invalid), a close of trioproxy's own
-(:meth:`TunnelPump.release`: a shutdown), the pump stopping, or the task being cancelled.
+(:meth:`TunnelPump.release`: a shutdown), a client silent after a keepalive ping (the thread
+sends the pings itself: :mod:`trioproxy.relay.keepalive`), the pump stopping, or the task
+being cancelled.
 Every one of those ends the tunnel, so a tunnel is carried at most once.
 
 Ownership: a carried tunnel's copying state, its two :class:`~trioproxy.relay.tunnel.Flow`

@@ -11,7 +11,9 @@ It still reads every frame *header* (:class:`FrameCursor`, a few bytes per frame
 things a byte copy cannot do: know where a frame ends, so that a close frame of its own can be
 put between two frames (a client that vanished, a backend that died, a shutdown, a message
 over the size limit); know that a close frame went by, so that the end of a stream after it
-is a clean end; and count a message's size on the wire.
+is a clean end; and count a message's size on the wire. With keepalive on it also puts
+pings of its own to the client between messages and drops the client's pongs to them
+(:mod:`trioproxy.relay.keepalive`).
 
 :func:`open_backend` sends the upgrade request and reads the backend's answer; :class:`Tunnel`
 copies. Both are used by :mod:`trioproxy.fastpath`.
