@@ -197,17 +197,18 @@ class Wire:
         return self.frames.pop(0)
 
     def _parse(self) -> None:
-        while True:
-            for end in range(2, len(self.data) + 1):
-                try:
-                    (frame,) = frames_in(self.data[:end])
-                except (AssertionError, IndexError, ValueError):
-                    continue
-                self.frames.append(frame)
-                self.data = self.data[end:]
-                break
-            else:
+        while len(data := self.data) >= 2:
+            size, end = data[1] & 0x7F, 2
+            if size >= 126:
+                end = 4 if size == 126 else 10
+                if len(data) < end:
+                    return
+                size = int.from_bytes(data[2:end], "big")
+            end += size + (4 if data[1] & 0x80 else 0)
+            if len(data) < end:
                 return
+            self.frames += frames_in(data[:end])
+            self.data = data[end:]
 
     async def ended(self, within: float = 10) -> bytes:
         """What else came before the connection ended."""
@@ -508,6 +509,39 @@ async def test_a_raw_socket_server_keeps_a_real_client_open_and_relays_bytes(nur
             await trio.sleep(5 * INTERVAL)
             await ws.send_message(b"RFB 003.008\n")
             assert await ws.get_message() == b"RFB 003.008\n"  # no pong of ours among the bytes
+
+
+async def test_a_slow_client_on_the_asgi_path_is_not_closed_while_a_message_waits_for_it(nursery: trio.Nursery) -> None:
+    """32 MiB toward a client that reads nothing for three intervals: the relay's message send
+    waits, and so does the ping (it would queue behind it); then every byte arrives, no close."""
+    size = 32 * MIB
+
+    async def flood(stream: trio.SocketStream, server: object) -> None:
+        await stream.send_all(os.urandom(size))
+        await trio.sleep_forever()
+
+    backend = await start_raw_server(nursery, flood)
+    proxy = await start_proxy(
+        nursery, {"vnc": {"port": backend.port, "raw_socket_proxy": True, "websocket_keepalive": INTERVAL}}
+    )
+    with trio.fail_after(60):
+        stream, head, rest = await raw_handshake(proxy_port(proxy.url), "vnc/", f"Authorization: token {TOKEN}")
+        async with stream:
+            assert head.startswith(b"HTTP/1.1 101")
+            await trio.sleep(4 * INTERVAL)  # not reading
+            client = Wire(stream)
+            client.data = rest
+            received = 0
+            while received < size:
+                opcode, payload = await client.next_frame()
+                assert opcode in (0x2, 0x9), (opcode, payload[:40])
+                if opcode == 0x2:
+                    received += len(payload)
+                else:
+                    await stream.send_all(client_frame(0xA, payload))
+            assert received == size
+            opcode, payload = await client.next_frame()  # quiet now: a ping, not a close
+            assert opcode == 0x9 and payload.startswith(PREFIX)
 
 
 async def test_keepalive_is_off_by_default_for_other_servers(nursery: trio.Nursery) -> None:

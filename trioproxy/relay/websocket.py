@@ -130,7 +130,8 @@ class _Client:
         self.accepted = False
         self.closed = False  # we sent a close or a refusal: nothing more may follow
         self.disconnected = False
-        self.sent_at = trio.current_time()  # when the last message went to the client
+        self.sent_at = trio.current_time()  # when a message to the client last went (or began)
+        self.sending = False  # a message to the client is on its way (a ping waits for it)
 
     async def accept(self, subprotocol: str | None, headers: Headers) -> None:
         self.accepted = True
@@ -138,10 +139,15 @@ class _Client:
 
     async def send_message(self, message: str | bytes) -> None:
         self.sent_at = trio.current_time()
-        if isinstance(message, str):
-            await self._send({"type": "websocket.send", "text": message})
-        else:
-            await self._send({"type": "websocket.send", "bytes": message})
+        self.sending = True
+        try:
+            if isinstance(message, str):
+                await self._send({"type": "websocket.send", "text": message})
+            else:
+                await self._send({"type": "websocket.send", "bytes": message})
+        finally:
+            self.sending = False
+            self.sent_at = trio.current_time()
 
     async def close(self, code: int, reason: str = "") -> None:
         if self.closed or self.disconnected:
@@ -495,6 +501,8 @@ async def _keep_alive(
         state.last_to_client = max(state.last_to_client, client.sent_at)
         state.last_from_client = max(state.last_from_client, control.last_received)
         action = state.check(now)
+        if action is keepalive.Action.PING and client.sending:
+            continue  # a message still on its way to a slow client: the ping waits for it
         if action is keepalive.Action.PING:
             state.pinged(now)
             with trio.move_on_after(state.interval):  # a client that takes nothing has gone too
