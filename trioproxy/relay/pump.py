@@ -336,9 +336,11 @@ class _PumpThread:
         with nothing unsent, else soon again), or, unanswered, the tunnel back to its task,
         which closes it."""
         at = math.inf
+        step = math.inf  # the shortest retry: sweeps of every such tunnel come at most this often
         for carried in list(self.keepalives):
             keepalive = carried.keepalive
             assert keepalive is not None
+            step = min(step, keepalive.retry)
             self.in_progress = carried
             try:
                 if self.seam.fault is not None:
@@ -360,7 +362,9 @@ class _PumpThread:
                 log.exception("WebSocket tunnel pump: ending a tunnel after an unexpected error")
                 self._hand_back(carried, Handback(None, failed=True))
         self.in_progress = None
-        self.keepalive_at = at
+        # Busy tunnels move their deadlines on without a sweep: looking again at the earliest
+        # one found could sweep them all at every message; a ping is late by a retry at most.
+        self.keepalive_at = max(at, now + step)
 
     def _take_requests(self) -> bool:
         """Carry, release; False once asked to stop (everything handed back)."""
