@@ -43,6 +43,7 @@ BAD_OPTIONS: dict[str, dict[str, Any]] = {
     "unix-socket-directory": {"command": echo_command(unix=True), "unix_socket": "DIRECTORY"},
     "timeout-negative": {"command": ECHO, "timeout": -1.0},
     "stop-timeout-negative": {"command": ECHO, "stop_timeout": -1.0},
+    "websocket-keepalive-tiny": {"command": ECHO, "websocket_keepalive": 0.01},
     "rewrite-response-101": {"rewrite_response": "CALLABLE_TO_101"},
 }
 PRELUDE = '''

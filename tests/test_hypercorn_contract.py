@@ -109,6 +109,25 @@ def test_the_protocol_classes_transport_subclasses() -> None:
     assert BUFFER_LOW_WATER < BUFFER_HIGH_WATER <= 64 * 1024
 
 
+def test_what_websocket_control_uses_of_a_websocket_stream() -> None:
+    # transport.WebSocketControl pings through a WSStream and watches its wsproto connection:
+    # Hypercorn must still send each app message as one frame made before it awaits, feed the
+    # connection with receive_data, read it with events(), and drop pongs (none reach the app).
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+
+    assert inspect.iscoroutinefunction(WSStream._send_wsproto_event)
+    assert parameters(WSStream._send_wsproto_event) == ["self", "event"]
+    send = inspect.getsource(WSStream._send_wsproto_event)
+    assert send.index("self.connection.send(event)") < send.index("await self.send(")
+    source = inspect.getsource(WSStream)
+    for used in ("self.closed", "self.state", "self.scope = {", "self.connection.receive_data(", "self.connection.events()"):
+        assert used in source, used
+    assert "Pong" not in inspect.getsource(WSStream._handle_events)
+    assert ASGIWebsocketState.CONNECTED is not None
+    assert "self.stream: HTTPStream | WSStream | None" in inspect.getsource(H11Protocol.__init__)
+
+
 def test_the_h2_events_handled_are_those_hypercorn_handles() -> None:
     # transport.H2._handle_events replaces Hypercorn's: a newly handled event would be missed.
     from hypercorn.protocol.h2 import H2Protocol

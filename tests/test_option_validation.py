@@ -110,6 +110,8 @@ def test_environment_entries_the_os_cannot_take(environment: dict[str, str]) -> 
         ({"port": 70000}, "port", "from 0 to 65535"),
         ({"max_connections": 0}, "max_connections", "at least 1"),
         ({"max_failures": -1}, "max_failures", "at least 0"),
+        ({"websocket_keepalive": 0.01}, "websocket_keepalive", "0 (off) or at least 0.1 s"),
+        ({"websocket_keepalive": -1}, "websocket_keepalive", "0 or more"),
         ({"health_check": {"interval": math.nan}}, "health_check", "nan"),
         ({"health_check": {"timeout": 1e12}}, "health_check", "ten years"),
         ({"health_check": {"path": "/\x00"}}, "health_check", "not a request path"),

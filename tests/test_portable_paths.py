@@ -36,6 +36,7 @@ RERUN = [
     "tests/test_tunnel_frames.py",
     "tests/test_tunnel_pump.py",  # skipped there: its first check is that it is
     "tests/test_websocket_fastpath.py",
+    "tests/test_websocket_keepalive.py",  # the keepalive on the event loop's copier
     "tests/test_backend_client.py::test_a_client_that_leaves_a_quiet_stream_closes_its_backend_connection",
     "tests/test_http_relay.py::test_client_disconnect_closes_the_backend_stream",
     # Builds a pump of its own and checks that it carries the tunnel: the pump's case only.

@@ -281,6 +281,7 @@ class Dispatcher:
     # -- WebSocket --------------------------------------------------------------------------
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any, route: Route) -> None:
+        from .relay import keepalive
         from .relay.websocket import WebSocketTarget, relay_websocket
 
         async with self.gate.admit(scope, route) as admission:
@@ -295,6 +296,7 @@ class Dispatcher:
                 raw_socket=bool(process is not None and process.raw_socket_proxy),
                 max_message_size=self.settings.websocket_max_message_size,
                 on_activity=admission.on_activity,
+                keepalive=keepalive.interval_for(process),
             )
             try:
                 # The relay connects itself; its connection counts against max_websockets.

@@ -262,6 +262,13 @@ class ServerProcess(Configurable):
     pool_idle_timeout = Float(
         30.0, help="Seconds an idle keep-alive connection to the server is kept."
     ).tag(config=True)
+    websocket_keepalive = Float(
+        None,
+        allow_none=True,
+        help="Ping a WebSocket's client after this many seconds without bytes to it, and close it "
+        "with 1011 when it stays silent as long again (0: off). Default: 30 for raw_socket_proxy "
+        "servers, off for the others.",
+    ).tag(config=True)
 
     health_check = Union(
         [Bool(), Dict()],

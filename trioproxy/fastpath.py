@@ -8,8 +8,10 @@ otherwise takes a connection to the backend from its client (counted against
 ``max_websockets``), sends the upgrade, returns the backend's answer to the client as it
 came (its ``101`` head byte for byte, or its refusal), and tunnels bytes
 (:mod:`trioproxy.relay.tunnel`). Extensions, subprotocols, close codes and pings are then the
-two ends' business: trioproxy neither compresses nor answers pings. A client that leaves
-while the backend has not answered ends both connections at once.
+two ends' business: trioproxy neither compresses nor answers pings (with a server's
+``websocket_keepalive`` it sends pings of its own to a quiet client and drops their pongs:
+:mod:`trioproxy.relay.keepalive`). A client that leaves while the backend has not answered ends
+both connections at once.
 
 Declined, and left to Hypercorn and the ASGI relay: trioproxy's own routes and unknown paths,
 ``raw_socket_proxy`` servers (they need messages turned into bytes), and, by construction,
@@ -32,6 +34,7 @@ from .backend import BackendError
 from .errors import error_response
 from .listener import RequestHead, client_gone
 from .metrics import log_access
+from .relay import keepalive
 from .relay.headers import Headers, header_value, strip_hop_by_hop
 from .relay.tunnel import BackendFailed, Refusal, Tunnel, open_backend
 from .routing import Route
@@ -151,6 +154,8 @@ class WebSocketFastPath:
             on_activity=admission.on_activity,
             close_timeout=self.close_timeout,
             pump=self.pump,
+            keepalive=keepalive.interval_for(admission.process),
+            name=admission.server,
         )
         self.metrics.websocket_tunnelled(admission.label)
         self.tunnels.add(tunnel)

@@ -135,6 +135,13 @@ def check_duration(option: str, value: Any, *, zero: bool = True) -> None:
         raise OptionError(option, f"{value!r} s is more than ten years; a mistake in the unit?")
 
 
+def check_keepalive(value: Any, option: str = "websocket_keepalive") -> None:
+    """0 (off) or a number of seconds from 0.1: shorter would flood a client with pings."""
+    check_duration(option, value)
+    if 0 < value < 0.1:
+        raise OptionError(option, f"must be 0 (off) or at least 0.1 s (a ping every {value!r} s floods the client), got {value!r}")
+
+
 def check_count(option: str, value: Any, *, least: int, most: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
         bounds = f"from {least} to {most}" if most is not None else f"of at least {least}"
@@ -180,6 +187,8 @@ def check_server(process: Any) -> None:
     check_count("max_connections", process.max_connections, least=1)
     check_count("max_websockets", process.max_websockets, least=1)
     check_count("max_failures", process.max_failures, least=0)
+    if process.websocket_keepalive is not None:
+        check_keepalive(process.websocket_keepalive)
     health = process.health
     if health is not None:
         check_duration("health_check", health.interval, zero=False)

@@ -18,6 +18,10 @@ changes, and why:
   named, up to a hard limit); a stream reset by the client, or ended by its app without its
   last part, releases its buffer at once. Anything still unforeseen closes that connection with
   GOAWAY(INTERNAL_ERROR), logged once.
+- :class:`WebSocketControl` (in a WebSocket's scope, both protocols): what ASGI has no message
+  for, a ping to the client and the pongs it answers with, for the relay's keepalive
+  (:mod:`trioproxy.relay.keepalive`). Hypercorn answers a client's pings itself and drops every
+  pong, so none reaches the app, and none the backend.
 - :class:`_StreamBuffer`: what a stream's app may queue for a client that does not read is
   bounded (Hypercorn woke the app whenever the flow-control window was empty, so a download to a
   client that stopped reading grew without bound).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from math import inf
@@ -52,13 +56,14 @@ from hypercorn.protocol.events import Body, EndBody, Request, StreamClosed
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
-from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import filter_pseudo_headers, parse_socket_addr, repr_socket_addr, wrap_app
+from wsproto.events import Ping, Pong
 
 from .relay.headers import handshake_not_ascii, non_ascii_handshake_header
 
@@ -67,6 +72,8 @@ log = logging.getLogger("trioproxy.transport")
 READ_SIZE = 256 * 1024  # per read of a connection Hypercorn serves (Hypercorn asks for 64 KiB)
 # Scope key: the client connection's socket (a trio socket), for listener.client_gone.
 CLIENT_SOCKET = "trioproxy.client_socket"
+# Scope key of a WebSocket: its WebSocketControl.
+WEBSOCKET_CONTROL = "trioproxy.websocket_control"
 
 Address = tuple[str, int] | None
 
@@ -145,6 +152,74 @@ class _WithClientSocket:
         # Not a coroutine of its own: the app's is returned, one frame fewer per resumption.
         if scope.get("http_version") != "2":
             scope[CLIENT_SOCKET] = self.sock
+        return cast(Coroutine[Any, Any, None], self.app(scope, *args))
+
+
+class WebSocketControl:
+    """A WebSocket's client side beyond ASGI's messages: send it a ping, learn of its pongs.
+
+    ``on_pong(payload)`` is called for each pong the client sends once a ping went;
+    ``last_received`` is when bytes last came from the client since then (trio's clock).
+    """
+
+    def __init__(self, stream: WSStream) -> None:
+        self._stream = stream
+        self.on_pong: Callable[[bytes], None] | None = None
+        self.last_received = -inf
+        self._watching = False
+
+    async def ping(self, payload: bytes) -> bool:
+        """Send a ping between two of the app's messages; False if the WebSocket is not open."""
+        stream = self._stream
+        if stream.closed or stream.state is not ASGIWebsocketState.CONNECTED:
+            return False
+        if not self._watching:
+            stream.connection = cast(Any, _WatchedConnection(stream.connection, self))
+            self._watching = True
+        # Hypercorn sends each of the app's messages as one frame, the bytes of each made
+        # before the send that waits: this frame goes whole, between two of them.
+        await stream._send_wsproto_event(Ping(payload=payload))
+        return True
+
+
+class _WatchedConnection:
+    """A WebSocket stream's wsproto connection, which tells its control of pongs and bytes."""
+
+    def __init__(self, connection: Any, control: WebSocketControl) -> None:
+        self._connection = connection
+        self._control = control
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def receive_data(self, data: bytes | None) -> None:
+        self._control.last_received = trio.current_time()
+        self._connection.receive_data(data)
+
+    def events(self) -> Iterator[Any]:
+        on_pong = self._control.on_pong
+        for event in self._connection.events():
+            if isinstance(event, Pong) and on_pong is not None:
+                on_pong(bytes(event.payload))
+            yield event
+
+
+class _WithWebSocketControl:
+    """The protocols' app: puts a :class:`WebSocketControl` in each WebSocket's scope."""
+
+    __slots__ = ("app", "protocols")
+
+    def __init__(self, app: Any, protocols: Protocols) -> None:
+        self.app = app
+        self.protocols = protocols
+
+    def __call__(self, scope: dict[str, Any], *args: Any) -> Coroutine[Any, Any, None]:
+        if scope["type"] == "websocket":
+            protocol = self.protocols.protocol
+            streams = protocol.streams.values() if isinstance(protocol, H2) else [protocol.stream]
+            stream = next((s for s in streams if isinstance(s, WSStream) and s.scope is scope), None)
+            if stream is not None:
+                scope[WEBSOCKET_CONTROL] = WebSocketControl(stream)
         return cast(Coroutine[Any, Any, None], self.app(scope, *args))
 
 
@@ -287,6 +362,7 @@ class Protocols:
         self, app: Any, config: Config, context: Any, task_group: Any, state: Any,
         ssl: bool, client: Address, server: Address, send: Any, alpn_protocol: str | None,
     ) -> None:  # fmt: skip
+        app = _WithWebSocketControl(app, self)
         self._arguments = (app, config, context, task_group, state, ssl, client, server, send)
         self._send = send
         self.protocol: H11 | H2 = H2(*self._arguments) if alpn_protocol == "h2" else H11(*self._arguments)

@@ -10,7 +10,9 @@ that loop on a thread and carries a tunnel for as long as nothing but copying ha
 Anything else hands the tunnel back to its task, which finishes it on the event loop with
 the same code as tunnels over TLS: an end of either side (EOF, an error), a frame the tunnel
 will not pass (over the size limit, invalid), a close of trioproxy's own
-(:meth:`TunnelPump.release`: a shutdown), the pump stopping, or the task being cancelled.
+(:meth:`TunnelPump.release`: a shutdown), a client silent after a keepalive ping (the thread
+sends the pings itself: :mod:`trioproxy.relay.keepalive`), the pump stopping, or the task
+being cancelled.
 Every one of those ends the tunnel, so a tunnel is carried at most once.
 
 Ownership: a carried tunnel's copying state, its two :class:`~trioproxy.relay.tunnel.Flow`
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import portable
+from .keepalive import Action
 from .tunnel import Flow, Handback, Step
 
 if TYPE_CHECKING:
@@ -98,7 +101,8 @@ class TunnelPump:
     """Copies tunnels' bytes on a thread of its own while :meth:`run` runs.
 
     ``fault`` is a seam for tests: when set, the thread calls it at named points ("turn":
-    after each wait, outside any tunnel; "hand back": as it lets a tunnel go), and an
+    after each wait, outside any tunnel; "hand back": as it lets a tunnel go; "keepalive": on a
+    tunnel whose keepalive is due), and an
     exception it raises is one the thread did not expect.
     """
 
@@ -155,6 +159,9 @@ class TunnelPump:
         if not self._running or not all(_non_blocking(end) for end in ends):
             return None
         carriage = _Carriage(tunnel, _fileno(ends[0]), _fileno(ends[1]), flows)
+        keepalive = carriage.keepalive
+        if keepalive is not None:  # into the thread's clock, and back with the handback
+            keepalive.shift(time.monotonic() - trio.current_time())
         self._carried[tunnel] = carriage
         self._ask(_CARRY, carriage)
         try:
@@ -165,6 +172,8 @@ class TunnelPump:
                 with trio.CancelScope(shield=True):
                     await carriage.returned.wait()
             del self._carried[tunnel]
+            if keepalive is not None:
+                keepalive.shift(trio.current_time() - time.monotonic())
         return carriage.handback
 
     def release(self, tunnel: Tunnel) -> None:
@@ -230,12 +239,16 @@ class _Carriage:
     the thread's; ``returned`` and ``handback`` are the event loop's.
     """
 
-    __slots__ = ("tunnel", "flows", "directions", "interest", "reported_at", "returned", "handback")
+    __slots__ = (
+        "tunnel", "flows", "directions", "interest", "reported_at", "returned", "handback", "client", "keepalive",
+    )  # fmt: skip
 
     def __init__(self, tunnel: Tunnel, client: int, backend: int, flows: tuple[Flow, Flow]) -> None:
         self.tunnel = tunnel
         self.flows = flows
         up, down = flows
+        self.client = client
+        self.keepalive = down.keepalive  # travels with the flows
         # By file descriptor: the flow it is the source of, the one it is the sink of, and the
         # other socket's descriptor.
         self.directions: dict[int, tuple[Flow, Flow, int]] = {client: (up, down, backend), backend: (down, up, client)}
@@ -275,6 +288,9 @@ class _PumpThread:
         self.by_fd: dict[int, _Carriage] = {}
         self.by_tunnel: dict[Tunnel, _Carriage] = {}
         self.in_progress: _Carriage | None = None  # the tunnel whose bytes it is handling
+        # Tunnels with keepalive on, and when the next of them has something due (monotonic).
+        self.keepalives: set[_Carriage] = set()
+        self.keepalive_at = math.inf
 
     def run(self) -> None:
         """Never raises: whatever ends it, the event loop takes over what it held."""
@@ -290,7 +306,8 @@ class _PumpThread:
         inbox = self.inbox.fileno()
         seam = self.seam
         while True:
-            ready = self.poller.poll()
+            at = self.keepalive_at
+            ready = self.poller.poll(-1 if at == math.inf else max(0.0, at - time.monotonic()))
             if seam.fault is not None:
                 seam.fault("turn")
             for fd, events in ready:
@@ -309,6 +326,45 @@ class _PumpThread:
                     log.exception("WebSocket tunnel pump: ending a tunnel after an unexpected error")
                     self._hand_back(carried, Handback(None, failed=True))
                 self.in_progress = None
+            if self.keepalive_at != math.inf:
+                now = time.monotonic()
+                if now >= self.keepalive_at:
+                    self._keep_alive(now)
+
+    def _keep_alive(self, now: float) -> None:
+        """Each tunnel's keepalive that is due: a ping to its client (at a message boundary
+        with nothing unsent, else soon again), or, unanswered, the tunnel back to its task,
+        which closes it."""
+        at = math.inf
+        step = math.inf  # the shortest retry: sweeps of every such tunnel come at most this often
+        for carried in list(self.keepalives):
+            keepalive = carried.keepalive
+            assert keepalive is not None
+            step = min(step, keepalive.retry)
+            self.in_progress = carried
+            try:
+                if self.seam.fault is not None:
+                    self.seam.fault("keepalive")
+                action = keepalive.check(now)
+                if action is Action.EXPIRED:
+                    self._hand_back(carried, Handback(carried.flows, failed=False))
+                    continue
+                if action is Action.PING:
+                    down = carried.flows[1]
+                    if down.may_ping and not down.closed:
+                        down.unsent, down.written = keepalive.frame, 0
+                        keepalive.pinged(now)
+                        if not self._flush(carried, down, carried.client):
+                            continue  # handed back
+                        self._update_interest(carried)
+                at = min(at, keepalive.next_check(now))
+            except Exception:
+                log.exception("WebSocket tunnel pump: ending a tunnel after an unexpected error")
+                self._hand_back(carried, Handback(None, failed=True))
+        self.in_progress = None
+        # Busy tunnels move their deadlines on without a sweep: looking again at the earliest
+        # one found could sweep them all at every message; a ping is late by a retry at most.
+        self.keepalive_at = max(at, now + step)
 
     def _take_requests(self) -> bool:
         """Carry, release; False once asked to stop (everything handed back)."""
@@ -341,6 +397,9 @@ class _PumpThread:
                 self.poller.register(fd, 0)
                 self.by_fd[fd] = carried
             self._update_interest(carried)
+            if carried.keepalive is not None:
+                self.keepalives.add(carried)
+                self.keepalive_at = min(self.keepalive_at, carried.keepalive.next_check(time.monotonic()))
         except Exception:
             # Its bytes are untouched; it ends all the same, as after any unexpected error.
             log.exception("WebSocket tunnel pump: cannot carry a tunnel")
@@ -372,13 +431,20 @@ class _PumpThread:
         if not data:
             self._hand_back(carried, Handback(carried.flows, failed=False))
             return False
-        carried.tunnel.moved = True
         now = time.monotonic()
-        if now - carried.reported_at >= ACTIVITY_INTERVAL:
-            # The first bytes after a quiet second count at once; later ones at the next sweep.
-            carried.reported_at = now
-            self.token.run_sync_soon(carried.tunnel.report_activity)
         step = flow.pass_on(data)
+        keepalive = carried.keepalive
+        if keepalive is not None:
+            if flow is carried.flows[1]:
+                keepalive.last_to_client = now
+            else:
+                keepalive.last_from_client = now
+        if flow.unsent or keepalive is None:  # (a read of our own pong alone is no activity)
+            carried.tunnel.moved = True
+            if now - carried.reported_at >= ACTIVITY_INTERVAL:
+                # The first bytes after a quiet second count at once; later ones at the next sweep.
+                carried.reported_at = now
+                self.token.run_sync_soon(carried.tunnel.report_activity)
         if flow.pending and not self._flush(carried, flow, sink):
             return False
         if step is not Step.COPY:  # a frame it will not pass: the event loop closes both ends
@@ -420,6 +486,7 @@ class _PumpThread:
         if self.seam.fault is not None:
             self.seam.fault("hand back")
         self.by_tunnel.pop(carried.tunnel, None)
+        self.keepalives.discard(carried)
         for fd in carried.directions:
             if self.by_fd.pop(fd, None) is not None:
                 self.poller.unregister(fd)

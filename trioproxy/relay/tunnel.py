@@ -11,7 +11,9 @@ It still reads every frame *header* (:class:`FrameCursor`, a few bytes per frame
 things a byte copy cannot do: know where a frame ends, so that a close frame of its own can be
 put between two frames (a client that vanished, a backend that died, a shutdown, a message
 over the size limit); know that a close frame went by, so that the end of a stream after it
-is a clean end; and count a message's size on the wire.
+is a clean end; and count a message's size on the wire. With keepalive on it also puts
+pings of its own to the client between messages and drops the client's pongs to them
+(:mod:`trioproxy.relay.keepalive`).
 
 :func:`open_backend` sends the upgrade request and reads the backend's answer; :class:`Tunnel`
 copies. Both are used by :mod:`trioproxy.fastpath`.
@@ -32,6 +34,7 @@ import trio
 
 from ..backend_tls import broken_by_tls, refused_after_handshake
 from .headers import Headers, canonical_name
+from .keepalive import BACKEND_REASON, CLIENT_REASON, Action, Keepalive
 
 if TYPE_CHECKING:
     from .pump import TunnelPump
@@ -46,6 +49,7 @@ MAX_REFUSAL_BODY = 1024 * 1024  # a refusal's body is an error page: read this m
 
 OP_CONTINUATION = 0x0
 OP_CLOSE = 0x8
+OP_PONG = 0xA
 MAX_CONTROL_PAYLOAD = 125  # RFC 6455 §5.5
 
 # RFC 6455 §7.4.1 codes the tunnel sends itself.
@@ -168,16 +172,22 @@ class FrameCursor:
     framing, which does not depend on them, stays in step.
     """
 
-    __slots__ = ("remaining", "partial", "message_size", "limit", "close_passed", "too_big", "invalid")
+    __slots__ = (
+        "remaining", "partial", "message_size", "in_message", "limit", "close_passed", "too_big", "invalid",
+        "keepalive",
+    )  # fmt: skip
 
     def __init__(self, limit: int) -> None:
         self.remaining = 0  # payload bytes of the current frame not yet seen
-        self.partial = b""  # the start of a frame header, held back
+        self.partial = b""  # the start of a frame header (or one of our pongs), held back
         self.message_size = 0  # wire bytes of the fragmented data message under way
+        self.in_message = False  # between the fragments of a data message
         self.limit = limit
         self.close_passed = False
         self.too_big = False  # the next frame would take its message over the limit
         self.invalid: str | None = None  # why the next frame cannot be passed on
+        # Client to backend with keepalive on: its pongs are recognised and dropped.
+        self.keepalive: Keepalive | None = None
 
     @property
     def at_boundary(self) -> bool:
@@ -219,12 +229,23 @@ class FrameCursor:
                     return data[:position]
                 if opcode == OP_CLOSE:
                     self.close_passed = True
+                elif opcode == OP_PONG and self.keepalive is not None and payload_size == len(self.keepalive.payload):
+                    end = position + header_size + payload_size
+                    if end > size:  # held back whole: it may be ours, which never passes
+                        self.partial = data[position:]
+                        return data[:position]
+                    if self.keepalive.is_ours(data[position:end], header_size):
+                        self.keepalive.answered()
+                        data = data[:position] + data[end:]
+                        size = len(data)
+                        continue
             else:
                 total = payload_size + (self.message_size if opcode == OP_CONTINUATION else 0)
                 if total > self.limit:
                     self.too_big = True
                     return data[:position]
                 self.message_size = 0 if final else total
+                self.in_message = not final
             position += header_size
             remaining = payload_size
 
@@ -244,16 +265,23 @@ class Flow:
 
     Owned by one copier at a time (the direction's task, or the pump's thread while it carries
     the tunnel) and handed between them whole: ``written`` (how much of ``unsent`` the sink has
-    taken) travels with the bytes, so neither copier writes a byte twice.
+    taken) travels with the bytes, so neither copier writes a byte twice. ``keepalive`` (backend
+    to client, keepalive on) travels the same way: the client's cursor refers to it too.
     """
 
-    __slots__ = ("cursor", "unsent", "written", "closed")
+    __slots__ = ("cursor", "unsent", "written", "closed", "keepalive")
 
     def __init__(self, limit: int) -> None:
         self.cursor = FrameCursor(limit)
         self.unsent = b""
         self.written = 0
         self.closed = False  # a close frame was passed on (or one of ours sent)
+        self.keepalive: Keepalive | None = None
+
+    @property
+    def may_ping(self) -> bool:
+        """Whether a ping of ours may go to the sink now: nothing unsent, between messages."""
+        return self.cursor.at_boundary and not self.cursor.in_message and not self.pending
 
     @property
     def pending(self) -> bool:
@@ -347,8 +375,15 @@ class _Direction:
         self.flow: Flow | None = Flow(limit)
         self.gone = gone  # the close to send the sink when the source ends without one
         self.stop_with: tuple[int, str] | None = None  # a close of our own to send at a boundary
+        self.ping_wanted = False  # a keepalive ping to send the sink at the next message boundary
         self.ended = False
         self.receiving: trio.CancelScope | None = None
+
+    def request_ping(self) -> None:
+        self.ping_wanted = True
+        flow = self.flow
+        if flow is not None and flow.may_ping and self.receiving is not None:
+            self.receiving.cancel()
 
     def request_close(self, code: int, reason: str) -> None:
         flow = self.flow
@@ -374,8 +409,12 @@ class Tunnel:
         on_activity: Callable[[], None] | None = None,
         close_timeout: float = 5.0,
         pump: TunnelPump | None = None,
+        keepalive: float | None = None,
+        name: str = "",
     ) -> None:
-        """``pump``: copy on its thread while nothing but copying happens (plain sockets only)."""
+        """``pump``: copy on its thread while nothing but copying happens (plain sockets only).
+        ``keepalive``: ping the client after that many seconds without bytes to it
+        (:mod:`trioproxy.relay.keepalive`); ``name``: the server, for log lines."""
         self.client_to_backend = _Direction(
             client, backend, True, max_message_size, (GOING_AWAY, "")
         )
@@ -386,6 +425,8 @@ class Tunnel:
         self.on_activity = on_activity
         self.close_timeout = close_timeout
         self.pump = pump
+        self.keepalive = keepalive
+        self.name = name
         self.moved = False  # bytes went by while the pump carried the tunnel
         self.broken = False  # the pump failed while carrying it: it can only end
         self._carried = False
@@ -399,13 +440,47 @@ class Tunnel:
             if self._shutdown_pending is not None:
                 self.shut_down(*self._shutdown_pending)
             assert up.flow is not None and down.flow is not None
+            keepalive = None
+            if self.keepalive is not None:
+                keepalive = Keepalive(self.keepalive, trio.current_time())
+                up.flow.cursor.keepalive = down.flow.keepalive = keepalive
             up.flow.pass_on(to_backend)
             down.flow.pass_on(to_client)
             if self._pumpable(up.flow, down.flow):
                 if not await self._carry(up.flow, down.flow):
                     return  # the caller closes both connections
+            if keepalive is not None:
+                if keepalive.expired:  # the pump found out
+                    self._keepalive_expired(keepalive)
+                else:
+                    nursery.start_soon(self._keep_alive, keepalive)
             nursery.start_soon(self._pump, up, down)
             nursery.start_soon(self._pump, down, up)
+
+    async def _keep_alive(self, keepalive: Keepalive) -> None:
+        """The keepalive's clock on the event loop; the client's copier sends the pings."""
+        down = self.backend_to_client
+        while True:
+            await trio.sleep_until(keepalive.next_check(trio.current_time()))
+            if down.stop_with is not None or down.flow is None or down.flow.closed:
+                return  # closing already
+            action = keepalive.check(trio.current_time())
+            if action is Action.PING:
+                down.request_ping()
+            elif action is Action.EXPIRED:
+                self._keepalive_expired(keepalive)
+                return
+
+    def _keepalive_expired(self, keepalive: Keepalive) -> None:
+        """The client did not answer: 1011 to it, 1001 to the backend, each at its next boundary."""
+        log.info(
+            "%s: WebSocket client silent for %g s after a keepalive ping: closing it with 1011",
+            self.name or "tunnel",
+            keepalive.interval,
+        )
+        self.backend_to_client.request_close(INTERNAL_ERROR, CLIENT_REASON)
+        self.client_to_backend.request_close(GOING_AWAY, BACKEND_REASON)
+        self._hurry()
 
     def _pumpable(self, up: Flow, down: Flow) -> bool:
         return (
@@ -501,6 +576,9 @@ class Tunnel:
         flow = way.flow
         assert flow is not None
         on_activity = self.on_activity
+        # Keepalive on: the times of the last bytes each way (to_client: this one's sink).
+        to_client = way is self.backend_to_client
+        keepalive = flow.keepalive if to_client else flow.cursor.keepalive
         step = flow.next_step()
         while True:
             if flow.pending:
@@ -509,6 +587,10 @@ class Tunnel:
                 flow.unsent, flow.written = b"", 0
             if step is Step.COPY and way.stop_with is not None:
                 step = flow.next_step(stopping=True)  # asked to stop while its bytes were written
+            if way.ping_wanted and step is Step.COPY and flow.may_ping and not flow.closed and keepalive is not None:
+                way.ping_wanted = False
+                await way.sink.send_all(keepalive.frame)
+                keepalive.pinged(trio.current_time())
             if step is not Step.COPY:
                 if step is not Step.STOP and way.stop_with is None:
                     self._refuse(way, other, step)
@@ -525,13 +607,20 @@ class Tunnel:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return False
             way.receiving = None
-            if received is None:  # cancelled to stop at this boundary
-                step = flow.next_step(stopping=True)
+            if received is None:  # cancelled to stop at this boundary, or to ping
+                step = flow.next_step(stopping=way.stop_with is not None)
                 continue
             if not received:
                 return flow.closed
             data = bytes(received) if isinstance(received, bytearray) else received
             step = flow.pass_on(data, stopping=way.stop_with is not None)
+            if keepalive is not None:
+                if to_client:
+                    keepalive.last_to_client = trio.current_time()
+                else:
+                    keepalive.last_from_client = trio.current_time()
+                    if not flow.unsent:
+                        continue  # our pong, dropped: no activity
             if on_activity is not None:
                 try:
                     on_activity()

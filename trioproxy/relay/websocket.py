@@ -12,6 +12,11 @@ connection lives in one nursery that is gone when :func:`relay_websocket` return
 
 With ``raw_socket_proxy`` the backend is a plain TCP or unix stream: client messages are
 written to it as bytes and what it sends comes back as binary messages.
+
+With keepalive on (``WebSocketTarget.keepalive``, :mod:`trioproxy.relay.keepalive`) a third task
+pings a client that got nothing for that long, through the scope's
+:class:`~trioproxy.transport.WebSocketControl`, and closes one that stays silent with 1011,
+which ends the backend's side too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import h11
@@ -37,6 +43,8 @@ from wsproto.utilities import ProtocolError
 from ..backend import Backend, BackendStream, connect
 from ..backend_tls import TLSFailure, broken_by_tls, refused_after_handshake
 from ..errors import error_response, render_error, sole_exception
+from ..transport import WEBSOCKET_CONTROL, WebSocketControl
+from . import keepalive
 from .headers import Headers, canonical_name, header_value, strip_hop_by_hop, wants_json
 
 if sys.version_info < (3, 11):
@@ -76,6 +84,7 @@ class WebSocketTarget:
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     close_timeout: float = 5.0  # for the backend's answer to our close frame
+    keepalive: float | None = None  # seconds without bytes to the client before a ping; None: off
 
 
 class _Refused(Exception):
@@ -122,16 +131,24 @@ class _Client:
         self.accepted = False
         self.closed = False  # we sent a close or a refusal: nothing more may follow
         self.disconnected = False
+        self.sent_at = trio.current_time()  # when a message to the client last went (or began)
+        self.sending = False  # a message to the client is on its way (a ping waits for it)
 
     async def accept(self, subprotocol: str | None, headers: Headers) -> None:
         self.accepted = True
         await self._send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": headers})
 
     async def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            await self._send({"type": "websocket.send", "text": message})
-        else:
-            await self._send({"type": "websocket.send", "bytes": message})
+        self.sent_at = trio.current_time()
+        self.sending = True
+        try:
+            if isinstance(message, str):
+                await self._send({"type": "websocket.send", "text": message})
+            else:
+                await self._send({"type": "websocket.send", "bytes": message})
+        finally:
+            self.sending = False
+            self.sent_at = trio.current_time()
 
     async def close(self, code: int, reason: str = "") -> None:
         if self.closed or self.disconnected:
@@ -289,6 +306,7 @@ async def _relay_messages(receive: Receive, client: _Client, target: WebSocketTa
             backend = await _open_handshake(nursery, stream, target, receive, client)
             await client.accept(backend.subprotocol, _cookies(backend.handshake_headers))
             nursery.start_soon(_backend_to_client, backend, client, target, nursery.cancel_scope)
+            _start_keepalive(nursery, client, target, partial(_close_backend, backend, target))
             await _client_to_backend(receive, backend, client, target)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -450,6 +468,67 @@ def close_for_backend(message: dict[str, Any]) -> tuple[int, str | None]:
     return code, message.get("reason") or None
 
 
+async def _close_backend(backend: WebSocketConnection, target: WebSocketTarget) -> None:
+    with trio.move_on_after(target.close_timeout):
+        await backend.aclose(keepalive.GOING_AWAY, keepalive.BACKEND_REASON)
+
+
+# -- keepalive -----------------------------------------------------------------------------
+
+
+def _start_keepalive(
+    nursery: trio.Nursery, client: _Client, target: WebSocketTarget, end_backend: Callable[[], Awaitable[None]]
+) -> None:
+    control = client.scope.get(WEBSOCKET_CONTROL)
+    if target.keepalive is None or control is None:
+        return
+    nursery.start_soon(_keep_alive, control, client, target, end_backend, nursery.cancel_scope)
+
+
+async def _keep_alive(
+    control: WebSocketControl,
+    client: _Client,
+    target: WebSocketTarget,
+    end_backend: Callable[[], Awaitable[None]],
+    session: trio.CancelScope,
+) -> None:
+    """Ping the client when it got nothing for ``target.keepalive`` s; close it if it stays silent."""
+    assert target.keepalive is not None
+    state = keepalive.Keepalive(target.keepalive, trio.current_time())
+
+    def on_pong(payload: bytes) -> None:
+        if payload == state.payload:
+            state.answered()
+
+    control.on_pong = on_pong
+    while not client.closed:
+        await trio.sleep_until(state.next_check(trio.current_time()))
+        now = trio.current_time()
+        state.last_to_client = max(state.last_to_client, client.sent_at)
+        state.last_from_client = max(state.last_from_client, control.last_received)
+        action = state.check(now)
+        if action is keepalive.Action.PING and client.sending:
+            continue  # a message still on its way to a slow client: the ping waits for it
+        if action is keepalive.Action.PING:
+            state.pinged(now)
+            with trio.move_on_after(state.interval):  # a client that takes nothing has gone too
+                if not await control.ping(state.payload):
+                    return
+                continue
+            action = state.check(state.deadline())
+        if action is keepalive.Action.EXPIRED:
+            log.info(
+                "%s: WebSocket client silent for %g s after a keepalive ping: closing it with 1011",
+                target.server,
+                state.interval,
+            )
+            with trio.move_on_after(target.close_timeout):
+                await client.close(keepalive.INTERNAL_ERROR, keepalive.CLIENT_REASON)
+            await end_backend()
+            session.cancel()
+            return
+
+
 # -- WebSocket to raw socket ---------------------------------------------------------------
 
 
@@ -459,6 +538,7 @@ async def _relay_raw(receive: Receive, client: _Client, target: WebSocketTarget)
         await client.accept(None, [])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_raw_to_client, stream, client, target, nursery.cancel_scope)
+            _start_keepalive(nursery, client, target, stream.aclose)
             await _client_to_raw(receive, stream, client, target)
             nursery.cancel_scope.cancel()
     finally:
