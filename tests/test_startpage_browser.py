@@ -11,6 +11,7 @@ the start page itself does not use it.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .conftest import BACKENDS, PY, TOKEN, start_proxy
 from .test_launcher_browser import CHROMIUM, ICON, launch
 
 pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not __import__("os").environ.get("CI"),
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
     reason=f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium), as .ci/run does",
 )
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .auth import Identity, mask_secrets, strip_token_from_query
 from .backend import Backend, BackendClient, ProxyTargets
 from .config import ServerProcess
-from .identity import with_identity
+from .identity import signed_headers
 from .metrics import PROXY_LABEL
 from .origin import origin_allowed
 from .paths import PathTable
@@ -262,8 +262,9 @@ class Gate:
             raise  # admit() decides: its server may have been replaced meanwhile
         try:
             upstream = self._upstream(scope, route, supervisor)
-            if process is not None:
-                upstream = replace(upstream, headers=with_identity(upstream.headers, identity, process))
+            signed = signed_headers(identity, process) if process is not None else []
+            if signed:
+                upstream = replace(upstream, headers=[*upstream.headers, *signed])
         except Exception as exc:  # a mapping callable or a header template that fails
             log.error("%s: cannot build the request: %s: %s", server, type(exc).__name__, exc, exc_info=exc)
             raise self.refusal(

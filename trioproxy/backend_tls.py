@@ -151,10 +151,8 @@ _parsed: weakref.WeakKeyDictionary[Any, BackendTLS | None] = weakref.WeakKeyDict
 def backend_tls(process: Any) -> BackendTLS | None:
     """The parsed ``backend_tls`` of a ``ServerProcess`` (its context made once). Raises
     ValueError as :func:`parse` (the load-time check has seen the same value)."""
-    try:
+    if process in _parsed:
         return _parsed[process]
-    except KeyError:
-        pass
     tls = parse(getattr(process, "backend_tls", None))
     _parsed[process] = tls
     return tls

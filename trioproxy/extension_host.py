@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             pass  # only the modules trioproxy named (jpserver_extensions below)
 
         def write_server_info_file(self) -> None:
-            pass
+            pass  # no runtime file: nothing but trioproxy is to find this server
 
         def write_browser_open_files(self) -> None:
             pass

@@ -33,7 +33,7 @@ import hmac
 import secrets
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -57,10 +57,6 @@ def is_identity_header(name: bytes) -> bool:
     """Whether a request header is (or would be read by a WSGI server as) an identity header."""
     lowered = name.lower()  # every relayed header passes here: the prefix test first
     return lowered.startswith((b"x-trioproxy", b"x_trioproxy")) and lowered.replace(b"_", b"-") in IDENTITY_HEADERS
-
-
-def without_identity(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, value in headers if not is_identity_header(name)]
 
 
 @dataclass(frozen=True)
@@ -111,10 +107,8 @@ _parsed: weakref.WeakKeyDictionary[Any, ForwardUser | None] = weakref.WeakKeyDic
 def forward_user(process: Any) -> ForwardUser | None:
     """The ``forward_user`` of a ``ServerProcess``, its secret made once for its life (a
     restarted process gets the same one). Raises ValueError as :func:`parse`."""
-    try:
+    if process in _parsed:
         return _parsed[process]
-    except KeyError:
-        pass
     setting = parse(getattr(process, "forward_user", None), has_command=bool(process.command))
     _parsed[process] = setting
     return setting
@@ -159,15 +153,11 @@ def identity_headers(
     ]
 
 
-def with_identity(
-    headers: list[tuple[bytes, bytes]], identity: Identity, process: Any
-) -> list[tuple[bytes, bytes]]:
-    """``headers`` (already without any client's copy) with the identity headers, if the
-    server forwards its user."""
+def signed_headers(identity: Identity, process: Any) -> list[tuple[bytes, bytes]]:
+    """The identity headers to add to a request (the client's copies were never taken:
+    :func:`is_identity_header`), none unless the server forwards its user."""
     setting = forward_user(process)
-    if setting is None:
-        return headers
-    return [*without_identity(headers), *identity_headers(identity, setting)]
+    return identity_headers(identity, setting) if setting is not None else []
 
 
 def verify(headers: Mapping[str, str], secret: str, *, now: float | None = None, max_age: float = FRESHNESS) -> str | None:

@@ -5,31 +5,23 @@ every GET answers JSON {"argv": ARGS, "env": {name: value or null}} for the vari
 in ?names=A,B (default: PGHOST, PGUSER, APP_PASSWORD, MARK).
 """
 
-import json
 import os
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from json_server import serve_json
 
 DEFAULT_NAMES = "PGHOST,PGUSER,APP_PASSWORD,MARK"
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        query = parse_qs(urlsplit(self.path).query)
-        names = query.get("names", [DEFAULT_NAMES])[0].split(",")
-        body = json.dumps({"argv": sys.argv[2:], "env": {name: os.environ.get(name) for name in names}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def answer(request: BaseHTTPRequestHandler) -> dict[str, object]:
+    query = parse_qs(urlsplit(request.path).query)
+    names = query.get("names", [DEFAULT_NAMES])[0].split(",")
+    return {"argv": sys.argv[2:], "env": {name: os.environ.get(name) for name in names}}
 
 
 if __name__ == "__main__":
     print("started with:", " ".join(sys.argv[2:]), flush=True)
     print("my password is", os.environ.get("APP_PASSWORD"), flush=True)
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    serve_json(int(sys.argv[1]), answer)

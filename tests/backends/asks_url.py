@@ -10,7 +10,9 @@ import json
 import os
 import sys
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from json_server import serve_json
 
 PORT = int(sys.argv[1])
 
@@ -23,22 +25,12 @@ def where_and_token() -> tuple[str, str]:
     return runtime["url"], runtime["token"]
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        url, token = where_and_token()
-        ask = urllib.request.Request(f"{url}server-proxy/api/url?port={PORT}", headers={"Authorization": f"token {token}"})
-        with urllib.request.urlopen(ask, timeout=20) as response:
-            answer = json.load(response)
-        body = json.dumps({"answer": answer, "prefix": os.environ.get("TRIOPROXY_PUBLIC_PREFIX")}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def answer(request: BaseHTTPRequestHandler) -> dict[str, object]:
+    url, token = where_and_token()
+    ask = urllib.request.Request(f"{url}server-proxy/api/url?port={PORT}", headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(ask, timeout=20) as response:
+        return {"answer": json.load(response), "prefix": os.environ.get("TRIOPROXY_PUBLIC_PREFIX")}
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+    serve_json(PORT, answer)

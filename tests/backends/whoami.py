@@ -6,11 +6,12 @@ JSON {"user": what the snippet says (null: not vouched for), "headers": [[name, 
 they arrived}. ``?max_age=S`` passes S to the snippet.
 """
 
-import json
 import re
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from json_server import serve_json
 
 
 def snippet(readme: str) -> str:
@@ -24,22 +25,11 @@ exec(snippet(open(sys.argv[2]).read()), namespace)  # noqa: S102 - the README's 
 trioproxy_user = namespace["trioproxy_user"]
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        query = parse_qs(urlsplit(self.path).query)
-        max_age = float(query.get("max_age", ["60"])[0])
-        body = json.dumps(
-            {"user": trioproxy_user(self.headers, max_age), "headers": [[k, v] for k, v in self.headers.items()]}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def answer(request: BaseHTTPRequestHandler) -> dict[str, object]:
+    query = parse_qs(urlsplit(request.path).query)
+    max_age = float(query.get("max_age", ["60"])[0])
+    return {"user": trioproxy_user(request.headers, max_age), "headers": [[k, v] for k, v in request.headers.items()]}
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    serve_json(int(sys.argv[1]), answer)
