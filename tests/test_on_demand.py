@@ -615,3 +615,25 @@ async def test_instances_deleted_while_starting_leave_no_process_behind(nursery:
         pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()] if (tmp_path / "pids").exists() else []
         assert len(pids) >= 3
         assert [pid for pid in pids if pid_alive(pid)] == []
+
+
+async def test_a_client_that_leaves_while_its_instance_starts_leaves_the_start_going(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The creation is the supervisors' task, not the request's: a client that gives up (its
+    # connection closed mid-wait) ends only its own request.
+    command = [PY, str(BACKENDS / "slow_start.py"), "{port}", "{seconds}", str(tmp_path / "pids")]
+    templates = {"slow": {"command": command, "params": {"seconds": {"type": "int", "min": 1, "max": 10}}}}
+    proxy = await start_proxy(nursery, templates=templates)
+    async with proxy.client() as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await create(client, {"seconds": 2}, template="slow", timeout=0.3)
+        with trio.fail_after(60):
+            while not (ready := [name for name, sv in proxy.supervisors.items() if sv.state is State.READY]):
+                await trio.sleep(0.1)
+        assert ready[0].startswith("slow-")
+        assert (await client.get(f"{ready[0]}/page")).status_code == 200
+        # Asked again, it is the same instance, already there.
+        again = await create(client, {"seconds": 2}, template="slow")
+        assert again.status_code == 200 and again.json()["created"] is False
+    assert len((tmp_path / "pids").read_text().split()) == 1

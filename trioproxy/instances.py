@@ -32,6 +32,7 @@ import trio
 
 from .config import ConfigError, ReloadError, ServerProcess, check_server_name, make_server_process
 from .paths import name_clash
+from .registry import run_logged
 from .supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 from .templates import ArgumentError, Template, TemplateConfigError, parse_template, sample_value
 
@@ -309,7 +310,9 @@ class Instances:
             for template in removed:
                 for instance in self.of(template):
                     log.warning("template %r was removed by a reload: stopping its instance %r", template, instance)
-                    nursery.start_soon(partial(self.remove, instance, why=f"template {template!r} removed by a reload"))
+                    # Each its own boundary: one that fails to stop is logged, the others still stop.
+                    why = f"template {template!r} removed by a reload"
+                    nursery.start_soon(run_logged, f"stopping instance {instance!r}", partial(self.remove, instance, why=why))
         return {
             "added": [name for name in kept if name not in old],
             "removed": removed,

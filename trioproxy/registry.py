@@ -73,7 +73,7 @@ class Supervisors(Mapping[str, "ServerSupervisor"]):
         ``action`` is logged with its traceback; it ends no supervisor."""
         if self._nursery is None:
             raise ServerUnavailable("*", 503, "trioproxy is shutting down")
-        self._nursery.start_soon(_logged, "a reconfiguration", action)
+        self._nursery.start_soon(run_logged, "a reconfiguration", action)
 
     def processes(self) -> dict[str, ServerProcess]:
         return {name: supervisor.process for name, supervisor in self._supervisors.items()}
@@ -111,7 +111,7 @@ class Supervisors(Mapping[str, "ServerSupervisor"]):
                 reason = f"trioproxy's supervisor failed: {type(cause).__name__}: {cause}; reload to start it again"
                 ours = self._supervisors.get(supervisor.name) is supervisor
                 if self._nursery is not None and ours and supervisor.process.config_error is None:
-                    self._nursery.start_soon(_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
+                    self._nursery.start_soon(run_logged, "a stand-in supervisor", partial(self._stand_in, supervisor, reason))
             finally:
                 self._scopes.pop(supervisor, None)
 
@@ -171,7 +171,7 @@ class Supervisors(Mapping[str, "ServerSupervisor"]):
                 if name in self._supervisors:
                     await self._replace(process)
 
-        self._nursery.start_soon(_logged, f"restarting {name!r} once idle", when_no_one_uses_it)
+        self._nursery.start_soon(run_logged, f"restarting {name!r} once idle", when_no_one_uses_it)
 
     def waiting_for_idle(self) -> list[str]:
         return sorted(self._waiting_for_idle)
@@ -211,7 +211,9 @@ class _Started:
         self._started()
 
 
-async def _logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
+async def run_logged(what: str, action: Callable[[], Awaitable[object]]) -> None:
+    """Run ``action`` as a boundary of its own: an error is logged with its traceback and ends
+    only ``action``, never the nursery it runs in."""
     try:
         await action()
     except Exception:
