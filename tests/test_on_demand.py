@@ -628,11 +628,12 @@ async def test_a_client_that_leaves_while_its_instance_starts_leaves_the_start_g
     async with proxy.client() as client:
         with pytest.raises(httpx.ReadTimeout):
             await create(client, {"seconds": 2}, template="slow", timeout=0.3)
-        with trio.fail_after(60):
-            while not (ready := [name for name, sv in proxy.supervisors.items() if sv.state is State.READY]):
-                await trio.sleep(0.1)
-        assert ready[0].startswith("slow-")
-        assert (await client.get(f"{ready[0]}/page")).status_code == 200
+        def ready() -> list[str]:
+            return [name for name, supervisor in proxy.supervisors.items() if supervisor.state is State.READY]
+
+        await wait_for(ready, timeout=60)
+        assert ready()[0].startswith("slow-")
+        assert (await client.get(f"{ready()[0]}/page")).status_code == 200
         # Asked again, it is the same instance, already there.
         again = await create(client, {"seconds": 2}, template="slow")
         assert again.status_code == 200 and again.json()["created"] is False
