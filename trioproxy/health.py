@@ -146,16 +146,15 @@ class Prober:
         return None
 
     async def _client_for(self, backend: Backend) -> Any:
-        import httpx
+        from .httpx_clients import async_client
 
         if self._client is not None and self._backend == backend:
             return self._client
         await self.aclose()
         # With backend_tls, the relay's TLS settings (verification included).
         verify: Any = backend.tls.context if backend.tls is not None else False
-        transport = httpx.AsyncHTTPTransport(uds=backend.unix_socket, verify=verify) if backend.unix_socket else None
         # The caller's deadline bounds each check; httpx's own timeouts are off.
-        self._client = httpx.AsyncClient(transport=transport, timeout=None, verify=verify, trust_env=False)
+        self._client = async_client(verify=verify, uds=backend.unix_socket, timeout=None, trust_env=False)
         self._backend = backend
         return self._client
 

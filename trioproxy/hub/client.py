@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import trio
 
+from ..httpx_clients import async_client
 from .settings import HubSettings
 
 MAX_CACHED_TOKENS = 4096
@@ -89,7 +90,7 @@ class HubClient:
         context = ssl_context(self.settings)
         # trust_env=False: the Hub's API is internal, and HTTP(S)_PROXY or .netrc must not
         # see the tokens sent to it.
-        return httpx.AsyncClient(
+        return async_client(
             verify=context if context is not None else True,
             timeout=HUB_TIMEOUT,
             follow_redirects=False,
