@@ -180,6 +180,28 @@ def test_standalone_command_at_the_root(proxy_processes: list[ProxyProcess]) -> 
     assert httpx.get(base + "server-proxy/api/servers?token=t").json()["servers"][0]["name"] == "app"
 
 
+def test_the_standalone_app_owns_every_path_no_configured_server_takes(
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
+) -> None:
+    # The root server is named "app", but "app/…" is a path of the app like any other; a
+    # configured server beside it keeps its own path, even one below "app/".
+    config = {"ServerProxy": {"servers": {"side": {"command": echo_command(), "path": "app/side"}}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    proxy = launch_trioproxy(["--config", str(tmp_path / "cfg.json"), "--port", "0", "--token", "t", "--", *echo_command()])
+    proxy_processes.append(proxy)
+    base = proxy.url.split("?")[0]
+    headers = {"Authorization": "token t"}
+    for path in ("app", "app/", "app/static/main.js", "app/sidecar"):
+        response = httpx.get(base + path, headers=headers)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["target"] == "/" + path
+    side = httpx.get(base + "app/side/x", headers=headers)
+    assert side.json()["target"] == "/x"
+    listed = servers(proxy, "t")
+    assert listed["side"]["url"].endswith("/app/side/")
+    assert (listed["app"]["state"], listed["side"]["state"]) == ("ready", "ready")
+
+
 def test_sigterm_and_sigint_stop_everything_with_exit_0(proxy_processes: list[ProxyProcess]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         proxy = launch_trioproxy(["--port", "0", "--token", "t", "--", *echo_command()])

@@ -106,6 +106,8 @@ def server_path(process: Any) -> str:
 
 
 def _entries(process: Any) -> list[Entry]:
+    if process.root:  # every path no other server takes is its own, its name included
+        return []
     main = parse_path("path", process.path) if process.path else (process.name,)
     return [Entry(process.name, main)] + [Entry(process.name, parse_path("aliases", a), True) for a in process.aliases]
 
