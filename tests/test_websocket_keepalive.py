@@ -453,6 +453,26 @@ async def test_a_pump_that_fails_in_a_keepalive_ends_that_tunnel(nursery: trio.N
 # -- through trioproxy: the fast path and the ASGI path ------------------------------------------
 
 
+async def test_the_api_shows_each_servers_keepalive(nursery: trio.Nursery) -> None:
+    servers = {
+        "vnc": {"port": 1, "raw_socket_proxy": True},
+        "quiet-vnc": {"port": 2, "raw_socket_proxy": True, "websocket_keepalive": 0},
+        "app": {"port": 3},
+        "kept": {"port": 4, "websocket_keepalive": 45},
+    }
+    proxy = await start_proxy(nursery, servers)
+    async with proxy.client() as client:
+        listed = (await client.get("server-proxy/api/servers")).json()["servers"]
+        one = (await client.get("server-proxy/api/servers/kept")).json()
+    assert {server["name"]: server["websocket_keepalive"] for server in listed} == {
+        "vnc": 30.0,
+        "quiet-vnc": None,
+        "app": None,
+        "kept": 45.0,
+    }
+    assert one["websocket_keepalive"] == 45.0
+
+
 async def test_a_server_with_keepalive_pings_real_clients_on_the_fast_path(nursery: trio.Nursery) -> None:
     """trio-websocket answers pings itself: several intervals later it is open and echoes; the
     backend never saw a pong of ours."""

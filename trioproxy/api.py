@@ -38,6 +38,7 @@ from .metrics import Metrics
 from .metrics import render as render_metrics
 from .origin import origin_allowed
 from .paths import PathTable, parse_path
+from .relay.keepalive import interval_for as keepalive_interval
 from .relay.upstream import trusted_forwarded
 from .supervisor import ServerSupervisor, ServerUnavailable, State, Supervisors
 from .templates import Template as ServerTemplate
@@ -323,6 +324,7 @@ class Pages:
         info["forward_user"] = describe_forward_user(supervisor.process)
         tls = server_tls(supervisor.process)
         info["backend_tls"] = tls.describe() if tls is not None else None
+        info["websocket_keepalive"] = keepalive_interval(supervisor.process)
         # How far a start is (the launcher and the start page show it).
         info.update(startpage.progress(supervisor))
         last = self.masked(supervisor.output.tail(1))
