@@ -23,7 +23,7 @@ import httpx
 def async_client(*, verify: ssl.SSLContext | bool, uds: str | None = None, **options: Any) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` (``options`` as httpx takes them) over a transport whose
     cancelled TLS handshakes close their sockets."""
-    transport = httpx.AsyncHTTPTransport(verify=verify, uds=uds)
+    transport = httpx.AsyncHTTPTransport(verify=verify, uds=uds, trust_env=options.get("trust_env", True))
     # httpx has no parameter for httpcore's network backend; its pool is where one goes.
     # tests/test_httpx_clients.py fails when a release moves either attribute.
     pool = transport._pool
