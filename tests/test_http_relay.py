@@ -626,9 +626,9 @@ async def test_killing_the_backend_under_load_fails_no_request(nursery: trio.Nur
             pid = supervisor.pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            await wait_for(lambda: supervisor.pid not in (None, pid), timeout=20)
+            await wait_for(lambda pid=pid: supervisor.pid not in (None, pid), timeout=20)
             before = len(statuses)
-            await wait_for(lambda: len(statuses) > before + 50, timeout=20)
+            await wait_for(lambda before=before: len(statuses) > before + 50, timeout=20)
         stop.set()
     assert supervisor.restarts == 3
     assert set(statuses) == {200}, {code: statuses.count(code) for code in set(statuses)}
