@@ -373,6 +373,57 @@ async def test_no_ping_inside_a_fragmented_message_or_a_frame_relayed_in_part(
         assert not ends.ended.is_set()
 
 
+class PingReturnsLate(trio.abc.Stream):
+    """The client's side of a tunnel whose ``send_all`` of a ping returns only once ``released``
+    is set: as on a busy event loop, where the client's pong may be read before the task that
+    wrote the ping runs again."""
+
+    def __init__(self, inner: trio.SocketStream, released: trio.Event) -> None:
+        self.inner = inner
+        self.released = released
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        if bytes(data[:1]) == b"\x89":
+            await self.released.wait()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_pong_read_before_the_ping_write_returns_answers_the_ping(nursery: trio.Nursery) -> None:
+    client, near = await socket_pair()
+    far, backend = await socket_pair()
+    released = trio.Event()
+    tunnel = Tunnel(PingReturnsLate(near, released), far, max_message_size=MIB, close_timeout=2, keepalive=INTERVAL)
+    ended = trio.Event()
+
+    async def run() -> None:
+        async with near, far:
+            await tunnel.run()
+        ended.set()
+
+    nursery.start_soon(run)
+    async with client, backend:
+        wire, backend_wire = Wire(client), Wire(backend)
+        opcode, payload = await wire.next_frame()
+        assert opcode == 0x9
+        await client.send_all(client_frame(0xA, payload) + client_frame(0x1, b"after the pong"))
+        # The message behind it reached the backend: the tunnel has read the pong.
+        assert await backend_wire.next_frame() == (0x1, b"after the pong")
+        released.set()
+        # Answered: the next frame is the next ping, an interval on, not a close for silence.
+        opcode, second = await wire.next_frame()
+        assert (opcode, second) == (0x9, payload)
+        assert not ended.is_set()
+
+
 async def test_bytes_toward_the_client_postpone_the_ping(nursery: trio.Nursery, pump: TunnelPump | None) -> None:
     since = trio.current_time()
     ends = await open_tunnel(nursery, pump)

@@ -589,8 +589,10 @@ class Tunnel:
                 step = flow.next_step(stopping=True)  # asked to stop while its bytes were written
             if way.ping_wanted and step is Step.COPY and flow.may_ping and not flow.closed and keepalive is not None:
                 way.ping_wanted = False
-                await way.sink.send_all(keepalive.frame)
+                # Noted first: the pong may be read (and the ping found answered) before
+                # send_all returns to this task.
                 keepalive.pinged(trio.current_time())
+                await way.sink.send_all(keepalive.frame)
             if step is not Step.COPY:
                 if step is not Step.STOP and way.stop_with is None:
                     self._refuse(way, other, step)
