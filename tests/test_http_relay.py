@@ -356,7 +356,10 @@ async def test_server_sent_events_arrive_as_sent(nursery: trio.Nursery, accept: 
                 if line.startswith("data:"):
                     arrivals.append(time.time() - float(line.split()[2]))
     assert len(arrivals) == 4
-    assert max(arrivals) < 0.2  # each event arrived right after it was sent, not at the end
+    # Each event arrived right after it was sent, not at the end, nor late by a buffering
+    # delay. Three of the four: a pause of the whole machine (a VM snapshot here once held one
+    # event 10 s, its wall clock stepping) can hold one of them.
+    assert sorted(arrivals)[2] < 0.2, arrivals
 
 
 async def test_client_disconnect_closes_the_backend_stream(nursery: trio.Nursery, tmp_path: Path) -> None:
