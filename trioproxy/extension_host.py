@@ -84,17 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     class ExtensionHost(ServerApp):
         name = "trioproxy-extension-host"
 
+        # Jupyter Server steps this process skips on purpose, each left empty:
+
         def load_config_file(self, *args: Any, **kwargs: Any) -> None:
-            pass  # the user's Jupyter configuration is not this process's
+            """The user's Jupyter configuration is not this process's."""
 
         def find_server_extensions(self) -> None:
-            pass  # only the modules trioproxy named (jpserver_extensions below)
+            """Only the modules trioproxy named (``jpserver_extensions`` below)."""
 
         def write_server_info_file(self) -> None:
-            pass  # no runtime file: nothing but trioproxy is to find this server
+            """No runtime file: nothing but trioproxy is to find this server."""
 
         def write_browser_open_files(self) -> None:
-            pass
+            """No browser opens it: trioproxy's page links to it."""
 
     app = ExtensionHost()
     app.jpserver_extensions = dict.fromkeys(args.modules, True)
