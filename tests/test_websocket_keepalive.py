@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from .test_tunnel_frames import (
     close_code,
     frames_in,
     read_exactly,
+    read_to_end,
     server_frame,
     socket_pair,
 )
@@ -397,7 +400,9 @@ class PingReturnsLate(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def test_a_pong_read_before_the_ping_write_returns_answers_the_ping(nursery: trio.Nursery) -> None:
+async def tunnel_with_late_pings(nursery: trio.Nursery) -> tuple[trio.SocketStream, trio.SocketStream, trio.Event, trio.Event]:
+    """A tunnel (keepalive on, event loop) whose pings' ``send_all`` waits for the event returned
+    first; the second is set when the tunnel's run has returned."""
     client, near = await socket_pair()
     far, backend = await socket_pair()
     released = trio.Event()
@@ -410,6 +415,11 @@ async def test_a_pong_read_before_the_ping_write_returns_answers_the_ping(nurser
         ended.set()
 
     nursery.start_soon(run)
+    return client, backend, released, ended
+
+
+async def test_a_pong_read_before_the_ping_write_returns_answers_the_ping(nursery: trio.Nursery) -> None:
+    client, backend, released, ended = await tunnel_with_late_pings(nursery)
     async with client, backend:
         wire, backend_wire = Wire(client), Wire(backend)
         opcode, payload = await wire.next_frame()
@@ -422,6 +432,27 @@ async def test_a_pong_read_before_the_ping_write_returns_answers_the_ping(nurser
         opcode, second = await wire.next_frame()
         assert (opcode, second) == (0x9, payload)
         assert not ended.is_set()
+
+
+async def test_a_client_that_resets_while_its_ping_is_written_ends_only_its_tunnel(nursery: trio.Nursery) -> None:
+    client, backend, released, ended = await tunnel_with_late_pings(nursery)
+    async with backend:
+        opcode, _ = await Wire(client).next_frame()
+        assert opcode == 0x9
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # a reset, while the ping's send_all has not returned
+        released.set()
+        with trio.fail_after(10):
+            await ended.wait()
+            # The backend is told as a WebSocket would tell it (1001), then the connection
+            # ends; the test's nursery, where the tunnel ran, got no error.
+            frames = frames_in(await read_to_end(backend))
+            assert [(opcode, close_code(payload)) for opcode, payload in frames] == [(0x8, 1001)]
+    other_client, other_backend, other_released, _ = await tunnel_with_late_pings(nursery)
+    other_released.set()
+    async with other_client, other_backend:
+        await other_backend.send_all(server_frame(0x1, b"still relaying"))
+        assert await Wire(other_client).next_frame() == (0x1, b"still relaying")
 
 
 async def test_bytes_toward_the_client_postpone_the_ping(nursery: trio.Nursery, pump: TunnelPump | None) -> None:
